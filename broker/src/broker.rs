@@ -1,0 +1,379 @@
+//! The broker: the shards it owns, their WAL, the cache, and stream
+//! administration through placement.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use shoal_placement::{BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream};
+use shoal_storage::ObjectStorage;
+use shoal_wal_cache::{Cache, CacheOptions, Wal, WalOptions};
+use tokio::sync::Notify;
+
+use crate::batch::{self, WalRecord};
+use crate::config::{BrokerConfig, Durability};
+use crate::error::{Error, Result};
+use crate::group::Coordinator;
+use crate::metrics::Metrics;
+use crate::shard::{ShardInit, ShardLog};
+
+/// A stream as this broker sees it. Replaced whole when it changes.
+#[derive(Debug)]
+pub struct StreamHandle {
+    pub name: String,
+    pub id: u128,
+    pub config: BTreeMap<String, String>,
+    pub shards: Vec<Arc<ShardLog>>,
+}
+
+impl StreamHandle {
+    pub fn shard(&self, i: i32) -> Option<&Arc<ShardLog>> {
+        usize::try_from(i).ok().and_then(|i| self.shards.get(i))
+    }
+}
+
+pub struct Broker {
+    pub config: BrokerConfig,
+    pub placement: PlacementClient,
+    pub store: ObjectStorage,
+    pub wal: Wal,
+    pub cache: Cache,
+    pub metrics: Metrics,
+    pub groups: Coordinator,
+    streams: RwLock<HashMap<String, Arc<StreamHandle>>>,
+    /// Serialises stream creation/deletion so concurrent auto-creates agree.
+    admin: tokio::sync::Mutex<()>,
+    pub(crate) unflushed_bytes: AtomicU64,
+    pub(crate) flush_now: Notify,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Kafka's legal topic names.
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+}
+
+impl Broker {
+    /// Open the WAL and cache, take the leases of every shard, replay the
+    /// WAL and start the flusher.
+    pub async fn start(
+        config: BrokerConfig,
+        placement: PlacementClient,
+        store: ObjectStorage,
+    ) -> Result<Arc<Broker>> {
+        let wal = Wal::open(WalOptions::new(config.data_dir.join("wal")))?;
+        let mut cache_opts = CacheOptions::new(config.data_dir.join("cache"));
+        cache_opts.memory_bytes = config.cache_memory_bytes;
+        cache_opts.disk_bytes = config.cache_disk_bytes;
+        let cache = Cache::open(cache_opts).await?;
+        placement
+            .write(Command::RegisterBroker {
+                info: BrokerInfo {
+                    id: config.broker_id,
+                    kafka_addr: format!("{}:{}", config.advertised_host, config.advertised_port),
+                    http_addr: String::new(),
+                    registered_ms: now_ms(),
+                },
+            })
+            .await?;
+        let broker = Arc::new(Broker {
+            groups: Coordinator::new(),
+            config,
+            placement,
+            store,
+            wal,
+            cache,
+            metrics: Metrics::new(),
+            streams: RwLock::new(HashMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+            unflushed_bytes: AtomicU64::new(0),
+            flush_now: Notify::new(),
+        });
+        for stream in broker.placement.list_streams().await? {
+            broker.adopt(stream).await?;
+        }
+        broker.replay()?;
+        Ok(broker)
+    }
+
+    fn replay(&self) -> Result<()> {
+        let entries = self.wal.replay()?;
+        let mut replayed = 0u64;
+        for entry in entries {
+            let rec = match WalRecord::decode(entry.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(seq = entry.seq, "skipping unreadable WAL entry: {e}");
+                    continue;
+                }
+            };
+            let Some(shard) = self
+                .stream(&rec.stream)
+                .and_then(|s| s.shard(rec.shard).cloned())
+            else {
+                continue; // the stream was deleted
+            };
+            let len = rec.batch.len() as u64;
+            if shard.replay(rec.batch, entry.seq)? {
+                self.unflushed_bytes.fetch_add(len, Ordering::Relaxed);
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(batches = replayed, "replayed un-flushed batches from the WAL");
+            self.flush_now.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Take the leases of a stream's shards and start serving them.
+    async fn adopt(&self, stream: Stream) -> Result<Arc<StreamHandle>> {
+        let existing = self.stream(&stream.name);
+        let mut shards = Vec::with_capacity(stream.shards.len());
+        for s in &stream.shards {
+            if let Some(sh) = existing.as_ref().and_then(|e| e.shard(s.shard)) {
+                shards.push(sh.clone());
+                continue;
+            }
+            let epoch = match self
+                .placement
+                .write(Command::AcquireLease {
+                    stream: stream.name.clone(),
+                    shard: s.shard,
+                    broker: self.config.broker_id,
+                })
+                .await?
+            {
+                Reply::Lease { epoch } => epoch,
+                Reply::Rejected { rejection } => return Err(Error::Rejected(rejection)),
+                other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
+            };
+            shards.push(Arc::new(ShardLog::new(
+                &stream.name,
+                s.shard,
+                ShardInit {
+                    epoch,
+                    log_start_offset: s.log_start_offset,
+                    committed_offset: s.committed_offset,
+                    segments: s.segments.clone(),
+                    producers: s.producers.clone(),
+                },
+                self.config.tail_keep_bytes,
+            )));
+        }
+        let handle = Arc::new(StreamHandle {
+            name: stream.name.clone(),
+            id: stream.id,
+            config: stream.config,
+            shards,
+        });
+        self.streams
+            .write()
+            .insert(stream.name, handle.clone());
+        Ok(handle)
+    }
+
+    pub fn stream(&self, name: &str) -> Option<Arc<StreamHandle>> {
+        self.streams.read().get(name).cloned()
+    }
+
+    pub fn streams(&self) -> Vec<Arc<StreamHandle>> {
+        let mut v: Vec<_> = self.streams.read().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn durability(&self, stream: &StreamHandle) -> Durability {
+        stream
+            .config
+            .get(Durability::CONFIG_KEY)
+            .and_then(|v| Durability::parse(v))
+            .unwrap_or(self.config.default_durability)
+    }
+
+    /// Create a stream (or find it if it already exists when `or_existing`).
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        partitions: i32,
+        mut config: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<Arc<StreamHandle>> {
+        if !valid_topic_name(name) {
+            return Err(Error::InvalidTopic(name.to_string()));
+        }
+        if let Some(d) = config.get(Durability::CONFIG_KEY)
+            && Durability::parse(d).is_none()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "{} must be local or object, not {d:?}",
+                Durability::CONFIG_KEY
+            )));
+        }
+        config
+            .entry(Durability::CONFIG_KEY.to_string())
+            .or_insert_with(|| self.config.default_durability.as_str().to_string());
+        let _guard = self.admin.lock().await;
+        if self.stream(name).is_some() {
+            return Err(Error::StreamExists(name.to_string()));
+        }
+        if !(1..=shoal_placement::state::MAX_PARTITIONS).contains(&partitions) {
+            return Err(Error::InvalidPartitions(format!(
+                "partition count {partitions} out of range"
+            )));
+        }
+        if validate_only {
+            return Err(Error::Internal("validate_only".into()));
+        }
+        let reply = self
+            .placement
+            .write(Command::CreateStream {
+                name: name.to_string(),
+                partitions,
+                config,
+                id: rand::random::<u128>(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        match reply {
+            Reply::Stream { stream } => self.adopt(stream).await,
+            Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The stream, auto-creating it with the default partitions if allowed.
+    pub async fn stream_or_create(&self, name: &str, allow_create: bool) -> Result<Arc<StreamHandle>> {
+        if let Some(s) = self.stream(name) {
+            return Ok(s);
+        }
+        if !(allow_create && self.config.auto_create_topics) {
+            return Err(Error::UnknownStream(name.to_string()));
+        }
+        match self
+            .create_stream(name, self.config.default_partitions, BTreeMap::new(), false)
+            .await
+        {
+            Err(Error::StreamExists(_)) => self
+                .stream(name)
+                .ok_or_else(|| Error::UnknownStream(name.to_string())),
+            other => other,
+        }
+    }
+
+    pub async fn delete_stream(&self, name: &str) -> Result<()> {
+        let _guard = self.admin.lock().await;
+        match self
+            .placement
+            .write(Command::DeleteStream {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            Reply::Rejected { rejection } => return Err(Error::Rejected(rejection)),
+            _ => {}
+        }
+        self.streams.write().remove(name);
+        Ok(())
+    }
+
+    pub async fn create_partitions(&self, name: &str, count: i32) -> Result<()> {
+        let _guard = self.admin.lock().await;
+        match self
+            .placement
+            .write(Command::CreatePartitions {
+                name: name.to_string(),
+                count,
+            })
+            .await?
+        {
+            Reply::Stream { stream } => {
+                self.adopt(stream).await?;
+                Ok(())
+            }
+            Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn alter_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<()> {
+        if let Some(d) = set.get(Durability::CONFIG_KEY)
+            && Durability::parse(d).is_none()
+        {
+            return Err(Error::InvalidConfig(format!(
+                "{} must be local or object",
+                Durability::CONFIG_KEY
+            )));
+        }
+        let _guard = self.admin.lock().await;
+        match self
+            .placement
+            .write(Command::AlterStreamConfig {
+                name: name.to_string(),
+                set,
+                remove,
+            })
+            .await?
+        {
+            Reply::Stream { stream } => {
+                self.adopt(stream).await?;
+                Ok(())
+            }
+            Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Count bytes appended and wake the flusher past the threshold.
+    pub(crate) fn note_appended(&self, bytes: u64) {
+        let total = self.unflushed_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total >= self.config.flush_bytes {
+            self.flush_now.notify_one();
+        }
+    }
+
+    /// Records of a committed segment range as one Kafka batch, through the cache.
+    pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
+        let key = format!("rg/{}/{}", seg.object, seg.row_group);
+        if let Some(b) = self.cache.get(&key).await {
+            return Ok(b);
+        }
+        self.metrics.cold_reads.inc();
+        let footer_key = format!("footer/{}", seg.object);
+        let footer = match self.cache.get(&footer_key).await {
+            Some(f) => f,
+            None => {
+                let (f, _size) = shoal_storage::fetch_footer(&self.store, &seg.object).await?;
+                self.cache.insert(&footer_key, f.clone());
+                f
+            }
+        };
+        let meta = shoal_storage::decode_footer(&footer)?;
+        let rows =
+            shoal_storage::read_row_group(&self.store, &seg.object, meta, seg.row_group as usize)
+                .await?;
+        let encoded = batch::from_rows(&rows)?;
+        self.cache.insert(&key, encoded.clone());
+        Ok(encoded)
+    }
+}

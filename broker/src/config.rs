@@ -1,0 +1,75 @@
+//! Broker settings, filled in by the binary from flags, env and file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where acknowledged records must be before a produce with acks=all is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After the local WAL fsync.
+    Local,
+    /// After the records are in a committed object.
+    Object,
+}
+
+impl Durability {
+    pub const CONFIG_KEY: &'static str = "shoal.durability";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "local" => Some(Durability::Local),
+            "object" => Some(Durability::Object),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Durability::Local => "local",
+            Durability::Object => "object",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub broker_id: u64,
+    /// Host and port written into Metadata and FindCoordinator answers.
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    /// The WAL lives in `<data_dir>/wal`, the cache in `<data_dir>/cache`.
+    pub data_dir: PathBuf,
+    pub flush_interval: Duration,
+    pub flush_bytes: u64,
+    pub default_partitions: i32,
+    pub default_durability: Durability,
+    pub auto_create_topics: bool,
+    /// Flushed bytes per shard kept in memory for tail reads.
+    pub tail_keep_bytes: usize,
+    pub cache_memory_bytes: usize,
+    pub cache_disk_bytes: usize,
+    pub cluster_id: String,
+    /// Largest Kafka request frame accepted (Kafka's socket.request.max.bytes).
+    pub max_request_bytes: usize,
+}
+
+impl BrokerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            broker_id: 1,
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 9092,
+            data_dir: data_dir.into(),
+            flush_interval: Duration::from_millis(250),
+            flush_bytes: 8 << 20,
+            default_partitions: 1,
+            default_durability: Durability::Local,
+            auto_create_topics: true,
+            tail_keep_bytes: 8 << 20,
+            cache_memory_bytes: 64 << 20,
+            cache_disk_bytes: 512 << 20,
+            cluster_id: "shoal".into(),
+            max_request_bytes: 100 << 20,
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The flusher: everything un-flushed of every shard this broker owns goes
+//! into ONE Parquet object and ONE placement commit, then the WAL is
+//! truncated behind it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use shoal_placement::{Command, Reply, SegmentCommit, SegmentRef, ShardCommit};
+use shoal_storage::{SegmentOptions, ShardRows};
+
+use crate::batch;
+use crate::broker::{Broker, now_ms};
+use crate::error::{Error, Result};
+use crate::producer::Producers;
+use crate::shard::{ShardLog, TailBatch};
+
+/// Run until the broker is dropped: flush on the interval when there is
+/// data, or at once when `flush_bytes` have accumulated.
+pub async fn run(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    // Unique across restarts of the same broker id: start from the clock.
+    let mut next_id = (now_ms().max(0) as u64) * 1000;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(broker.config.flush_interval) => {}
+            _ = broker.flush_now.notified() => {}
+            _ = shutdown.changed() => {
+                // One last flush so a clean stop leaves nothing in the WAL.
+                let _ = flush_once(&broker, &mut next_id).await;
+                return;
+            }
+        }
+        if let Err(e) = flush_once(&broker, &mut next_id).await {
+            broker.metrics.flush_errors.inc();
+            tracing::warn!("flush failed, will retry: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+struct Taken {
+    shard: Arc<ShardLog>,
+    epoch: u64,
+    batches: Vec<TailBatch>,
+}
+
+/// One flush. Returns the number of records flushed.
+pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
+    let started = Instant::now();
+    let mut taken = Vec::new();
+    for stream in broker.streams() {
+        for shard in &stream.shards {
+            if let Some(slice) = shard.flush_slice() {
+                taken.push(Taken {
+                    shard: shard.clone(),
+                    epoch: slice.epoch,
+                    batches: slice.batches,
+                });
+            }
+        }
+    }
+    if taken.is_empty() {
+        return Ok(0);
+    }
+    let max_seq = taken
+        .iter()
+        .flat_map(|t| t.batches.iter().map(|b| b.wal_seq))
+        .max()
+        .unwrap_or(0);
+    let mut shard_rows = Vec::with_capacity(taken.len());
+    let mut flushed_bytes = 0u64;
+    for t in &taken {
+        let mut records = Vec::new();
+        for b in &t.batches {
+            flushed_bytes += b.bytes.len() as u64;
+            records.extend(batch::to_rows(&b.bytes)?);
+        }
+        shard_rows.push(ShardRows {
+            stream: t.shard.stream.clone(),
+            shard: t.shard.shard,
+            records,
+        });
+    }
+    // Encoding is CPU work: keep it off the reactor threads.
+    let encoded = tokio::task::spawn_blocking(move || {
+        shoal_storage::encode_segment(shard_rows, &SegmentOptions::default())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("segment encoder task: {e}")))??;
+    let size = encoded.bytes.len() as u64;
+    let key = loop {
+        *next_id += 1;
+        let key = shoal_storage::segment_key(broker.config.broker_id, *next_id, now_ms());
+        match broker.store.put_create(&key, encoded.bytes.clone()).await {
+            Ok(()) => break key,
+            Err(shoal_storage::Error::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut shard_commits = Vec::new();
+    let mut after: Vec<(usize, Producers, SegmentRef)> = Vec::new();
+    for range in &encoded.ranges {
+        let Some(i) = taken
+            .iter()
+            .position(|t| t.shard.stream == range.stream && t.shard.shard == range.shard)
+        else {
+            continue;
+        };
+        let t = &taken[i];
+        let producers = t.shard.producers_after(&t.batches);
+        shard_commits.push(ShardCommit {
+            stream: range.stream.clone(),
+            shard: range.shard,
+            epoch: t.epoch,
+            row_group: range.row_group,
+            first_offset: range.first_offset,
+            last_offset: range.last_offset,
+            record_count: range.record_count,
+            min_timestamp_ms: range.min_timestamp_ms,
+            max_timestamp_ms: range.max_timestamp_ms,
+            producers: producers.clone(),
+        });
+        after.push((
+            i,
+            producers,
+            SegmentRef {
+                object: key.clone(),
+                row_group: range.row_group,
+                first_offset: range.first_offset,
+                last_offset: range.last_offset,
+                epoch: t.epoch,
+                record_count: range.record_count,
+                min_timestamp_ms: range.min_timestamp_ms,
+                max_timestamp_ms: range.max_timestamp_ms,
+                object_size: size,
+            },
+        ));
+    }
+    let reply = broker
+        .placement
+        .write(Command::CommitSegment(SegmentCommit {
+            broker: broker.config.broker_id,
+            object: key.clone(),
+            object_size: size,
+            shards: shard_commits,
+        }))
+        .await?;
+    let rejected = match reply {
+        Reply::SegmentCommitted { rejected } => rejected,
+        other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
+    };
+    for r in &rejected {
+        tracing::error!(stream = %r.stream, shard = r.shard, "segment commit refused: {}", r.rejection);
+    }
+    let mut records = 0;
+    for (i, producers, seg) in after {
+        let t = &taken[i];
+        if rejected
+            .iter()
+            .any(|r| r.stream == t.shard.stream && r.shard == t.shard.shard)
+        {
+            continue;
+        }
+        records += seg.record_count;
+        t.shard.committed(seg, producers);
+    }
+    // Everything at or below max_seq is committed unless a shard still
+    // holds an older un-flushed entry.
+    let mut safe = max_seq;
+    for stream in broker.streams() {
+        for shard in &stream.shards {
+            if let Some(seq) = shard.min_unflushed_seq() {
+                safe = safe.min(seq.saturating_sub(1));
+            }
+        }
+    }
+    if safe > 0 {
+        broker.wal.truncate_through(safe)?;
+    }
+    let _ = broker
+        .unflushed_bytes
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(flushed_bytes))
+        });
+    broker.metrics.flushes.inc();
+    broker.metrics.flush_bytes.inc_by(size);
+    broker
+        .metrics
+        .flush_duration
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(object = %key, bytes = size, records, "flushed segment");
+    Ok(records)
+}

@@ -1,0 +1,179 @@
+//! The broker's HTTP routes: health, Prometheus metrics and the stream
+//! admin API. The binary merges them with the placement routes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use shoal_placement::{SegmentRef, Stream};
+
+use crate::broker::Broker;
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    ready: Arc<AtomicBool>,
+}
+
+/// `ready` flips to true once the Kafka listener accepts clients.
+pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/streams", get(list_streams))
+        .route("/api/v1/streams/{name}", get(get_stream))
+        .with_state(AppState { broker, ready })
+}
+
+async fn health(State(st): State<AppState>) -> Response {
+    if st.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let b = &st.broker;
+    let wal = b.wal.stats();
+    let store = b.store.stats();
+    let cache = b.cache.stats();
+    let avg_fsync = if wal.fsyncs > 0 {
+        wal.fsync_nanos_total as f64 / wal.fsyncs as f64 / 1e9
+    } else {
+        0.0
+    };
+    let extra: Vec<(&str, &str, &str, f64)> = vec![
+        ("shoal_wal_appends_total", "counter", "WAL appends", wal.appends as f64),
+        ("shoal_wal_fsyncs_total", "counter", "WAL fsyncs (one per commit group)", wal.fsyncs as f64),
+        ("shoal_wal_bytes_total", "counter", "WAL payload bytes", wal.bytes as f64),
+        ("shoal_wal_fsync_seconds_total", "counter", "Time spent in WAL fsyncs", wal.fsync_nanos_total as f64 / 1e9),
+        ("shoal_wal_fsync_seconds_avg", "gauge", "Mean WAL fsync latency", avg_fsync),
+        ("shoal_wal_fsync_seconds_last", "gauge", "Last WAL fsync latency", wal.last_fsync_nanos as f64 / 1e9),
+        ("shoal_wal_group_size_last", "gauge", "Appends in the last commit group", wal.last_group_size as f64),
+        ("shoal_wal_group_size_max", "gauge", "Largest commit group", wal.max_group_size as f64),
+        ("shoal_wal_pending_bytes", "gauge", "WAL bytes not yet truncated", b.wal.pending_bytes() as f64),
+        ("shoal_object_store_requests_total{kind=\"put\"}", "counter", "Object store requests by kind", store.puts as f64),
+        ("shoal_object_store_requests_total{kind=\"get\"}", "counter", "Object store requests by kind", store.gets as f64),
+        ("shoal_object_store_requests_total{kind=\"head\"}", "counter", "Object store requests by kind", store.heads as f64),
+        ("shoal_object_store_requests_total{kind=\"delete\"}", "counter", "Object store requests by kind", store.deletes as f64),
+        ("shoal_object_store_requests_total{kind=\"list\"}", "counter", "Object store requests by kind", store.lists as f64),
+        ("shoal_object_store_errors_total", "counter", "Object store request errors", store.errors as f64),
+        ("shoal_cache_hits_total", "counter", "Cache hits", cache.hits as f64),
+        ("shoal_cache_misses_total", "counter", "Cache misses", cache.misses as f64),
+    ];
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        b.metrics.render(&extra),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct StreamView {
+    name: String,
+    partitions: i32,
+    config: std::collections::BTreeMap<String, String>,
+    shards: Vec<ShardView>,
+}
+
+#[derive(Serialize)]
+struct ShardView {
+    shard: i32,
+    owner: Option<u64>,
+    epoch: u64,
+    log_start_offset: i64,
+    high_watermark: i64,
+    committed_offset: i64,
+    segments: Vec<SegmentView>,
+}
+
+#[derive(Serialize)]
+struct SegmentView {
+    object: String,
+    row_group: u32,
+    first_offset: i64,
+    last_offset: i64,
+    epoch: u64,
+    record_count: u64,
+}
+
+impl From<&SegmentRef> for SegmentView {
+    fn from(s: &SegmentRef) -> Self {
+        SegmentView {
+            object: s.object.clone(),
+            row_group: s.row_group,
+            first_offset: s.first_offset,
+            last_offset: s.last_offset,
+            epoch: s.epoch,
+            record_count: s.record_count,
+        }
+    }
+}
+
+/// Placement's view, with the live high watermark from the owning broker.
+fn view(b: &Broker, s: Stream) -> StreamView {
+    let local = b.stream(&s.name);
+    StreamView {
+        partitions: s.partitions(),
+        shards: s
+            .shards
+            .iter()
+            .map(|sh| {
+                let hw = local
+                    .as_ref()
+                    .and_then(|l| l.shard(sh.shard))
+                    .map(|l| l.high_watermark())
+                    .unwrap_or(sh.committed_offset);
+                ShardView {
+                    shard: sh.shard,
+                    owner: sh.owner,
+                    epoch: sh.epoch,
+                    log_start_offset: sh.log_start_offset,
+                    high_watermark: hw,
+                    committed_offset: sh.committed_offset,
+                    segments: sh.segments.iter().map(SegmentView::from).collect(),
+                }
+            })
+            .collect(),
+        name: s.name,
+        config: s.config,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+async fn list_streams(State(st): State<AppState>) -> Response {
+    match st.broker.placement.list_streams().await {
+        Ok(streams) => {
+            let views: Vec<StreamView> =
+                streams.into_iter().map(|s| view(&st.broker, s)).collect();
+            Json(serde_json::json!({ "streams": views })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn get_stream(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match st.broker.placement.get_stream(&name).await {
+        Ok(Some(s)) => Json(view(&st.broker, s)).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("stream {name} not found") })),
+        )
+            .into_response(),
+        Err(e) => internal(e),
+    }
+}

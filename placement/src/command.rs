@@ -1,0 +1,162 @@
+//! What callers ask of placement: commands (replicated through Raft and
+//! applied to the state machine) and queries (answered from it).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BrokerId, BrokerInfo, GroupOffset, ProducerState, Stream};
+
+/// A state change. Deterministic: everything time-dependent is in the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    CreateStream {
+        name: String,
+        partitions: i32,
+        config: BTreeMap<String, String>,
+        #[serde(with = "crate::model::id_u128")]
+        id: u128,
+        now_ms: i64,
+    },
+    DeleteStream {
+        name: String,
+    },
+    CreatePartitions {
+        name: String,
+        count: i32,
+    },
+    AlterStreamConfig {
+        name: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    RegisterBroker {
+        info: BrokerInfo,
+    },
+    /// Grant `broker` the lease of a shard with a new epoch.
+    AcquireLease {
+        stream: String,
+        shard: i32,
+        broker: BrokerId,
+    },
+    /// Register one flushed object holding ranges of many shards.
+    CommitSegment(SegmentCommit),
+    CommitOffsets {
+        group: String,
+        offsets: Vec<OffsetCommit>,
+        now_ms: i64,
+    },
+    DeleteGroup {
+        group: String,
+    },
+    AllocateProducerId,
+}
+
+/// One flush: one object, a range per shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentCommit {
+    pub broker: BrokerId,
+    pub object: String,
+    pub object_size: u64,
+    pub shards: Vec<ShardCommit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCommit {
+    pub stream: String,
+    pub shard: i32,
+    /// The lease epoch the broker wrote under; stale epochs are rejected.
+    pub epoch: u64,
+    pub row_group: u32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub record_count: u64,
+    pub min_timestamp_ms: i64,
+    pub max_timestamp_ms: i64,
+    /// Producer state after the last record of this range.
+    pub producers: BTreeMap<i64, ProducerState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsetCommit {
+    pub stream: String,
+    pub shard: i32,
+    pub offset: i64,
+    pub metadata: String,
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Done,
+    Stream { stream: Stream },
+    Lease { epoch: u64 },
+    /// Shards of a segment commit that were refused (stale epoch or a gap);
+    /// the others were registered.
+    SegmentCommitted { rejected: Vec<ShardRejection> },
+    ProducerId { id: i64 },
+    Rejected { rejection: Rejection },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRejection {
+    pub stream: String,
+    pub shard: i32,
+    pub rejection: Rejection,
+}
+
+/// Why a command was refused. Data, not an error: it is replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("stream {name} already exists")]
+    StreamExists { name: String },
+    #[error("stream {name} does not exist")]
+    UnknownStream { name: String },
+    #[error("shard {stream}/{shard} does not exist")]
+    UnknownShard { stream: String, shard: i32 },
+    #[error("invalid partition count {count}: {reason}")]
+    InvalidPartitions { count: i32, reason: String },
+    #[error("stale epoch {epoch} for {stream}/{shard}, current is {current}")]
+    StaleEpoch {
+        stream: String,
+        shard: i32,
+        epoch: u64,
+        current: u64,
+    },
+    #[error("offset gap on {stream}/{shard}: expected {expected}, got {got}")]
+    OffsetGap {
+        stream: String,
+        shard: i32,
+        expected: i64,
+        got: i64,
+    },
+    #[error("invalid request: {reason}")]
+    Invalid { reason: String },
+}
+
+/// A read of the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Query {
+    ListStreams,
+    GetStream { name: String },
+    GroupOffsets { group: String },
+    ListGroups,
+    ListBrokers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum QueryReply {
+    Streams { streams: Vec<Stream> },
+    Stream { stream: Option<Stream> },
+    /// stream -> shard -> offset
+    GroupOffsets {
+        offsets: BTreeMap<String, BTreeMap<i32, GroupOffset>>,
+    },
+    Groups { groups: Vec<String> },
+    Brokers { brokers: Vec<BrokerInfo> },
+}

@@ -1,0 +1,39 @@
+//! Shoal's Placement Center: the one source of truth for metadata.
+//!
+//! Owns streams and shards, shard leases with fencing epochs, the segment
+//! index (which objects hold which offset ranges), committed consumer-group
+//! offsets, producer-id allocation and the broker registry. It never touches
+//! message payloads.
+//!
+//! The deterministic state machine ([`State`], fed [`Command`]s, answering
+//! [`Query`]s) is replicated with openraft; the Raft log, vote and snapshots
+//! live in one fjall database per node. One node is standalone, three or
+//! five form a cluster: the same code path.
+//!
+//! - [`PlacementNode`]: starts a node from a [`NodeConfig`]; writes go
+//!   through the Raft leader, reads are linearizable on the leader.
+//! - [`router`]: the node's HTTP API (brokers' API and Raft RPCs, axum).
+//! - [`PlacementClient`]: in process to a standalone node, or over HTTP to a
+//!   cluster, following the leader and retrying across leader changes.
+
+pub mod client;
+pub mod command;
+pub mod error;
+pub mod model;
+pub mod node;
+mod raft;
+pub mod server;
+pub mod state;
+
+pub use client::PlacementClient;
+pub use command::{
+    Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardCommit,
+    ShardRejection,
+};
+pub use error::{Error, Result};
+pub use model::{
+    BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, Stream,
+};
+pub use node::{NodeConfig, NodeStatus, PlacementNode};
+pub use server::router;
+pub use state::State;

@@ -1,0 +1,378 @@
+//! One placement node: the fjall database, the Raft instance over it, and
+//! the write / read entry points the HTTP server and the local client use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fjall::{Database, PersistMode};
+use openraft::error::{ForwardToLeader, InitializeError, RaftError};
+use openraft::{BasicNode, RaftMetrics, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::command::{Command, Query, QueryReply, Reply};
+use crate::error::{Error, Result};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::state_machine::{self, SharedState, StateMachineStore};
+use crate::raft::{NodeId, Raft, blocking};
+
+/// Entries applied between two snapshots, by default.
+pub const DEFAULT_SNAPSHOT_LOGS: u64 = 1000;
+
+/// How long `start` waits for a standalone node to elect itself.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long `start` retries opening a database a previous instance in this
+/// process is still closing.
+const OPEN_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    /// host:port where this node's HTTP API (router) is reachable by peers
+    pub advertise_addr: String,
+    /// all voters incl. self: id -> host:port. A single entry = standalone.
+    pub peers: BTreeMap<u64, String>,
+    /// Build a snapshot every this many applied entries and purge the log
+    /// behind it (keeping as many again for lagging followers).
+    pub snapshot_logs: u64,
+}
+
+impl NodeConfig {
+    /// A one-node placement center.
+    pub fn standalone(
+        node_id: u64,
+        data_dir: impl Into<PathBuf>,
+        advertise_addr: impl Into<String>,
+    ) -> Self {
+        let advertise_addr = advertise_addr.into();
+        Self {
+            node_id,
+            data_dir: data_dir.into(),
+            peers: BTreeMap::from([(node_id, advertise_addr.clone())]),
+            advertise_addr,
+            snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
+        }
+    }
+
+    /// A member of a cluster whose voters (including this node) are `peers`.
+    pub fn cluster(
+        node_id: u64,
+        data_dir: impl Into<PathBuf>,
+        advertise_addr: impl Into<String>,
+        peers: BTreeMap<u64, String>,
+    ) -> Self {
+        Self {
+            node_id,
+            data_dir: data_dir.into(),
+            advertise_addr: advertise_addr.into(),
+            peers,
+            snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
+        }
+    }
+
+    /// The voters, with this node in them; an empty map means standalone.
+    fn voters(&self) -> Result<BTreeMap<u64, String>> {
+        if self.peers.is_empty() {
+            return Ok(BTreeMap::from([(self.node_id, self.advertise_addr.clone())]));
+        }
+        if !self.peers.contains_key(&self.node_id) {
+            return Err(Error::Config(format!(
+                "node {} is not among the peers {:?}",
+                self.node_id, self.peers
+            )));
+        }
+        Ok(self.peers.clone())
+    }
+
+    fn raft_config(&self, standalone: bool) -> Result<openraft::Config> {
+        // Alone, nothing crosses the network: react fast. In a cluster the
+        // heartbeat is also the append-entries timeout, so leave room for a
+        // busy machine before a follower gives up on its leader.
+        let (heartbeat, election_min, election_max) = if standalone {
+            (100, 300, 600)
+        } else {
+            (250, 1000, 2000)
+        };
+        let snapshot_logs = self.snapshot_logs.max(1);
+        openraft::Config {
+            cluster_name: "shoal-placement".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
+            install_snapshot_timeout: 30_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs),
+            max_in_snapshot_log_to_keep: snapshot_logs,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+/// What a node knows about itself and the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    /// Index of the last entry applied to the state machine.
+    pub last_applied: Option<u64>,
+    pub is_leader: bool,
+    /// Voters and learners: id -> host:port.
+    pub membership: BTreeMap<u64, String>,
+    /// Last index covered by the latest snapshot.
+    pub last_snapshot: Option<u64>,
+    /// Last index removed from the log (the log holds what follows).
+    pub last_purged: Option<u64>,
+}
+
+pub struct PlacementNode {
+    id: NodeId,
+    raft: Raft,
+    state: SharedState,
+    version: watch::Receiver<u64>,
+    metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
+    db: Database,
+}
+
+impl std::fmt::Debug for PlacementNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlacementNode").field("id", &self.id).finish()
+    }
+}
+
+impl PlacementNode {
+    /// Open fjall in data_dir, load the last snapshot + log, start Raft. If
+    /// the cluster has never been initialised and this node has the lowest id
+    /// among peers, initialise it with all peers as voters. A standalone node
+    /// returns once it is leader.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<PlacementNode>> {
+        let voters = cfg.voters()?;
+        let standalone = voters.len() == 1;
+        let config = Arc::new(cfg.raft_config(standalone)?);
+
+        tokio::fs::create_dir_all(&cfg.data_dir)
+            .await
+            .map_err(|e| Error::Storage(format!("creating {}: {e}", cfg.data_dir.display())))?;
+        let db = open_db(&cfg.data_dir).await?;
+        let log_store = LogStore::open(&db)?;
+        let sm = StateMachineStore::open(&db)?;
+        let state = sm.shared();
+        let version = sm.subscribe_version();
+        let network = Network::new().map_err(|e| Error::Http(e.to_string()))?;
+
+        // Raft::new re-applies the committed entries after the snapshot.
+        let raft = Raft::new(cfg.node_id, config, network, log_store, sm)
+            .await
+            .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
+        let node = Arc::new(PlacementNode {
+            id: cfg.node_id,
+            metrics: raft.metrics(),
+            raft,
+            state,
+            version,
+            db,
+        });
+        if let Err(e) = node.join(&voters, standalone).await {
+            // Do not leave Raft running (and holding the database) behind.
+            let _ = node.raft.shutdown().await;
+            return Err(e);
+        }
+        Ok(node)
+    }
+
+    async fn join(&self, voters: &BTreeMap<u64, String>, standalone: bool) -> Result<()> {
+        let raft_err = |e: &dyn std::fmt::Display| Error::Raft(e.to_string());
+        let initialized = self.raft.is_initialized().await.map_err(|e| raft_err(&e))?;
+        if !initialized && voters.keys().next() == Some(&self.id) {
+            let members: BTreeMap<u64, BasicNode> = voters
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            match self.raft.initialize(members).await {
+                // NotAllowed: another start (or a peer) got there first.
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(Error::Raft(format!("initialising the cluster: {e}"))),
+            }
+        } else if initialized && standalone {
+            // Nobody else can be leader: skip the election timeout.
+            self.raft.trigger().elect().await.map_err(|e| raft_err(&e))?;
+        }
+        if standalone {
+            self.raft
+                .wait(Some(LEADER_WAIT))
+                .metrics(|m| m.current_leader.is_some(), "standalone leader")
+                .await
+                .map_err(|e| Error::Raft(format!("no leader elected: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Linearizable write through the leader. On a follower: [`Error::NotLeader`].
+    pub async fn write(&self, cmd: Command) -> Result<Reply> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => self.not_leader(f),
+                None => Error::Raft(e.to_string()),
+            }),
+        }
+    }
+
+    /// Read from the state machine on the leader, after confirming the
+    /// leadership with a quorum and applying everything committed before.
+    pub async fn query(&self, q: Query) -> Result<QueryReply> {
+        if let Err(e) = self.raft.ensure_linearizable().await {
+            return Err(match e.forward_to_leader() {
+                Some(f) => self.not_leader(f),
+                None => Error::Raft(e.to_string()),
+            });
+        }
+        Ok(state_machine::read(&self.state).state.query(&q))
+    }
+
+    /// Answers from this node's state machine without asking the leader:
+    /// possibly stale (a follower may lag), but never blocks.
+    pub fn query_local(&self, q: &Query) -> QueryReply {
+        state_machine::read(&self.state).state.query(q)
+    }
+
+    /// Changes whenever `State::version` changes (applied commands).
+    pub fn watch_version(&self) -> watch::Receiver<u64> {
+        self.version.clone()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let m = self.metrics.borrow();
+        NodeStatus {
+            node_id: self.id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index),
+            is_leader: m.state == ServerState::Leader,
+            membership: m
+                .membership_config
+                .nodes()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect(),
+            last_snapshot: m.snapshot.map(|l| l.index),
+            last_purged: m.purged.map(|l| l.index),
+        }
+    }
+
+    /// Stops Raft and flushes the database. The node answers no more requests.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Raft(format!("shutting down: {e}")))?;
+        let db = self.db.clone();
+        blocking(move || db.persist(PersistMode::SyncAll)).await?;
+        Ok(())
+    }
+
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    fn not_leader(&self, f: &ForwardToLeader<NodeId, BasicNode>) -> Error {
+        let leader = f.leader_id.and_then(|id| {
+            let addr = match &f.leader_node {
+                Some(node) => Some(node.addr.clone()),
+                None => self
+                    .metrics
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.addr.clone()),
+            };
+            addr.map(|addr| (id, addr))
+        });
+        Error::NotLeader { leader }
+    }
+}
+
+/// Opens the database, waiting for a previous instance in this process
+/// (whose background threads hold the lock briefly after drop) to let go.
+async fn open_db(dir: &Path) -> Result<Database> {
+    let deadline = Instant::now() + OPEN_RETRY;
+    loop {
+        let path = dir.to_path_buf();
+        match blocking(move || Database::builder(path).open()).await {
+            Err(fjall::Error::Locked) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(Error::Storage(format!("opening {}: {e}", dir.display())));
+            }
+            Ok(db) => return Ok(db),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::state_machine::StoredSnapshot;
+
+    fn create(name: &str) -> Command {
+        Command::CreateStream {
+            name: name.into(),
+            partitions: 1,
+            config: BTreeMap::new(),
+            id: 1,
+            now_ms: 0,
+        }
+    }
+
+    /// Entries applied but never snapshotted come back at start-up from the
+    /// log alone: `Raft::new` re-applies up to the saved committed index,
+    /// before any election could commit (and so apply) them again.
+    #[tokio::test]
+    async fn raft_new_reapplies_committed_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = PlacementNode::start(NodeConfig::standalone(1, dir.path(), "127.0.0.1:1"))
+            .await
+            .unwrap();
+        node.write(create("a")).await.unwrap();
+        node.write(create("b")).await.unwrap();
+        node.shutdown().await.unwrap();
+        drop(node);
+
+        let db = open_db(dir.path()).await.unwrap();
+        let log_store = LogStore::open(&db).unwrap();
+        let sm = StateMachineStore::open(&db).unwrap();
+        let shared = sm.shared();
+        let loaded: StoredSnapshot = state_machine::read(&shared).clone();
+        assert!(loaded.state.streams.is_empty(), "no snapshot was taken");
+
+        let config = openraft::Config {
+            enable_tick: false,
+            enable_heartbeat: false,
+            enable_elect: false,
+            ..openraft::Config::default()
+        };
+        let raft = Raft::new(
+            1,
+            Arc::new(config.validate().unwrap()),
+            Network::new().unwrap(),
+            log_store,
+            sm,
+        )
+        .await
+        .unwrap();
+        {
+            let sm = state_machine::read(&shared);
+            assert!(sm.state.streams.contains_key("a"));
+            assert!(sm.state.streams.contains_key("b"));
+        }
+        assert_eq!(raft.metrics().borrow().current_leader, None);
+        raft.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! The HTTP API of a placement node (axum): the brokers' API under
+//! `/placement/v1/` and the Raft RPCs under `/raft/`.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use openraft::error::{Fatal, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Query, QueryReply, Reply};
+use crate::error::Error;
+use crate::node::{NodeStatus, PlacementNode};
+use crate::raft::network::{APPEND_PATH, SNAPSHOT_PATH, SnapshotRequest, VOTE_PATH};
+use crate::raft::{NodeId, TypeConfig};
+
+pub const WRITE_PATH: &str = "/placement/v1/write";
+pub const QUERY_PATH: &str = "/placement/v1/query";
+pub const STATUS_PATH: &str = "/placement/v1/status";
+
+/// A segment commit carries a range per shard the broker owns; leave room
+/// for thousands of shards.
+const API_BODY_LIMIT: usize = 16 << 20;
+/// Snapshots hold the whole state machine in one request.
+const RAFT_BODY_LIMIT: usize = 256 << 20;
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub error: String,
+    /// [id, "host:port"] of the leader when the answer is 421 and it is known.
+    pub leader: Option<(u64, String)>,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, leader) = match &self {
+            Error::NotLeader { leader } => (StatusCode::MISDIRECTED_REQUEST, leader.clone()),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        let body = ErrorBody {
+            error: self.to_string(),
+            leader,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// POST /placement/v1/write (JSON Command -> JSON Reply), POST
+/// /placement/v1/query (Query -> QueryReply), GET /placement/v1/status and
+/// the Raft RPCs POST /raft/append, /raft/vote, /raft/snapshot. Errors are
+/// JSON `{"error": "...", "leader": [id, "addr"] | null}`, 421 for NotLeader,
+/// 500 otherwise.
+pub fn router(node: Arc<PlacementNode>) -> Router {
+    let api = Router::new()
+        .route(WRITE_PATH, post(write))
+        .route(QUERY_PATH, post(query))
+        .route(STATUS_PATH, get(status))
+        .layer(DefaultBodyLimit::max(API_BODY_LIMIT));
+    let raft = Router::new()
+        .route(APPEND_PATH, post(append))
+        .route(VOTE_PATH, post(vote))
+        .route(SNAPSHOT_PATH, post(snapshot))
+        .layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT));
+    api.merge(raft).with_state(node)
+}
+
+type Node = State<Arc<PlacementNode>>;
+
+async fn write(State(node): Node, Json(cmd): Json<Command>) -> Result<Json<Reply>, Error> {
+    node.write(cmd).await.map(Json)
+}
+
+async fn query(State(node): Node, Json(q): Json<Query>) -> Result<Json<QueryReply>, Error> {
+    node.query(q).await.map(Json)
+}
+
+async fn status(State(node): Node) -> Json<NodeStatus> {
+    Json(node.status())
+}
+
+async fn append(
+    State(node): Node,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Json(node.raft().append_entries(req).await)
+}
+
+async fn vote(
+    State(node): Node,
+    Json(req): Json<VoteRequest<NodeId>>,
+) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    Json(node.raft().vote(req).await)
+}
+
+async fn snapshot(
+    State(node): Node,
+    Json(req): Json<SnapshotRequest>,
+) -> Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>> {
+    let (vote, snapshot) = req.into_parts();
+    Json(node.raft().install_full_snapshot(vote, snapshot).await)
+}

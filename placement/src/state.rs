@@ -1,0 +1,414 @@
+//! The replicated state machine: a pure function from (state, command) to
+//! (state, reply). No I/O, so it is unit-tested without Raft.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{
+    Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardRejection,
+};
+use crate::model::{BrokerId, BrokerInfo, GroupOffset, SegmentRef, Shard, Stream};
+
+/// Upper bound on partitions per stream, so one request cannot make the
+/// state machine allocate without limit.
+pub const MAX_PARTITIONS: i32 = 10_000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub streams: BTreeMap<String, Stream>,
+    /// group -> stream -> shard -> offset
+    pub group_offsets: BTreeMap<String, BTreeMap<String, BTreeMap<i32, GroupOffset>>>,
+    pub brokers: BTreeMap<BrokerId, BrokerInfo>,
+    pub next_producer_id: i64,
+    /// Bumped by every applied command; lets watchers notice change.
+    pub version: u64,
+}
+
+impl State {
+    pub fn apply(&mut self, cmd: Command) -> Reply {
+        self.version += 1;
+        match cmd {
+            Command::CreateStream {
+                name,
+                partitions,
+                config,
+                id,
+                now_ms,
+            } => self.create_stream(name, partitions, config, id, now_ms),
+            Command::DeleteStream { name } => match self.streams.remove(&name) {
+                Some(_) => {
+                    for offsets in self.group_offsets.values_mut() {
+                        offsets.remove(&name);
+                    }
+                    Reply::Done
+                }
+                None => rejected(Rejection::UnknownStream { name }),
+            },
+            Command::CreatePartitions { name, count } => self.create_partitions(&name, count),
+            Command::AlterStreamConfig { name, set, remove } => {
+                let Some(stream) = self.streams.get_mut(&name) else {
+                    return rejected(Rejection::UnknownStream { name });
+                };
+                for key in remove {
+                    stream.config.remove(&key);
+                }
+                stream.config.extend(set);
+                Reply::Stream {
+                    stream: stream.clone(),
+                }
+            }
+            Command::RegisterBroker { info } => {
+                self.brokers.insert(info.id, info);
+                Reply::Done
+            }
+            Command::AcquireLease {
+                stream,
+                shard,
+                broker,
+            } => match self.shard_mut(&stream, shard) {
+                Ok(s) => {
+                    s.epoch += 1;
+                    s.owner = Some(broker);
+                    Reply::Lease { epoch: s.epoch }
+                }
+                Err(r) => rejected(r),
+            },
+            Command::CommitSegment(commit) => self.commit_segment(commit),
+            Command::CommitOffsets {
+                group,
+                offsets,
+                now_ms,
+            } => self.commit_offsets(group, offsets, now_ms),
+            Command::DeleteGroup { group } => {
+                self.group_offsets.remove(&group);
+                Reply::Done
+            }
+            Command::AllocateProducerId => {
+                // Kafka producer ids start at 0; keep 0 free for readability.
+                self.next_producer_id += 1;
+                Reply::ProducerId {
+                    id: self.next_producer_id,
+                }
+            }
+        }
+    }
+
+    pub fn query(&self, query: &Query) -> QueryReply {
+        match query {
+            Query::ListStreams => QueryReply::Streams {
+                streams: self.streams.values().cloned().collect(),
+            },
+            Query::GetStream { name } => QueryReply::Stream {
+                stream: self.streams.get(name).cloned(),
+            },
+            Query::GroupOffsets { group } => QueryReply::GroupOffsets {
+                offsets: self.group_offsets.get(group).cloned().unwrap_or_default(),
+            },
+            Query::ListGroups => QueryReply::Groups {
+                groups: self.group_offsets.keys().cloned().collect(),
+            },
+            Query::ListBrokers => QueryReply::Brokers {
+                brokers: self.brokers.values().cloned().collect(),
+            },
+        }
+    }
+
+    fn create_stream(
+        &mut self,
+        name: String,
+        partitions: i32,
+        config: BTreeMap<String, String>,
+        id: u128,
+        now_ms: i64,
+    ) -> Reply {
+        if self.streams.contains_key(&name) {
+            return rejected(Rejection::StreamExists { name });
+        }
+        if name.is_empty() || name.len() > 249 {
+            return rejected(Rejection::Invalid {
+                reason: format!("invalid stream name length {}", name.len()),
+            });
+        }
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return rejected(Rejection::InvalidPartitions {
+                count: partitions,
+                reason: format!("must be between 1 and {MAX_PARTITIONS}"),
+            });
+        }
+        let stream = Stream {
+            name: name.clone(),
+            id,
+            config,
+            created_ms: now_ms,
+            shards: (0..partitions)
+                .map(|shard| Shard {
+                    shard,
+                    ..Shard::default()
+                })
+                .collect(),
+        };
+        self.streams.insert(name, stream.clone());
+        Reply::Stream { stream }
+    }
+
+    fn create_partitions(&mut self, name: &str, count: i32) -> Reply {
+        let Some(stream) = self.streams.get_mut(name) else {
+            return rejected(Rejection::UnknownStream {
+                name: name.to_string(),
+            });
+        };
+        let current = stream.partitions();
+        if count <= current || count > MAX_PARTITIONS {
+            return rejected(Rejection::InvalidPartitions {
+                count,
+                reason: format!(
+                    "must be greater than the current {current} and at most {MAX_PARTITIONS}"
+                ),
+            });
+        }
+        stream.shards.extend((current..count).map(|shard| Shard {
+            shard,
+            ..Shard::default()
+        }));
+        Reply::Stream {
+            stream: stream.clone(),
+        }
+    }
+
+    fn shard_mut(&mut self, stream: &str, shard: i32) -> Result<&mut Shard, Rejection> {
+        let s = self
+            .streams
+            .get_mut(stream)
+            .ok_or_else(|| Rejection::UnknownStream {
+                name: stream.to_string(),
+            })?;
+        usize::try_from(shard)
+            .ok()
+            .and_then(|i| s.shards.get_mut(i))
+            .ok_or_else(|| Rejection::UnknownShard {
+                stream: stream.to_string(),
+                shard,
+            })
+    }
+
+    fn commit_segment(&mut self, commit: SegmentCommit) -> Reply {
+        let mut rejected_shards = Vec::new();
+        for sc in commit.shards {
+            let check = self.shard_mut(&sc.stream, sc.shard).and_then(|shard| {
+                if shard.epoch != sc.epoch || shard.owner != Some(commit.broker) {
+                    return Err(Rejection::StaleEpoch {
+                        stream: sc.stream.clone(),
+                        shard: sc.shard,
+                        epoch: sc.epoch,
+                        current: shard.epoch,
+                    });
+                }
+                if sc.first_offset != shard.committed_offset || sc.last_offset < sc.first_offset {
+                    return Err(Rejection::OffsetGap {
+                        stream: sc.stream.clone(),
+                        shard: sc.shard,
+                        expected: shard.committed_offset,
+                        got: sc.first_offset,
+                    });
+                }
+                shard.segments.push(SegmentRef {
+                    object: commit.object.clone(),
+                    row_group: sc.row_group,
+                    first_offset: sc.first_offset,
+                    last_offset: sc.last_offset,
+                    epoch: sc.epoch,
+                    record_count: sc.record_count,
+                    min_timestamp_ms: sc.min_timestamp_ms,
+                    max_timestamp_ms: sc.max_timestamp_ms,
+                    object_size: commit.object_size,
+                });
+                shard.committed_offset = sc.last_offset + 1;
+                for (pid, state) in &sc.producers {
+                    shard.producers.insert(*pid, state.clone());
+                }
+                Ok(())
+            });
+            if let Err(rejection) = check {
+                rejected_shards.push(ShardRejection {
+                    stream: sc.stream,
+                    shard: sc.shard,
+                    rejection,
+                });
+            }
+        }
+        Reply::SegmentCommitted {
+            rejected: rejected_shards,
+        }
+    }
+
+    fn commit_offsets(&mut self, group: String, offsets: Vec<OffsetCommit>, now_ms: i64) -> Reply {
+        if group.is_empty() {
+            return rejected(Rejection::Invalid {
+                reason: "empty group id".into(),
+            });
+        }
+        let entry = self.group_offsets.entry(group).or_default();
+        for c in offsets {
+            entry.entry(c.stream).or_default().insert(
+                c.shard,
+                GroupOffset {
+                    offset: c.offset,
+                    metadata: c.metadata,
+                    commit_ms: now_ms,
+                },
+            );
+        }
+        Reply::Done
+    }
+}
+
+fn rejected(rejection: Rejection) -> Reply {
+    Reply::Rejected { rejection }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::ShardCommit;
+
+    fn create(state: &mut State, name: &str, partitions: i32) -> Reply {
+        state.apply(Command::CreateStream {
+            name: name.into(),
+            partitions,
+            config: BTreeMap::new(),
+            id: 7,
+            now_ms: 1,
+        })
+    }
+
+    fn shard_commit(stream: &str, epoch: u64, first: i64, last: i64) -> ShardCommit {
+        ShardCommit {
+            stream: stream.into(),
+            shard: 0,
+            epoch,
+            row_group: 0,
+            first_offset: first,
+            last_offset: last,
+            record_count: (last - first + 1) as u64,
+            min_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+            producers: BTreeMap::new(),
+        }
+    }
+
+    fn commit(broker: BrokerId, sc: ShardCommit) -> Command {
+        Command::CommitSegment(SegmentCommit {
+            broker,
+            object: "o".into(),
+            object_size: 10,
+            shards: vec![sc],
+        })
+    }
+
+    #[test]
+    fn create_twice_is_rejected() {
+        let mut s = State::default();
+        assert!(matches!(create(&mut s, "a", 2), Reply::Stream { .. }));
+        assert!(matches!(
+            create(&mut s, "a", 2),
+            Reply::Rejected {
+                rejection: Rejection::StreamExists { .. }
+            }
+        ));
+        assert!(matches!(
+            create(&mut s, "b", 0),
+            Reply::Rejected {
+                rejection: Rejection::InvalidPartitions { .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn stale_epoch_commit_is_fenced() {
+        let mut s = State::default();
+        create(&mut s, "a", 1);
+        let Reply::Lease { epoch: e1 } = s.apply(Command::AcquireLease {
+            stream: "a".into(),
+            shard: 0,
+            broker: 1,
+        }) else {
+            panic!("no lease")
+        };
+        let Reply::Lease { epoch: e2 } = s.apply(Command::AcquireLease {
+            stream: "a".into(),
+            shard: 0,
+            broker: 2,
+        }) else {
+            panic!("no lease")
+        };
+        assert!(e2 > e1);
+        let Reply::SegmentCommitted { rejected } = s.apply(commit(1, shard_commit("a", e1, 0, 9)))
+        else {
+            panic!("unexpected reply")
+        };
+        assert!(matches!(
+            rejected[0].rejection,
+            Rejection::StaleEpoch { .. }
+        ));
+        let Reply::SegmentCommitted { rejected } = s.apply(commit(2, shard_commit("a", e2, 0, 9)))
+        else {
+            panic!("unexpected reply")
+        };
+        assert!(rejected.is_empty());
+        assert_eq!(s.streams["a"].shards[0].committed_offset, 10);
+    }
+
+    #[test]
+    fn offsets_must_be_dense() {
+        let mut s = State::default();
+        create(&mut s, "a", 1);
+        s.apply(Command::AcquireLease {
+            stream: "a".into(),
+            shard: 0,
+            broker: 1,
+        });
+        let Reply::SegmentCommitted { rejected } = s.apply(commit(1, shard_commit("a", 1, 5, 9)))
+        else {
+            panic!("unexpected reply")
+        };
+        assert!(matches!(rejected[0].rejection, Rejection::OffsetGap { .. }));
+        assert_eq!(s.streams["a"].shards[0].committed_offset, 0);
+    }
+
+    #[test]
+    fn partitions_only_grow_and_offsets_are_kept() {
+        let mut s = State::default();
+        create(&mut s, "a", 1);
+        assert!(matches!(
+            s.apply(Command::CreatePartitions {
+                name: "a".into(),
+                count: 1
+            }),
+            Reply::Rejected { .. }
+        ));
+        assert!(matches!(
+            s.apply(Command::CreatePartitions {
+                name: "a".into(),
+                count: 3
+            }),
+            Reply::Stream { .. }
+        ));
+        s.apply(Command::CommitOffsets {
+            group: "g".into(),
+            offsets: vec![OffsetCommit {
+                stream: "a".into(),
+                shard: 2,
+                offset: 42,
+                metadata: String::new(),
+            }],
+            now_ms: 5,
+        });
+        let QueryReply::GroupOffsets { offsets } = s.query(&Query::GroupOffsets {
+            group: "g".into(),
+        }) else {
+            panic!("unexpected reply")
+        };
+        assert_eq!(offsets["a"][&2].offset, 42);
+    }
+}

@@ -1,0 +1,243 @@
+//! `shoal standalone` settings: defaults < TOML file < SHOAL_* env < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// TOML file with the same keys as the flags (e.g. `flush-interval = "250ms"`).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the WAL, placement state, cache and (by default) objects.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Kafka listener address.
+    #[arg(long, env = "SHOAL_KAFKA_ADDR")]
+    pub kafka_addr: Option<String>,
+    /// Address given to Kafka clients (defaults to the listener address).
+    #[arg(long, env = "SHOAL_ADVERTISED_KAFKA_ADDR")]
+    pub advertised_kafka_addr: Option<String>,
+    /// HTTP address for /health, /metrics, the admin API and placement.
+    #[arg(long, env = "SHOAL_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Object store URL: file:///dir, memory://, s3://bucket/prefix.
+    #[arg(long, env = "SHOAL_OBJECT_STORE")]
+    pub object_store: Option<String>,
+    /// Flush un-flushed data at least this often (e.g. 250ms).
+    #[arg(long, env = "SHOAL_FLUSH_INTERVAL")]
+    pub flush_interval: Option<String>,
+    /// Flush as soon as this many bytes are un-flushed (e.g. 8MiB or 8388608).
+    #[arg(long, env = "SHOAL_FLUSH_BYTES")]
+    pub flush_bytes: Option<String>,
+    /// Partitions of auto-created topics.
+    #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS")]
+    pub default_partitions: Option<i32>,
+    /// Durability of new topics: local or object.
+    #[arg(long, env = "SHOAL_DEFAULT_DURABILITY")]
+    pub default_durability: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    #[serde(alias = "data_dir")]
+    data_dir: Option<PathBuf>,
+    #[serde(alias = "kafka_addr")]
+    kafka_addr: Option<String>,
+    #[serde(alias = "advertised_kafka_addr")]
+    advertised_kafka_addr: Option<String>,
+    #[serde(alias = "http_addr")]
+    http_addr: Option<String>,
+    #[serde(alias = "object_store")]
+    object_store: Option<String>,
+    #[serde(alias = "flush_interval")]
+    flush_interval: Option<String>,
+    #[serde(alias = "flush_bytes")]
+    flush_bytes: Option<toml::Value>,
+    #[serde(alias = "default_partitions")]
+    default_partitions: Option<i32>,
+    #[serde(alias = "default_durability")]
+    default_durability: Option<String>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Standalone {
+    pub data_dir: PathBuf,
+    pub kafka_addr: SocketAddr,
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    pub http_addr: SocketAddr,
+    pub object_store: String,
+    pub flush_interval: Duration,
+    pub flush_bytes: u64,
+    pub default_partitions: i32,
+    pub default_durability: shoal_broker::Durability,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// "8MiB", "512KiB", "1GiB", "8M" or a plain byte count.
+pub fn parse_bytes(s: &str) -> Result<u64, ConfigError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| err(format!("invalid byte size {s:?}")))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(err(format!("invalid byte unit {other:?} in {s:?}"))),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| err(format!("byte size {s:?} too large")))
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4()).or_else(|| s.to_socket_addrs().ok()?.next()))
+        .ok_or_else(|| err(format!("invalid {what} {s:?}: expected HOST:PORT")))
+}
+
+impl StandaloneArgs {
+    pub fn resolve(self) -> Result<Standalone, ConfigError> {
+        let file: FileConfig = match &self.config {
+            None => FileConfig::default(),
+            Some(path) => read_file(path)?,
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./shoal-data"));
+        let kafka_addr_s = self
+            .kafka_addr
+            .or(file.kafka_addr)
+            .unwrap_or_else(|| "127.0.0.1:9092".into());
+        let kafka_addr = parse_addr("--kafka-addr", &kafka_addr_s)?;
+        let http_addr = parse_addr(
+            "--http-addr",
+            &self
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+        )?;
+        let advertised = self.advertised_kafka_addr.or(file.advertised_kafka_addr);
+        let (advertised_host, advertised_port) = match advertised {
+            Some(a) => {
+                let (h, p) = a
+                    .rsplit_once(':')
+                    .ok_or_else(|| err(format!("invalid --advertised-kafka-addr {a:?}")))?;
+                let p: i32 = p
+                    .parse()
+                    .map_err(|_| err(format!("invalid port in --advertised-kafka-addr {a:?}")))?;
+                (h.to_string(), p)
+            }
+            None => {
+                // An unspecified listen address is not something clients can dial.
+                let ip = if kafka_addr.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    kafka_addr.ip().to_string()
+                };
+                (ip, i32::from(kafka_addr.port()))
+            }
+        };
+        let object_store = match self.object_store.or(file.object_store) {
+            Some(u) => u,
+            None => {
+                let abs = absolute(&data_dir.join("objects"))?;
+                format!("file://{}", abs.display())
+            }
+        };
+        let flush_interval = match self.flush_interval.or(file.flush_interval) {
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| err(format!("invalid --flush-interval {s:?}: {e}")))?,
+            None => Duration::from_millis(250),
+        };
+        if flush_interval.is_zero() {
+            return Err(err("--flush-interval must be greater than zero"));
+        }
+        let flush_bytes = match (self.flush_bytes, file.flush_bytes) {
+            (Some(s), _) => parse_bytes(&s)?,
+            (None, Some(toml::Value::Integer(n))) => {
+                u64::try_from(n).map_err(|_| err("flush-bytes must be positive"))?
+            }
+            (None, Some(toml::Value::String(s))) => parse_bytes(&s)?,
+            (None, Some(v)) => return Err(err(format!("invalid flush-bytes {v}"))),
+            (None, None) => 8 << 20,
+        };
+        let default_partitions = self
+            .default_partitions
+            .or(file.default_partitions)
+            .unwrap_or(1);
+        if !(1..=10_000).contains(&default_partitions) {
+            return Err(err("--default-partitions must be between 1 and 10000"));
+        }
+        let durability_s = self
+            .default_durability
+            .or(file.default_durability)
+            .unwrap_or_else(|| "local".into());
+        let default_durability = shoal_broker::Durability::parse(&durability_s).ok_or_else(|| {
+            err(format!(
+                "invalid --default-durability {durability_s:?}: expected local or object"
+            ))
+        })?;
+        Ok(Standalone {
+            data_dir,
+            kafka_addr,
+            advertised_host,
+            advertised_port,
+            http_addr,
+            object_store,
+            flush_interval,
+            flush_bytes,
+            default_partitions,
+            default_durability,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        err(format!(
+            "invalid config file {}: {}",
+            path.display(),
+            e.message()
+        ))
+    })
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(p).map_err(|e| err(format!("invalid path {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("1 GiB").unwrap(), 1 << 30);
+        assert!(parse_bytes("12XB").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! The `shoal` binary: CLI, configuration and wiring of the crates.
+
+mod config;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+use shoal_broker::{Broker, BrokerConfig};
+use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
+use shoal_storage::ObjectStorage;
+use tokio::net::TcpListener;
+
+use crate::config::{Standalone, StandaloneArgs};
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Object-storage-first Kafka and MQTT broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Placement Center, broker and local storage in one process.
+    Standalone(StandaloneArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Standalone(args) => match args.resolve() {
+            Ok(cfg) => runtime.block_on(standalone(cfg)),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!("{what} address {addr} is already in use"),
+        _ => format!("cannot listen on {what} address {addr}: {e}"),
+    })
+}
+
+async fn standalone(cfg: Standalone) -> Result<(), String> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot use data dir {}: {e}", cfg.data_dir.display()))?;
+    let probe = cfg.data_dir.join(".shoal-write-test");
+    std::fs::write(&probe, b"ok")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| format!("data dir {} is not writable: {e}", cfg.data_dir.display()))?;
+
+    // Bind first: a port in use should fail fast, before any state is opened.
+    let kafka_listener = bind("Kafka", cfg.kafka_addr).await?;
+    let http_listener = bind("HTTP", cfg.http_addr).await?;
+
+    let store = ObjectStorage::from_url(&cfg.object_store)
+        .map_err(|e| format!("object store {}: {e}", cfg.object_store))?;
+    let node = PlacementNode::start(NodeConfig::standalone(
+        1,
+        cfg.data_dir.join("placement"),
+        cfg.http_addr.to_string(),
+    ))
+    .await
+    .map_err(|e| format!("placement: {e}"))?;
+
+    let mut bc = BrokerConfig::new(&cfg.data_dir);
+    bc.broker_id = 1;
+    bc.advertised_host = cfg.advertised_host.clone();
+    bc.advertised_port = cfg.advertised_port;
+    bc.flush_interval = cfg.flush_interval;
+    bc.flush_bytes = cfg.flush_bytes;
+    bc.default_partitions = cfg.default_partitions;
+    bc.default_durability = cfg.default_durability;
+    let broker = Broker::start(bc, PlacementClient::local(node.clone()), store)
+        .await
+        .map_err(|e| format!("broker: {e}"))?;
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = shoal_broker::http::router(broker.clone(), ready.clone())
+        .merge(shoal_placement::router(node.clone()));
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            })
+            .await
+    });
+    let flusher = tokio::spawn(shoal_broker::flusher::run(broker.clone(), shutdown_rx.clone()));
+    tokio::spawn(shoal_broker::run_group_ticker(broker.clone(), shutdown_rx.clone()));
+    let kafka = tokio::spawn(shoal_broker::kafka::serve(
+        kafka_listener,
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        kafka = %cfg.kafka_addr,
+        http = %cfg.http_addr,
+        objects = %cfg.object_store,
+        data_dir = %cfg.data_dir.display(),
+        "shoal standalone is ready"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    let _ = kafka.await;
+    let _ = flusher.await;
+    let _ = http.await;
+    broker.cache.close().await;
+    node.shutdown().await.map_err(|e| format!("placement shutdown: {e}"))?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

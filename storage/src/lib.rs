@@ -1,0 +1,33 @@
+//! Shoal's storage adapter.
+//!
+//! This crate owns:
+//! - **object-store backends chosen by URL** ([`ObjectStorage`]:
+//!   `memory://`, `file:///dir`, `s3://bucket/prefix`), with create-only
+//!   writes, range reads and per-kind request counters ([`StoreStats`]);
+//! - **the Parquet segment codec**: [`encode_segment`] turns per-shard
+//!   [`ShardRows`] into one Parquet object plus the [`ShardRange`]s that
+//!   say which row group holds which offsets; [`fetch_footer`],
+//!   [`decode_footer`] and [`read_row_group`] read one shard's rows back
+//!   with range requests only. The format is the data-lake contract
+//!   documented in `docs/segment-format.md` ([`FORMAT_VERSION`]);
+//! - **object key layouts** ([`segment_key`], [`compacted_key`]);
+//! - **the record model** ([`Record`], [`Header`]).
+//!
+//! It does not know about Kafka or MQTT, does not assign offsets or decide
+//! durability, and does not decide placement: which objects are live is
+//! placement's index, not a listing of this store.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod record;
+mod segment;
+mod store;
+
+pub use error::{Error, Result};
+pub use record::{Header, Record};
+pub use segment::{
+    EncodedSegment, FORMAT_VERSION, SegmentOptions, ShardRange, ShardRows, compacted_key,
+    decode_footer, encode_segment, fetch_footer, read_row_group, segment_key,
+};
+pub use store::{ObjectStorage, StoreStats};

@@ -1,0 +1,280 @@
+//! Encoding shards into one Parquet segment.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BinaryArray, DictionaryArray, Int16Array, Int32Array, Int64Array, ListArray,
+    StringArray, StructArray, TimestampMillisecondArray,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{Int32Type, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{KeyValue, SortingColumn};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::schema::types::ColumnPath;
+
+use super::schema::{self, FORMAT_VERSION_KEY, segment_schema};
+use super::{EncodedSegment, FORMAT_VERSION, SegmentOptions, ShardRange, ShardRows};
+use crate::error::{Error, Result};
+use crate::record::Record;
+
+/// A row group is also closed before its variable-length data passes this
+/// size: Arrow's Binary/Utf8 arrays use i32 offsets (2 GiB), and a smaller
+/// cap keeps a reader's memory for one row group bounded.
+const ROW_GROUP_BYTE_LIMIT: usize = 1 << 30;
+/// Size charged per record and per header on top of their payload, so that
+/// many empty headers also count towards the limit (list offsets are i32 too).
+const RECORD_OVERHEAD: usize = 64;
+const HEADER_OVERHEAD: usize = 16;
+
+/// Encode shards into one Parquet segment.
+///
+/// Rows are sorted by (stream, shard, offset). Each shard's rows go in
+/// their own row group(s): never two shards in one row group, and a shard
+/// is split past `max_rows_per_row_group`. Empty shards are skipped;
+/// entries naming the same (stream, shard) are merged. Returns the bytes
+/// and one [`ShardRange`] per row group, in row-group order.
+///
+/// CPU-bound: call it from a blocking context for large inputs.
+pub fn encode_segment(shards: Vec<ShardRows>, opts: &SegmentOptions) -> Result<EncodedSegment> {
+    if opts.max_rows_per_row_group == 0 {
+        return Err(encode_err("max_rows_per_row_group must be at least 1"));
+    }
+    let props = writer_properties(opts)?;
+    let shards = normalize(shards)?;
+    let schema = segment_schema();
+
+    let mut buf = Vec::new();
+    let mut writer =
+        ArrowWriter::try_new(&mut buf, Arc::clone(&schema), Some(props)).map_err(parquet_err)?;
+    let mut ranges = Vec::new();
+    for ((stream, shard), records) in &shards {
+        for chunk in row_group_chunks(records, opts.max_rows_per_row_group)? {
+            let row_group = u32::try_from(ranges.len())
+                .map_err(|_| encode_err("more than u32::MAX row groups"))?;
+            let batch = build_batch(&schema, stream, *shard, chunk).map_err(arrow_err)?;
+            writer.write(&batch).map_err(parquet_err)?;
+            // Close the row group now so no row group spans two shards.
+            writer.flush().map_err(parquet_err)?;
+            ranges.push(shard_range(stream, *shard, row_group, chunk));
+        }
+    }
+    let meta = writer.close().map_err(parquet_err)?;
+
+    // The ranges are what placement will index; make sure they describe
+    // the file that was actually written.
+    let written: Vec<i64> = meta.row_groups().iter().map(|rg| rg.num_rows()).collect();
+    let expected: Vec<i64> = ranges
+        .iter()
+        .map(|r| i64::try_from(r.record_count).unwrap_or(i64::MAX))
+        .collect();
+    if written != expected {
+        return Err(encode_err(format!(
+            "row groups written {written:?} differ from planned {expected:?}"
+        )));
+    }
+    Ok(EncodedSegment {
+        bytes: Bytes::from(buf),
+        ranges,
+    })
+}
+
+/// Writer settings chosen for plain, widely readable Parquet (DuckDB,
+/// Spark, Trino): format v1 data pages, PLAIN/RLE/dictionary encodings only.
+fn writer_properties(opts: &SegmentOptions) -> Result<WriterProperties> {
+    let level = ZstdLevel::try_new(opts.zstd_level)
+        .map_err(|e| encode_err(format!("zstd level {}: {e}", opts.zstd_level)))?;
+    let col = |name: &str| ColumnPath::from(name);
+    let sorted = |column_idx| SortingColumn {
+        column_idx,
+        descending: false,
+        nulls_first: false,
+    };
+    Ok(WriterProperties::builder()
+        .set_writer_version(WriterVersion::PARQUET_1_0)
+        .set_compression(Compression::ZSTD(level))
+        // We flush per shard chunk ourselves; the writer must not split
+        // differently or the returned ranges would be wrong.
+        .set_max_row_group_size(opts.max_rows_per_row_group)
+        // Page statistics give chunk min/max plus the column and offset
+        // indexes, which engines use to skip row groups and pages.
+        .set_statistics_enabled(EnabledStatistics::Page)
+        // Min/max of opaque payloads never prune anything and bloat the footer.
+        .set_column_statistics_enabled(col(schema::VALUE), EnabledStatistics::None)
+        // Unique per row: a dictionary would only be built to be abandoned.
+        .set_column_dictionary_enabled(col(schema::OFFSET), false)
+        .set_column_dictionary_enabled(col(schema::TIMESTAMP), false)
+        .set_column_dictionary_enabled(col(schema::VALUE), false)
+        .set_sorting_columns(Some(vec![sorted(0), sorted(1), sorted(2)]))
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            FORMAT_VERSION_KEY.to_owned(),
+            FORMAT_VERSION.to_owned(),
+        )]))
+        .build())
+}
+
+/// Group by (stream, shard) in sort order, sort each shard by offset and
+/// reject duplicate offsets (offsets are unique per shard, and a duplicate
+/// would make the index ambiguous).
+fn normalize(shards: Vec<ShardRows>) -> Result<BTreeMap<(String, i32), Vec<Record>>> {
+    let mut by_shard: BTreeMap<(String, i32), Vec<Record>> = BTreeMap::new();
+    for s in shards {
+        if !s.records.is_empty() {
+            by_shard
+                .entry((s.stream, s.shard))
+                .or_default()
+                .extend(s.records);
+        }
+    }
+    for ((stream, shard), records) in &mut by_shard {
+        // Stable and linear on already-sorted input, the normal case.
+        records.sort_by_key(|r| r.offset);
+        if let Some(w) = records.windows(2).find(|w| w[0].offset == w[1].offset) {
+            return Err(encode_err(format!(
+                "duplicate offset {} in stream {stream:?} shard {shard}",
+                w[0].offset
+            )));
+        }
+    }
+    Ok(by_shard)
+}
+
+/// Split one shard's records into row-group-sized slices.
+fn row_group_chunks(records: &[Record], max_rows: usize) -> Result<Vec<&[Record]>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, r) in records.iter().enumerate() {
+        let size = record_size(r);
+        if size > ROW_GROUP_BYTE_LIMIT {
+            return Err(encode_err(format!(
+                "record at offset {} is {size} bytes, over the {ROW_GROUP_BYTE_LIMIT}-byte row group limit",
+                r.offset
+            )));
+        }
+        if i > start && (i - start == max_rows || bytes + size > ROW_GROUP_BYTE_LIMIT) {
+            chunks.push(&records[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    Ok(chunks)
+}
+
+fn record_size(r: &Record) -> usize {
+    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+    let headers: usize = r
+        .headers
+        .iter()
+        .map(|h| HEADER_OVERHEAD + h.key.len() + len(&h.value))
+        .sum();
+    RECORD_OVERHEAD + len(&r.key) + len(&r.value) + headers
+}
+
+fn shard_range(stream: &str, shard: i32, row_group: u32, chunk: &[Record]) -> ShardRange {
+    let first = chunk.first().map_or(0, |r| r.offset);
+    let last = chunk.last().map_or(0, |r| r.offset);
+    let min_ts = chunk.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
+    let max_ts = chunk.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+    ShardRange {
+        stream: stream.to_owned(),
+        shard,
+        row_group,
+        first_offset: first,
+        last_offset: last,
+        record_count: chunk.len() as u64,
+        min_timestamp_ms: min_ts,
+        max_timestamp_ms: max_ts,
+    }
+}
+
+fn build_batch(
+    schema: &SchemaRef,
+    stream: &str,
+    shard: i32,
+    records: &[Record],
+) -> Result<RecordBatch, ArrowError> {
+    let n = records.len();
+    // One distinct stream per row group: a one-entry dictionary.
+    let stream_col = DictionaryArray::<Int32Type>::try_new(
+        Int32Array::from(vec![0; n]),
+        Arc::new(StringArray::from(vec![stream])),
+    )?;
+    let shard_col = Int32Array::from(vec![shard; n]);
+    let offset_col = Int64Array::from_iter_values(records.iter().map(|r| r.offset));
+    let ts_col =
+        TimestampMillisecondArray::from_iter_values(records.iter().map(|r| r.timestamp_ms))
+            .with_timezone(schema::TIMEZONE);
+    let key_col: BinaryArray = records.iter().map(|r| r.key.as_deref()).collect();
+    let value_col: BinaryArray = records.iter().map(|r| r.value.as_deref()).collect();
+
+    let header_keys: StringArray = records
+        .iter()
+        .flat_map(|r| &r.headers)
+        .map(|h| Some(h.key.as_str()))
+        .collect();
+    let header_values: BinaryArray = records
+        .iter()
+        .flat_map(|r| &r.headers)
+        .map(|h| h.value.as_deref())
+        .collect();
+    let entries = StructArray::try_new(
+        schema::header_fields(),
+        vec![Arc::new(header_keys), Arc::new(header_values)],
+        None,
+    )?;
+    let headers_col = ListArray::try_new(
+        schema::header_item_field(),
+        OffsetBuffer::from_lengths(records.iter().map(|r| r.headers.len())),
+        Arc::new(entries),
+        None,
+    )?;
+
+    let producer_id: Int64Array = records.iter().map(|r| r.producer_id).collect();
+    let producer_epoch: Int16Array = records.iter().map(|r| r.producer_epoch).collect();
+    let sequence: Int32Array = records.iter().map(|r| r.sequence).collect();
+
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(stream_col),
+        Arc::new(shard_col),
+        Arc::new(offset_col),
+        Arc::new(ts_col),
+        Arc::new(key_col),
+        Arc::new(value_col),
+        Arc::new(headers_col),
+        Arc::new(producer_id),
+        Arc::new(producer_epoch),
+        Arc::new(sequence),
+    ];
+    RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+fn encode_err(reason: impl Into<String>) -> Error {
+    Error::Encode {
+        reason: reason.into(),
+    }
+}
+
+fn parquet_err(source: ParquetError) -> Error {
+    Error::Parquet {
+        context: "encoding segment".to_owned(),
+        source,
+    }
+}
+
+fn arrow_err(source: ArrowError) -> Error {
+    Error::Arrow {
+        context: "encoding segment".to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,337 @@
+//! Object-store backends selected by URL, with request counters.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+
+use crate::error::{Error, Result};
+
+/// A handle on one bucket (or directory) under an optional key prefix.
+///
+/// Cheap to clone; clones share the backend and the request counters.
+/// Keys given to and returned by its methods are relative to the prefix.
+#[derive(Clone)]
+pub struct ObjectStorage {
+    inner: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+/// Request counters since the store was opened (shared by all clones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// PUT requests (`put_create`).
+    pub puts: u64,
+    /// GET requests, whole or ranged (`get`, `get_range`, footer reads).
+    pub gets: u64,
+    pub heads: u64,
+    pub deletes: u64,
+    /// LIST calls (one per `list`, however many pages the backend needed).
+    pub lists: u64,
+    /// Failed requests. `NotFound` and `AlreadyExists` are answers, not
+    /// failures, so they are not counted here.
+    pub errors: u64,
+    /// Payload bytes received by successful GETs.
+    pub bytes_read: u64,
+    /// Payload bytes sent by successful PUTs.
+    pub bytes_written: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    puts: AtomicU64,
+    gets: AtomicU64,
+    heads: AtomicU64,
+    deletes: AtomicU64,
+    lists: AtomicU64,
+    errors: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    // Counters are independent statistics; no ordering with other memory is needed.
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl fmt::Debug for ObjectStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectStorage")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix.as_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectStorage {
+    /// Open a store from a URL:
+    ///
+    /// - `memory://` — a fresh in-process store (clones share it, a second
+    ///   `from_url` does not); anything after `//` becomes the key prefix.
+    /// - `file:///abs/dir` — a directory, created if missing.
+    /// - `s3://bucket/optional/prefix` — configured from the `AWS_*`
+    ///   environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    ///   `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+    ///   `AWS_ALLOW_HTTP`, ...), with conditional PUT enabled so that
+    ///   create-only writes are atomic.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let (inner, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
+            "memory" => {
+                let raw = format!("{}{}", parsed.host_str().unwrap_or(""), parsed.path());
+                let prefix = Path::parse(&raw).map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(InMemory::new()), prefix)
+            }
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| invalid("expected file:///absolute/path".to_owned()))?;
+                std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| invalid(e.to_string()))?
+                    // Deleting the last object of a directory removes the
+                    // directory, like a prefix disappearing in a bucket.
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), Path::default())
+            }
+            "s3" => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| invalid("missing bucket name".to_owned()))?;
+                let prefix = Path::parse(parsed.path()).map_err(|e| invalid(e.to_string()))?;
+                let s3 = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    // If-None-Match / If-Match on PUT: needed for PutMode::Create.
+                    .with_conditional_put(S3ConditionalPut::ETagMatch)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(s3), prefix)
+            }
+            other => return Err(invalid(format!("unsupported scheme {other:?}"))),
+        };
+        Ok(Self {
+            inner,
+            prefix,
+            url: Arc::from(url),
+            counters: Arc::default(),
+        })
+    }
+
+    /// The URL this store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A snapshot of the request counters.
+    pub fn stats(&self) -> StoreStats {
+        let c = &*self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreStats {
+            puts: load(&c.puts),
+            gets: load(&c.gets),
+            heads: load(&c.heads),
+            deletes: load(&c.deletes),
+            lists: load(&c.lists),
+            errors: load(&c.errors),
+            bytes_read: load(&c.bytes_read),
+            bytes_written: load(&c.bytes_written),
+        }
+    }
+
+    /// Write an object only if no object exists at `key`.
+    /// Objects are immutable, so this is the only kind of write offered.
+    pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<()> {
+        let path = self.path(key)?;
+        bump(&self.counters.puts, 1);
+        let len = bytes.len() as u64;
+        let res = self
+            .inner
+            .put_opts(&path, bytes.into(), PutOptions::from(PutMode::Create))
+            .await;
+        match res {
+            Ok(_) => {
+                bump(&self.counters.bytes_written, len);
+                Ok(())
+            }
+            // S3 reports a lost create race as a failed precondition.
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(Error::AlreadyExists {
+                key: key.to_owned(),
+            }),
+            Err(e) => Err(self.fail("put", key, e)),
+        }
+    }
+
+    /// Read a whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path(key)?;
+        bump(&self.counters.gets, 1);
+        let res = async { self.inner.get(&path).await?.bytes().await }.await;
+        let bytes = res.map_err(|e| self.fail("get", key, e))?;
+        bump(&self.counters.bytes_read, bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    /// Read `range` of an object. Unlike HTTP, a range that runs past the
+    /// end of the object is an error ([`Error::ShortRead`]) rather than a
+    /// shorter answer: callers take ranges from metadata, so a short
+    /// object is a corrupt one.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = self.path(key)?;
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        bump(&self.counters.gets, 1);
+        let bytes = self
+            .inner
+            .get_range(&path, range.clone())
+            .await
+            .map_err(|e| self.fail("get_range", key, e))?;
+        bump(&self.counters.bytes_read, bytes.len() as u64);
+        if bytes.len() as u64 != range.end - range.start {
+            bump(&self.counters.errors, 1);
+            return Err(Error::ShortRead {
+                key: key.to_owned(),
+                start: range.start,
+                end: range.end,
+                got: bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Read the last `len` bytes of an object (all of it if it is shorter)
+    /// in one request, returning them with the object's size.
+    pub(crate) async fn get_suffix(&self, key: &str, len: u64) -> Result<(Bytes, u64)> {
+        let path = self.path(key)?;
+        bump(&self.counters.gets, 1);
+        let res = async {
+            let opts = GetOptions::new().with_range(Some(GetRange::Suffix(len)));
+            let got = self.inner.get_opts(&path, opts).await?;
+            let size = got.meta.size;
+            Ok((got.bytes().await?, size))
+        }
+        .await;
+        let (bytes, size) = res.map_err(|e| self.fail("get_range", key, e))?;
+        bump(&self.counters.bytes_read, bytes.len() as u64);
+        if bytes.len() as u64 != len.min(size) {
+            bump(&self.counters.errors, 1);
+            return Err(Error::ShortRead {
+                key: key.to_owned(),
+                start: size.saturating_sub(len),
+                end: size,
+                got: bytes.len() as u64,
+            });
+        }
+        Ok((bytes, size))
+    }
+
+    /// Size of an object in bytes.
+    pub async fn head(&self, key: &str) -> Result<u64> {
+        let path = self.path(key)?;
+        bump(&self.counters.heads, 1);
+        let meta = self
+            .inner
+            .head(&path)
+            .await
+            .map_err(|e| self.fail("head", key, e))?;
+        Ok(meta.size)
+    }
+
+    /// Delete an object. Deleting a missing object succeeds on every
+    /// backend (S3 already behaves so), so garbage collection can retry.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        bump(&self.counters.deletes, 1);
+        match self.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail("delete", key, e)),
+        }
+    }
+
+    /// All objects under `prefix` (recursively), sorted by key, with sizes.
+    ///
+    /// The prefix matches whole path segments: `segments/2024` lists
+    /// `segments/2024/...` but not `segments/2024x/...`. An empty prefix
+    /// lists the whole store.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let full = if prefix.is_empty() {
+            self.prefix.clone()
+        } else {
+            self.path(prefix)?
+        };
+        bump(&self.counters.lists, 1);
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&full))
+            .try_collect()
+            .await
+            .map_err(|e| self.fail("list", prefix, e))?;
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            // Every listed path is under our prefix; skip anything else
+            // rather than return a key that would not round-trip.
+            if let Some(parts) = meta.location.prefix_match(&self.prefix) {
+                let key = parts
+                    .map(|p| p.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.push((key, meta.size));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Full backend path for a relative key. Keys are parsed strictly so a
+    /// key read back from `list` is byte-for-byte the key that was written.
+    fn path(&self, key: &str) -> Result<Path> {
+        let invalid = |reason: String| Error::InvalidKey {
+            key: key.to_owned(),
+            reason,
+        };
+        let rel = Path::parse(key).map_err(|e| invalid(e.to_string()))?;
+        if rel.parts().next().is_none() {
+            return Err(invalid("empty key".to_owned()));
+        }
+        Ok(Path::from_iter(self.prefix.parts().chain(rel.parts())))
+    }
+
+    /// Map a backend error, counting it unless it is an expected answer.
+    fn fail(&self, op: &'static str, key: &str, err: object_store::Error) -> Error {
+        match err {
+            object_store::Error::NotFound { .. } => Error::NotFound {
+                key: key.to_owned(),
+            },
+            source => {
+                bump(&self.counters.errors, 1);
+                tracing::debug!(op, key, error = %source, "object store request failed");
+                Error::Store {
+                    op,
+                    key: key.to_owned(),
+                    source,
+                }
+            }
+        }
+    }
+}
