@@ -9,7 +9,9 @@ use crate::model::{BrokerId, BrokerInfo, GroupOffset, ProducerState, Stream};
 
 /// A state change. Deterministic: everything time-dependent is in the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// Externally tagged: internally tagged enums buffer their content and then
+// cannot read maps with integer keys (producer ids, partitions) from JSON.
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     CreateStream {
         name: String,
@@ -88,7 +90,9 @@ pub struct OffsetCommit {
 
 /// The result of applying a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// Externally tagged: internally tagged enums buffer their content and then
+// cannot read maps with integer keys (producer ids, partitions) from JSON.
+#[serde(rename_all = "snake_case")]
 pub enum Reply {
     Done,
     Stream { stream: Stream },
@@ -139,7 +143,9 @@ pub enum Rejection {
 
 /// A read of the state machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// Externally tagged: internally tagged enums buffer their content and then
+// cannot read maps with integer keys (producer ids, partitions) from JSON.
+#[serde(rename_all = "snake_case")]
 pub enum Query {
     ListStreams,
     GetStream { name: String },
@@ -149,7 +155,9 @@ pub enum Query {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// Externally tagged: internally tagged enums buffer their content and then
+// cannot read maps with integer keys (producer ids, partitions) from JSON.
+#[serde(rename_all = "snake_case")]
 pub enum QueryReply {
     Streams { streams: Vec<Stream> },
     Stream { stream: Option<Stream> },

@@ -94,9 +94,9 @@ pub struct BrokerInfo {
     pub registered_ms: i64,
 }
 
-/// Serde for 128-bit ids as decimal strings. serde buffers internally tagged
-/// enums (`Command`, `Reply`) in a form that cannot hold a u128, so a numeric
-/// id would not survive a JSON round trip (the Raft log, the HTTP API).
+/// Serde for 128-bit ids as decimal strings: most JSON tools read numbers as
+/// f64 and would corrupt them, and serde cannot read a u128 back inside an
+/// internally tagged or untagged enum.
 pub mod id_u128 {
     use std::fmt;
 
@@ -132,24 +132,96 @@ pub mod id_u128 {
 
 #[cfg(test)]
 mod tests {
-    use crate::command::{Command, Reply};
+    use std::collections::BTreeMap;
+    use std::fmt::Debug;
 
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{GroupOffset, ProducerBatch, ProducerState};
+    use crate::command::{Command, Query, QueryReply, Reply, SegmentCommit, ShardCommit};
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
+        let json = serde_json::to_string(value).unwrap();
+        assert_eq!(&serde_json::from_str::<T>(&json).unwrap(), value, "{json}");
+    }
+
+    /// Everything that crosses the Raft log or the HTTP API as JSON comes
+    /// back equal: 128-bit ids and maps with integer keys included.
     #[test]
-    fn ids_survive_json_in_tagged_enums() {
-        let cmd = Command::CreateStream {
+    fn commands_and_replies_survive_json() {
+        let create = Command::CreateStream {
             name: "a".into(),
             partitions: 1,
-            config: Default::default(),
+            config: BTreeMap::new(),
             id: u128::MAX,
             now_ms: 0,
         };
-        let json = serde_json::to_string(&cmd).unwrap();
-        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), cmd);
+        round_trip(&create);
+        let producers = BTreeMap::from([(
+            7_i64,
+            ProducerState {
+                producer_epoch: 2,
+                batches: vec![ProducerBatch {
+                    first_sequence: 0,
+                    last_sequence: 4,
+                    base_offset: 0,
+                    last_offset: 4,
+                }],
+            },
+        )]);
+        let commit = Command::CommitSegment(SegmentCommit {
+            broker: 1,
+            object: "o".into(),
+            object_size: 10,
+            shards: vec![ShardCommit {
+                stream: "a".into(),
+                shard: 0,
+                epoch: 1,
+                row_group: 0,
+                first_offset: 0,
+                last_offset: 4,
+                record_count: 5,
+                min_timestamp_ms: 0,
+                max_timestamp_ms: 0,
+                producers,
+            }],
+        });
+        round_trip(&commit);
+        round_trip(&Command::AllocateProducerId);
+        round_trip(&Query::ListStreams);
 
         let mut state = crate::State::default();
-        let reply = state.apply(cmd);
-        assert!(matches!(reply, Reply::Stream { .. }));
-        let json = serde_json::to_string(&reply).unwrap();
-        assert_eq!(serde_json::from_str::<Reply>(&json).unwrap(), reply);
+        state.apply(create);
+        state.apply(Command::AcquireLease {
+            stream: "a".into(),
+            shard: 0,
+            broker: 1,
+        });
+        round_trip(&state.apply(commit));
+        let Reply::Stream { stream } = state.apply(Command::AlterStreamConfig {
+            name: "a".into(),
+            set: BTreeMap::new(),
+            remove: Vec::new(),
+        }) else {
+            panic!("no stream")
+        };
+        assert!(!stream.shards[0].producers.is_empty());
+        round_trip(&Reply::Stream { stream });
+        round_trip(&state.query(&Query::ListStreams));
+        round_trip(&QueryReply::GroupOffsets {
+            offsets: BTreeMap::from([(
+                "a".to_string(),
+                BTreeMap::from([(
+                    3,
+                    GroupOffset {
+                        offset: 9,
+                        metadata: String::new(),
+                        commit_ms: 1,
+                    },
+                )]),
+            )]),
+        });
+        round_trip(&state);
     }
 }

@@ -262,6 +262,27 @@ async fn segment_read_one_shard(store: &ObjectStorage) {
         "read {read} bytes of a {size}-byte object"
     );
     assert!(read < size / 2, "read {read} bytes of a {size}-byte object");
+
+    // An object smaller than the footer prefetch is read in one request.
+    let small = encode_segment(
+        vec![ShardRows {
+            stream: "tiny".into(),
+            shard: 0,
+            records: records(0, 1),
+        }],
+        &SegmentOptions::default(),
+    )
+    .unwrap();
+    store
+        .put_create("small.parquet", small.bytes)
+        .await
+        .unwrap();
+    let (footer, _) = fetch_footer(store, "small.parquet").await.unwrap();
+    let meta = decode_footer(&footer).unwrap();
+    let rows = read_row_group(store, "small.parquet", meta, 0)
+        .await
+        .unwrap();
+    assert_eq!(rows, records(0, 1));
 }
 
 // ----------------------------------------------------------------- backends

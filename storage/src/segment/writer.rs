@@ -55,7 +55,7 @@ pub fn encode_segment(shards: Vec<ShardRows>, opts: &SegmentOptions) -> Result<E
         ArrowWriter::try_new(&mut buf, Arc::clone(&schema), Some(props)).map_err(parquet_err)?;
     let mut ranges = Vec::new();
     for ((stream, shard), records) in &shards {
-        for chunk in row_group_chunks(records, opts.max_rows_per_row_group)? {
+        for chunk in row_group_chunks(records, opts.max_rows_per_row_group, ROW_GROUP_BYTE_LIMIT)? {
             let row_group = u32::try_from(ranges.len())
                 .map_err(|_| encode_err("more than u32::MAX row groups"))?;
             let batch = build_batch(&schema, stream, *shard, chunk).map_err(arrow_err)?;
@@ -145,20 +145,25 @@ fn normalize(shards: Vec<ShardRows>) -> Result<BTreeMap<(String, i32), Vec<Recor
     Ok(by_shard)
 }
 
-/// Split one shard's records into row-group-sized slices.
-fn row_group_chunks(records: &[Record], max_rows: usize) -> Result<Vec<&[Record]>> {
+/// Split one shard's records into slices of at most `max_rows` records
+/// and `max_bytes` of estimated variable-length data.
+fn row_group_chunks(
+    records: &[Record],
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<&[Record]>> {
     let mut chunks = Vec::new();
     let mut start = 0;
     let mut bytes = 0usize;
     for (i, r) in records.iter().enumerate() {
         let size = record_size(r);
-        if size > ROW_GROUP_BYTE_LIMIT {
+        if size > max_bytes {
             return Err(encode_err(format!(
-                "record at offset {} is {size} bytes, over the {ROW_GROUP_BYTE_LIMIT}-byte row group limit",
+                "record at offset {} is {size} bytes, over the {max_bytes}-byte row group limit",
                 r.offset
             )));
         }
-        if i > start && (i - start == max_rows || bytes + size > ROW_GROUP_BYTE_LIMIT) {
+        if i > start && (i - start == max_rows || bytes + size > max_bytes) {
             chunks.push(&records[start..i]);
             start = i;
             bytes = 0;
@@ -276,5 +281,46 @@ fn arrow_err(source: ArrowError) -> Error {
     Error::Arrow {
         context: "encoding segment".to_owned(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn rec(offset: i64, value_len: usize) -> Record {
+        Record {
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: Some(Bytes::from(vec![0; value_len])),
+            headers: vec![],
+            producer_id: None,
+            producer_epoch: None,
+            sequence: None,
+        }
+    }
+
+    fn lens(chunks: &[&[Record]]) -> Vec<usize> {
+        chunks.iter().map(|c| c.len()).collect()
+    }
+
+    #[test]
+    fn chunks_split_on_rows_and_bytes() {
+        let records: Vec<Record> = (0..7).map(|o| rec(o, 100)).collect();
+        let per = RECORD_OVERHEAD + 100;
+        assert_eq!(
+            lens(&row_group_chunks(&records, 3, usize::MAX).unwrap()),
+            [3, 3, 1]
+        );
+        assert_eq!(
+            lens(&row_group_chunks(&records, 100, 2 * per).unwrap()),
+            [2, 2, 2, 1]
+        );
+        assert_eq!(lens(&row_group_chunks(&records, 1, per).unwrap()), [1; 7]);
+        assert!(row_group_chunks(&records, 10, per - 1).is_err());
+        assert!(row_group_chunks(&[], 10, per).unwrap().is_empty());
     }
 }
