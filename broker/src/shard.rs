@@ -379,7 +379,7 @@ mod tests {
             panic!("duplicate")
         };
         assert_eq!((base_offset, last_offset), (0, 2));
-        assert!(matches!(s.read(0, 1 << 20), Read::OutOfRange));
+        assert!(matches!(s.read(0, 1 << 20), Read::AtEnd));
         ticket.durable().await.unwrap();
         s.durable_through(last_offset);
         let Read::Tail(got) = s.read(1, 1 << 20) else {

@@ -95,13 +95,23 @@ pub struct OffsetCommit {
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Done,
-    Stream { stream: Stream },
-    Lease { epoch: u64 },
+    Stream {
+        stream: Stream,
+    },
+    Lease {
+        epoch: u64,
+    },
     /// Shards of a segment commit that were refused (stale epoch or a gap);
     /// the others were registered.
-    SegmentCommitted { rejected: Vec<ShardRejection> },
-    ProducerId { id: i64 },
-    Rejected { rejection: Rejection },
+    SegmentCommitted {
+        rejected: Vec<ShardRejection>,
+    },
+    ProducerId {
+        id: i64,
+    },
+    Rejected {
+        rejection: Rejection,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,12 +169,20 @@ pub enum Query {
 // cannot read maps with integer keys (producer ids, partitions) from JSON.
 #[serde(rename_all = "snake_case")]
 pub enum QueryReply {
-    Streams { streams: Vec<Stream> },
-    Stream { stream: Option<Stream> },
+    Streams {
+        streams: Vec<Stream>,
+    },
+    Stream {
+        stream: Option<Stream>,
+    },
     /// stream -> shard -> offset
     GroupOffsets {
         offsets: BTreeMap<String, BTreeMap<i32, GroupOffset>>,
     },
-    Groups { groups: Vec<String> },
-    Brokers { brokers: Vec<BrokerInfo> },
+    Groups {
+        groups: Vec<String>,
+    },
+    Brokers {
+        brokers: Vec<BrokerInfo>,
+    },
 }

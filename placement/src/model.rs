@@ -132,6 +132,8 @@ pub mod id_u128 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::collections::BTreeMap;
     use std::fmt::Debug;
 

@@ -78,7 +78,10 @@ impl NodeConfig {
     /// The voters, with this node in them; an empty map means standalone.
     fn voters(&self) -> Result<BTreeMap<u64, String>> {
         if self.peers.is_empty() {
-            return Ok(BTreeMap::from([(self.node_id, self.advertise_addr.clone())]));
+            return Ok(BTreeMap::from([(
+                self.node_id,
+                self.advertise_addr.clone(),
+            )]));
         }
         if !self.peers.contains_key(&self.node_id) {
             return Err(Error::Config(format!(
@@ -142,7 +145,9 @@ pub struct PlacementNode {
 
 impl std::fmt::Debug for PlacementNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PlacementNode").field("id", &self.id).finish()
+        f.debug_struct("PlacementNode")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -201,7 +206,11 @@ impl PlacementNode {
             }
         } else if initialized && standalone {
             // Nobody else can be leader: skip the election timeout.
-            self.raft.trigger().elect().await.map_err(|e| raft_err(&e))?;
+            self.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| raft_err(&e))?;
         }
         if standalone {
             self.raft
@@ -318,6 +327,8 @@ async fn open_db(dir: &Path) -> Result<Database> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::raft::state_machine::StoredSnapshot;
 

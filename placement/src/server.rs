@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +15,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Query, QueryReply, Reply};
+use crate::command::{Command, Query};
 use crate::error::Error;
 use crate::node::{NodeStatus, PlacementNode};
 use crate::raft::network::{APPEND_PATH, SNAPSHOT_PATH, SnapshotRequest, VOTE_PATH};
@@ -73,12 +74,34 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
 
 type Node = State<Arc<PlacementNode>>;
 
-async fn write(State(node): Node, Json(cmd): Json<Command>) -> Result<Json<Reply>, Error> {
-    node.write(cmd).await.map(Json)
+async fn write(State(node): Node, body: Result<Json<Command>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(cmd)) => answer(node.write(cmd).await),
+        Err(rejection) => bad_request(rejection),
+    }
 }
 
-async fn query(State(node): Node, Json(q): Json<Query>) -> Result<Json<QueryReply>, Error> {
-    node.query(q).await.map(Json)
+async fn query(State(node): Node, body: Result<Json<Query>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(q)) => answer(node.query(q).await),
+        Err(rejection) => bad_request(rejection),
+    }
+}
+
+fn answer<T: Serialize>(result: Result<T, Error>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Unreadable requests get the same JSON error shape, with axum's 4xx status.
+fn bad_request(rejection: JsonRejection) -> Response {
+    let body = ErrorBody {
+        error: rejection.body_text(),
+        leader: None,
+    };
+    (rejection.status(), Json(body)).into_response()
 }
 
 async fn status(State(node): Node) -> Json<NodeStatus> {

@@ -404,9 +404,9 @@ mod tests {
             }],
             now_ms: 5,
         });
-        let QueryReply::GroupOffsets { offsets } = s.query(&Query::GroupOffsets {
-            group: "g".into(),
-        }) else {
+        let QueryReply::GroupOffsets { offsets } =
+            s.query(&Query::GroupOffsets { group: "g".into() })
+        else {
             panic!("unexpected reply")
         };
         assert_eq!(offsets["a"][&2].offset, 42);

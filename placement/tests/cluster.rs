@@ -1,6 +1,8 @@
 //! Three placement nodes in one process, each behind its own HTTP router:
 //! election, replication through the remote client, and fail-over.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

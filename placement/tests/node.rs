@@ -1,6 +1,8 @@
 //! A standalone placement node: writes, reads, restarts, snapshots, fencing
 //! and the HTTP API with the remote client.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +44,10 @@ async fn write_then_query() {
     let status = node.status();
     assert!(status.is_leader);
     assert_eq!(status.leader_id, Some(1));
-    assert_eq!(status.membership, BTreeMap::from([(1, "127.0.0.1:1".into())]));
+    assert_eq!(
+        status.membership,
+        BTreeMap::from([(1, "127.0.0.1:1".into())])
+    );
 
     let mut version = node.watch_version();
     let before = *version.borrow_and_update();
@@ -279,6 +284,8 @@ async fn http_api_and_remote_client() {
         .await
         .unwrap();
     assert!(res.status().is_client_error());
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
 
     server.abort();
     node.shutdown().await.unwrap();

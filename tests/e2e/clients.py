@@ -203,19 +203,19 @@ def ck_consume_all(bootstrap: str, topic: str, partitions: Iterable[int],
                 got = {p: len(v) for p, v in out.items()}
                 raise AssertionError(f"reading {topic}: got {got}, high watermarks {high}, "
                                      f"not done: {set(partitions) - done}")
-            msg = c.poll(0.5)
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    if msg.offset() >= high[msg.partition()]:
-                        done.add(msg.partition())
-                    continue
-                raise AssertionError(f"consumer error on {topic}: {err}")
-            out[msg.partition()].append(msg)
-            if msg.offset() + 1 >= high[msg.partition()]:
-                done.add(msg.partition())
+            for msg in c.consume(num_messages=1000, timeout=0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        if msg.offset() >= high[msg.partition()]:
+                            done.add(msg.partition())
+                        continue
+                    raise AssertionError(f"consumer error on {topic}: {err}")
+                if msg.partition() in done:
+                    continue  # past the high watermark seen at the start
+                out[msg.partition()].append(msg)
+                if msg.offset() + 1 >= high[msg.partition()]:
+                    done.add(msg.partition())
         return out
     finally:
         c.close()

@@ -126,8 +126,11 @@ def wait_for(
 @dataclass
 class HttpResponse:
     status: int
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]  # names lower-cased
     body: bytes
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name.lower(), default)
 
     @property
     def text(self) -> str:
@@ -142,9 +145,13 @@ def http_request(url: str, method: str = "GET", body: Optional[bytes] = None,
     req = urllib.request.Request(url, data=body, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return HttpResponse(resp.status, dict(resp.headers), resp.read())
+            return HttpResponse(resp.status, _lower(resp.headers), resp.read())
     except urllib.error.HTTPError as e:
-        return HttpResponse(e.code, dict(e.headers or {}), e.read() or b"")
+        return HttpResponse(e.code, _lower(e.headers or {}), e.read() or b"")
+
+
+def _lower(headers) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
 
 
 # --------------------------------------------------------------------------

@@ -98,7 +98,11 @@ impl LogStore {
     ) -> Result<Vec<fjall::UserKey>, StorageError> {
         self.logs
             .range(range)
-            .map(|guard| guard.key().map_err(|e| StorageIOError::write_logs(&e).into()))
+            .map(|guard| {
+                guard
+                    .key()
+                    .map_err(|e| StorageIOError::write_logs(&e).into())
+            })
             .collect()
     }
 }

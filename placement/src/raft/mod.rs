@@ -43,6 +43,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use openraft::testing::{StoreBuilder, Suite};
     use tempfile::TempDir;
 

@@ -89,7 +89,12 @@ enum SendError {
 
 impl PeerClient {
     /// POSTs `body` and decodes the peer's `Result<Resp, Err>`.
-    async fn post<Req, Resp>(&self, path: &str, body: &Req, timeout: Duration) -> Result<Resp, SendError>
+    async fn post<Req, Resp>(
+        &self,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, SendError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -125,7 +130,9 @@ impl PeerClient {
     ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
         match e {
             SendError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
-            SendError::Other(msg) => RPCError::Network(NetworkError::new(&std::io::Error::other(msg))),
+            SendError::Other(msg) => {
+                RPCError::Network(NetworkError::new(&std::io::Error::other(msg)))
+            }
         }
     }
 }
@@ -152,9 +159,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         // Never called: `full_snapshot` below replaces the chunked transfer.
-        Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
-            "chunked snapshot transfer is not supported; use full_snapshot",
-        ))))
+        Err(RPCError::Network(NetworkError::new(
+            &std::io::Error::other("chunked snapshot transfer is not supported; use full_snapshot"),
+        )))
     }
 
     async fn vote(
@@ -193,8 +200,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         };
         match sent {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(fatal)) => Err(StreamingError::RemoteError(RemoteError::new(self.target, fatal))),
-            Err(SendError::Unreachable(e)) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(fatal)) => Err(StreamingError::RemoteError(RemoteError::new(
+                self.target,
+                fatal,
+            ))),
+            Err(SendError::Unreachable(e)) => {
+                Err(StreamingError::Unreachable(Unreachable::new(&e)))
+            }
             Err(SendError::Other(msg)) => Err(StreamingError::Network(NetworkError::new(
                 &std::io::Error::other(msg),
             ))),

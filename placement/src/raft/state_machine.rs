@@ -10,7 +10,7 @@ use std::io::Cursor;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, StorageIOError, StoredMembership,
@@ -104,7 +104,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Serialised under the read lock instead of cloning the whole State.
         let (data, last_applied, last_membership) = {
             let sm = read(&self.shared);
-            let data = serde_json::to_vec(&*sm).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let data =
+                serde_json::to_vec(&*sm).map_err(|e| StorageIOError::read_state_machine(&e))?;
             (data, sm.last_applied, sm.last_membership.clone())
         };
         let millis = SystemTime::now()
@@ -196,9 +197,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let read_err = |e: &dyn std::error::Error| {
             StorageIOError::read_snapshot(None, openraft::AnyError::error(e))
         };
+        // One database snapshot, so meta and data come from the same save.
+        let view = self.db.snapshot();
         let (Some(meta), Some(data)) = (
-            self.snapshots.get(META).map_err(|e| read_err(&e))?,
-            self.snapshots.get(DATA).map_err(|e| read_err(&e))?,
+            view.get(&self.snapshots, META).map_err(|e| read_err(&e))?,
+            view.get(&self.snapshots, DATA).map_err(|e| read_err(&e))?,
         ) else {
             return Ok(None);
         };
