@@ -60,7 +60,7 @@ def shoal(shoal_factory) -> Shoal:
     object store under its data dir."""
     inst = shoal_factory(name="shoal")
     inst.start()
-    return inst
+    yield inst  # shoal_factory kills it at teardown
 
 
 @pytest.hookimpl(wrapper=True)

@@ -24,7 +24,6 @@ from kafka_wire import (
     frame,
     i32,
     pick_produce_version,
-    recv_frame,
     request_header,
 )
 

@@ -42,7 +42,8 @@ def check_rows(rows, expected, what: str):
         ekey, evalue, eheaders, ets = expected[(shard, off)]
         assert (key, value) == (ekey, evalue), f"{what}: shard {shard} offset {off}"
         assert ts == ets, f"{what}: timestamp of shard {shard} offset {off}"
-        got_headers = [(h["key"], h["value"]) for h in (headers or [])]
+        assert headers is not None, f"{what}: headers of shard {shard} offset {off} are null, not []"
+        got_headers = [(h["key"], h["value"]) for h in headers]
         assert got_headers == eheaders, f"{what}: headers of shard {shard} offset {off}"
     for shard in range(SHARDS):
         offs = sorted(off for (s, off) in where if s == shard)
@@ -123,7 +124,17 @@ def test_parquet_segments_hold_every_record_once(shoal):
                         t.column("offset").to_pylist()))
         assert keys == sorted(keys), f"rows of {f.name} are not sorted by (stream, shard, offset)"
 
-    # The segment index describes what the objects hold.
+    # Every object is a versioned Shoal segment whose row groups each hold one shard.
+    for f in files:
+        pf = pq.ParquetFile(f)
+        kv = pf.metadata.metadata or {}
+        assert kv.get(b"shoal.format_version") == b"1", f"{f.name}: key-value metadata {sorted(kv)}"
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=["stream", "shard"])
+            pairs = set(zip(t.column("stream").to_pylist(), t.column("shard").to_pylist()))
+            assert len(pairs) == 1, f"{f.name} row group {rg} mixes {pairs}"
+
+    # The segment index describes what the objects hold, down to the row group.
     for sh in doc["shards"]:
         segs = sorted(sh["segments"], key=lambda s: s["first_offset"])
         assert sh["log_start_offset"] == 0
@@ -132,5 +143,11 @@ def test_parquet_segments_hold_every_record_once(shoal):
         for seg in segs:
             assert seg["first_offset"] == nxt, (sh["shard"], segs)
             assert seg["record_count"] == seg["last_offset"] - seg["first_offset"] + 1
+            t = pq.ParquetFile(shoal.objects_dir / seg["object"]).read_row_group(
+                seg["row_group"], columns=["stream", "shard", "offset"])
+            assert set(t.column("stream").to_pylist()) == {topic}, seg
+            assert set(t.column("shard").to_pylist()) == {sh["shard"]}, seg
+            assert t.column("offset").to_pylist() == list(
+                range(seg["first_offset"], seg["last_offset"] + 1)), seg
             nxt = seg["last_offset"] + 1
         assert nxt == sh["committed_offset"]

@@ -6,11 +6,12 @@ from clients import kp_consume, kp_producer
 from harness import parse_prometheus, unique_name, wait_for
 
 REQUIRED_METRICS = [
-    "shoal_produce_requests_total",
     "shoal_wal_fsyncs_total",
     "shoal_flush_total",
     "shoal_object_store_requests_total",
 ]
+#: At least one of these counts produce requests.
+PRODUCE_METRICS = ["shoal_produce_requests_total", "shoal_produce_latency_seconds_count"]
 
 
 def produce(shoal, topic: str, n: int) -> list[bytes]:
@@ -45,12 +46,15 @@ def test_metrics_exposes_shoal_counters(shoal):
     assert shoal_names, f"no shoal_ metrics in:\n{resp.text[:2000]}"
     missing = [m for m in REQUIRED_METRICS if m not in samples]
     assert not missing, f"missing {missing}; shoal metrics present: {shoal_names}"
+    assert any(m in samples for m in PRODUCE_METRICS), \
+        f"none of {PRODUCE_METRICS}; shoal metrics present: {shoal_names}"
 
     # After produce + flush, every one of them has counted something.
     def counted():
         s = shoal.metrics()
-        return all(s.get(m, 0) > 0 for m in REQUIRED_METRICS) and s
-    wait_for(counted, 30, f"{REQUIRED_METRICS} all > 0")
+        return (all(s.get(m, 0) > 0 for m in REQUIRED_METRICS)
+                and sum(s.get(m, 0) for m in PRODUCE_METRICS) > 0 and s)
+    wait_for(counted, 30, f"{REQUIRED_METRICS} and produce requests all > 0")
 
 
 def test_streams_api_lists_topic_and_segments(shoal):
@@ -61,6 +65,7 @@ def test_streams_api_lists_topic_and_segments(shoal):
     assert doc["name"] == topic
     assert doc["partitions"] == 1
     assert isinstance(doc.get("config"), dict)
+    assert doc["config"].get("shoal.durability") == "local", doc["config"]  # the standalone default
     assert [sh["shard"] for sh in doc["shards"]] == [0]
     sh = doc["shards"][0]
     assert isinstance(sh["owner"], int) and isinstance(sh["epoch"], int)

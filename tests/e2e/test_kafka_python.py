@@ -427,6 +427,8 @@ def test_admin_describe_configs_and_cluster(shoal):
         for name, entry in configs.items():
             assert isinstance(name, str) and name
             assert "value" in entry, entry
+        # The stream's durability is a topic config (docs/configuration.md).
+        assert configs.get("shoal.durability", {}).get("value") == "local", configs.get("shoal.durability")
 
         cluster = admin.describe_cluster()
         ports = {b.get("port") for b in cluster.get("brokers", [])}
