@@ -110,7 +110,10 @@ fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     s.to_socket_addrs()
         .ok()
-        .and_then(|mut a| a.find(|a| a.is_ipv4()).or_else(|| s.to_socket_addrs().ok()?.next()))
+        .and_then(|mut a| {
+            a.find(|a| a.is_ipv4())
+                .or_else(|| s.to_socket_addrs().ok()?.next())
+        })
         .ok_or_else(|| err(format!("invalid {what} {s:?}: expected HOST:PORT")))
 }
 
@@ -192,11 +195,12 @@ impl StandaloneArgs {
             .default_durability
             .or(file.default_durability)
             .unwrap_or_else(|| "local".into());
-        let default_durability = shoal_broker::Durability::parse(&durability_s).ok_or_else(|| {
-            err(format!(
-                "invalid --default-durability {durability_s:?}: expected local or object"
-            ))
-        })?;
+        let default_durability =
+            shoal_broker::Durability::parse(&durability_s).ok_or_else(|| {
+                err(format!(
+                    "invalid --default-durability {durability_s:?}: expected local or object"
+                ))
+            })?;
         Ok(Standalone {
             data_dir,
             kafka_addr,

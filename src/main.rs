@@ -15,7 +15,11 @@ use tokio::net::TcpListener;
 use crate::config::{Standalone, StandaloneArgs};
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Object-storage-first Kafka and MQTT broker")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Object-storage-first Kafka and MQTT broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -111,8 +118,14 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
             })
             .await
     });
-    let flusher = tokio::spawn(shoal_broker::flusher::run(broker.clone(), shutdown_rx.clone()));
-    tokio::spawn(shoal_broker::run_group_ticker(broker.clone(), shutdown_rx.clone()));
+    let flusher = tokio::spawn(shoal_broker::flusher::run(
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(shoal_broker::run_group_ticker(
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
     let kafka = tokio::spawn(shoal_broker::kafka::serve(
         kafka_listener,
         broker.clone(),
@@ -135,7 +148,9 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     let _ = flusher.await;
     let _ = http.await;
     broker.cache.close().await;
-    node.shutdown().await.map_err(|e| format!("placement shutdown: {e}"))?;
+    node.shutdown()
+        .await
+        .map_err(|e| format!("placement shutdown: {e}"))?;
     Ok(())
 }
 

@@ -135,7 +135,10 @@ impl Broker {
             }
         }
         if replayed > 0 {
-            tracing::info!(batches = replayed, "replayed un-flushed batches from the WAL");
+            tracing::info!(
+                batches = replayed,
+                "replayed un-flushed batches from the WAL"
+            );
             self.flush_now.notify_one();
         }
         Ok(())
@@ -182,9 +185,7 @@ impl Broker {
             config: stream.config,
             shards,
         });
-        self.streams
-            .write()
-            .insert(stream.name, handle.clone());
+        self.streams.write().insert(stream.name, handle.clone());
         Ok(handle)
     }
 
@@ -258,7 +259,11 @@ impl Broker {
     }
 
     /// The stream, auto-creating it with the default partitions if allowed.
-    pub async fn stream_or_create(&self, name: &str, allow_create: bool) -> Result<Arc<StreamHandle>> {
+    pub async fn stream_or_create(
+        &self,
+        name: &str,
+        allow_create: bool,
+    ) -> Result<Arc<StreamHandle>> {
         if let Some(s) = self.stream(name) {
             return Ok(s);
         }
@@ -278,15 +283,14 @@ impl Broker {
 
     pub async fn delete_stream(&self, name: &str) -> Result<()> {
         let _guard = self.admin.lock().await;
-        match self
+        if let Reply::Rejected { rejection } = self
             .placement
             .write(Command::DeleteStream {
                 name: name.to_string(),
             })
             .await?
         {
-            Reply::Rejected { rejection } => return Err(Error::Rejected(rejection)),
-            _ => {}
+            return Err(Error::Rejected(rejection));
         }
         self.streams.write().remove(name);
         Ok(())

@@ -215,7 +215,11 @@ impl Group {
                     protocol_name: self.protocol.clone(),
                     leader: leader.clone(),
                     member_id: id.clone(),
-                    members: if *id == leader { all.clone() } else { Vec::new() },
+                    members: if *id == leader {
+                        all.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }
@@ -272,15 +276,18 @@ impl Coordinator {
             .entry(p.group_id.clone())
             .or_insert_with(|| Group::new(now));
         if g.state != GroupState::Empty
-            && g.protocol_type.as_deref().is_some_and(|t| t != p.protocol_type)
+            && g.protocol_type
+                .as_deref()
+                .is_some_and(|t| t != p.protocol_type)
         {
             return fail(ResponseError::InconsistentGroupProtocol, p.member_id);
         }
         if !g.members.is_empty()
-            && !g
-                .members
-                .values()
-                .all(|m| m.protocols.iter().any(|(n, _)| p.protocols.iter().any(|(q, _)| q == n)))
+            && !g.members.values().all(|m| {
+                m.protocols
+                    .iter()
+                    .any(|(n, _)| p.protocols.iter().any(|(q, _)| q == n))
+            })
         {
             return fail(ResponseError::InconsistentGroupProtocol, p.member_id);
         }
@@ -566,27 +573,56 @@ mod tests {
         assert_eq!(a.error, 0);
         assert_eq!(a.leader, a.member_id);
         assert_eq!(a.generation, 1);
-        let Waiting::Wait(mut rx) = c.sync("g", 1, &a.member_id, vec![(a.member_id.clone(), Bytes::from_static(b"all"))], now) else { panic!() };
+        let Waiting::Wait(mut rx) = c.sync(
+            "g",
+            1,
+            &a.member_id,
+            vec![(a.member_id.clone(), Bytes::from_static(b"all"))],
+            now,
+        ) else {
+            panic!()
+        };
         assert_eq!(&rx.try_recv().unwrap().assignment[..], b"all");
 
         // B joins: A learns through its heartbeat and rejoins.
         let b_id = join_ready(&c, "", now).member_id;
-        let Waiting::Wait(mut b_rx) = c.join(params(&b_id), now) else { panic!() };
+        let Waiting::Wait(mut b_rx) = c.join(params(&b_id), now) else {
+            panic!()
+        };
         assert!(b_rx.try_recv().is_err());
-        assert_eq!(c.heartbeat("g", 1, &a.member_id, now), ResponseError::RebalanceInProgress.code());
+        assert_eq!(
+            c.heartbeat("g", 1, &a.member_id, now),
+            ResponseError::RebalanceInProgress.code()
+        );
         let a2 = join_ready(&c, &a.member_id, now);
         let b2 = b_rx.try_recv().unwrap();
         assert_eq!(a2.generation, 2);
         assert_eq!(a2.members.len(), 2);
         assert!(b2.members.is_empty());
-        let Waiting::Wait(mut b_sync) = c.sync("g", 2, &b_id, vec![], now) else { panic!() };
-        let Waiting::Wait(_) = c.sync("g", 2, &a.member_id, vec![(b_id.clone(), Bytes::from_static(b"half"))], now) else { panic!() };
+        let Waiting::Wait(mut b_sync) = c.sync("g", 2, &b_id, vec![], now) else {
+            panic!()
+        };
+        let Waiting::Wait(_) = c.sync(
+            "g",
+            2,
+            &a.member_id,
+            vec![(b_id.clone(), Bytes::from_static(b"half"))],
+            now,
+        ) else {
+            panic!()
+        };
         assert_eq!(&b_sync.try_recv().unwrap().assignment[..], b"half");
         assert_eq!(c.heartbeat("g", 2, &b_id, now), 0);
 
         // A leaves: B must rejoin and becomes leader alone.
-        assert_eq!(c.leave("g", &[a.member_id.clone()], now), vec![0]);
-        assert_eq!(c.heartbeat("g", 2, &b_id, now), ResponseError::RebalanceInProgress.code());
+        assert_eq!(
+            c.leave("g", std::slice::from_ref(&a.member_id), now),
+            vec![0]
+        );
+        assert_eq!(
+            c.heartbeat("g", 2, &b_id, now),
+            ResponseError::RebalanceInProgress.code()
+        );
         let b3 = join_ready(&c, &b_id, now);
         assert_eq!(b3.leader, b_id);
         assert_eq!(b3.generation, 3);
@@ -600,7 +636,10 @@ mod tests {
         let a = join_ready(&c, &id, now);
         let _ = c.sync("g", a.generation, &id, vec![], now);
         c.tick(now + Duration::from_secs(11));
-        assert_eq!(c.heartbeat("g", a.generation, &id, now), ResponseError::UnknownMemberId.code());
+        assert_eq!(
+            c.heartbeat("g", a.generation, &id, now),
+            ResponseError::UnknownMemberId.code()
+        );
         assert_eq!(c.describe("g").unwrap().state, GroupState::Empty);
     }
 
@@ -608,6 +647,9 @@ mod tests {
     fn commit_rules() {
         let c = Coordinator::new();
         assert_eq!(c.check_commit("g", -1, ""), 0);
-        assert_eq!(c.check_commit("g", 3, "x"), ResponseError::UnknownMemberId.code());
+        assert_eq!(
+            c.check_commit("g", 3, "x"),
+            ResponseError::UnknownMemberId.code()
+        );
     }
 }

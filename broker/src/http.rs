@@ -50,23 +50,108 @@ async fn metrics(State(st): State<AppState>) -> Response {
         0.0
     };
     let extra: Vec<(&str, &str, &str, f64)> = vec![
-        ("shoal_wal_appends_total", "counter", "WAL appends", wal.appends as f64),
-        ("shoal_wal_fsyncs_total", "counter", "WAL fsyncs (one per commit group)", wal.fsyncs as f64),
-        ("shoal_wal_bytes_total", "counter", "WAL payload bytes", wal.bytes as f64),
-        ("shoal_wal_fsync_seconds_total", "counter", "Time spent in WAL fsyncs", wal.fsync_nanos_total as f64 / 1e9),
-        ("shoal_wal_fsync_seconds_avg", "gauge", "Mean WAL fsync latency", avg_fsync),
-        ("shoal_wal_fsync_seconds_last", "gauge", "Last WAL fsync latency", wal.last_fsync_nanos as f64 / 1e9),
-        ("shoal_wal_group_size_last", "gauge", "Appends in the last commit group", wal.last_group_size as f64),
-        ("shoal_wal_group_size_max", "gauge", "Largest commit group", wal.max_group_size as f64),
-        ("shoal_wal_pending_bytes", "gauge", "WAL bytes not yet truncated", b.wal.pending_bytes() as f64),
-        ("shoal_object_store_requests_total{kind=\"put\"}", "counter", "Object store requests by kind", store.puts as f64),
-        ("shoal_object_store_requests_total{kind=\"get\"}", "counter", "Object store requests by kind", store.gets as f64),
-        ("shoal_object_store_requests_total{kind=\"head\"}", "counter", "Object store requests by kind", store.heads as f64),
-        ("shoal_object_store_requests_total{kind=\"delete\"}", "counter", "Object store requests by kind", store.deletes as f64),
-        ("shoal_object_store_requests_total{kind=\"list\"}", "counter", "Object store requests by kind", store.lists as f64),
-        ("shoal_object_store_errors_total", "counter", "Object store request errors", store.errors as f64),
-        ("shoal_cache_hits_total", "counter", "Cache hits", cache.hits as f64),
-        ("shoal_cache_misses_total", "counter", "Cache misses", cache.misses as f64),
+        (
+            "shoal_wal_appends_total",
+            "counter",
+            "WAL appends",
+            wal.appends as f64,
+        ),
+        (
+            "shoal_wal_fsyncs_total",
+            "counter",
+            "WAL fsyncs (one per commit group)",
+            wal.fsyncs as f64,
+        ),
+        (
+            "shoal_wal_bytes_total",
+            "counter",
+            "WAL payload bytes",
+            wal.bytes as f64,
+        ),
+        (
+            "shoal_wal_fsync_seconds_total",
+            "counter",
+            "Time spent in WAL fsyncs",
+            wal.fsync_nanos_total as f64 / 1e9,
+        ),
+        (
+            "shoal_wal_fsync_seconds_avg",
+            "gauge",
+            "Mean WAL fsync latency",
+            avg_fsync,
+        ),
+        (
+            "shoal_wal_fsync_seconds_last",
+            "gauge",
+            "Last WAL fsync latency",
+            wal.last_fsync_nanos as f64 / 1e9,
+        ),
+        (
+            "shoal_wal_group_size_last",
+            "gauge",
+            "Appends in the last commit group",
+            wal.last_group_size as f64,
+        ),
+        (
+            "shoal_wal_group_size_max",
+            "gauge",
+            "Largest commit group",
+            wal.max_group_size as f64,
+        ),
+        (
+            "shoal_wal_pending_bytes",
+            "gauge",
+            "WAL bytes not yet truncated",
+            b.wal.pending_bytes() as f64,
+        ),
+        (
+            "shoal_object_store_requests_total{kind=\"put\"}",
+            "counter",
+            "Object store requests by kind",
+            store.puts as f64,
+        ),
+        (
+            "shoal_object_store_requests_total{kind=\"get\"}",
+            "counter",
+            "Object store requests by kind",
+            store.gets as f64,
+        ),
+        (
+            "shoal_object_store_requests_total{kind=\"head\"}",
+            "counter",
+            "Object store requests by kind",
+            store.heads as f64,
+        ),
+        (
+            "shoal_object_store_requests_total{kind=\"delete\"}",
+            "counter",
+            "Object store requests by kind",
+            store.deletes as f64,
+        ),
+        (
+            "shoal_object_store_requests_total{kind=\"list\"}",
+            "counter",
+            "Object store requests by kind",
+            store.lists as f64,
+        ),
+        (
+            "shoal_object_store_errors_total",
+            "counter",
+            "Object store request errors",
+            store.errors as f64,
+        ),
+        (
+            "shoal_cache_hits_total",
+            "counter",
+            "Cache hits",
+            cache.hits as f64,
+        ),
+        (
+            "shoal_cache_misses_total",
+            "counter",
+            "Cache misses",
+            cache.misses as f64,
+        ),
     ];
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
@@ -158,8 +243,7 @@ fn internal(e: impl std::fmt::Display) -> Response {
 async fn list_streams(State(st): State<AppState>) -> Response {
     match st.broker.placement.list_streams().await {
         Ok(streams) => {
-            let views: Vec<StreamView> =
-                streams.into_iter().map(|s| view(&st.broker, s)).collect();
+            let views: Vec<StreamView> = streams.into_iter().map(|s| view(&st.broker, s)).collect();
             Json(serde_json::json!({ "streams": views })).into_response()
         }
         Err(e) => internal(e),

@@ -34,7 +34,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Drive the group coordinator's timers (session expiry, rebalance deadlines).
-pub async fn run_group_ticker(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_group_ticker(
+    broker: Arc<Broker>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {

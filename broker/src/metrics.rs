@@ -61,19 +61,63 @@ impl Metrics {
             cold_reads: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("kafka_requests", "Kafka requests by API", m.requests.clone());
-        registry.register("produce_requests", "Produced partition batches", m.produce_requests.clone());
-        registry.register("produce_bytes", "Bytes of record batches produced", m.produce_bytes.clone());
-        registry.register("produce_records", "Records produced", m.produce_records.clone());
-        registry.register("produce_latency_seconds", "Produce latency until acknowledged", m.produce_latency.clone());
+        registry.register(
+            "kafka_requests",
+            "Kafka requests by API",
+            m.requests.clone(),
+        );
+        registry.register(
+            "produce_requests",
+            "Produced partition batches",
+            m.produce_requests.clone(),
+        );
+        registry.register(
+            "produce_bytes",
+            "Bytes of record batches produced",
+            m.produce_bytes.clone(),
+        );
+        registry.register(
+            "produce_records",
+            "Records produced",
+            m.produce_records.clone(),
+        );
+        registry.register(
+            "produce_latency_seconds",
+            "Produce latency until acknowledged",
+            m.produce_latency.clone(),
+        );
         registry.register("fetch_requests", "Fetch requests", m.fetch_requests.clone());
-        registry.register("fetch_bytes", "Bytes returned by fetches", m.fetch_bytes.clone());
-        registry.register("fetch_latency_seconds", "Fetch latency including long-poll", m.fetch_latency.clone());
+        registry.register(
+            "fetch_bytes",
+            "Bytes returned by fetches",
+            m.fetch_bytes.clone(),
+        );
+        registry.register(
+            "fetch_latency_seconds",
+            "Fetch latency including long-poll",
+            m.fetch_latency.clone(),
+        );
         registry.register("flush", "Segment flushes committed", m.flushes.clone());
-        registry.register("flush_bytes", "Bytes of Parquet segments flushed", m.flush_bytes.clone());
-        registry.register("flush_duration_seconds", "Flush duration (encode, PUT, commit)", m.flush_duration.clone());
-        registry.register("flush_errors", "Failed flush attempts", m.flush_errors.clone());
-        registry.register("cold_reads", "Fetches served from object storage segments", m.cold_reads.clone());
+        registry.register(
+            "flush_bytes",
+            "Bytes of Parquet segments flushed",
+            m.flush_bytes.clone(),
+        );
+        registry.register(
+            "flush_duration_seconds",
+            "Flush duration (encode, PUT, commit)",
+            m.flush_duration.clone(),
+        );
+        registry.register(
+            "flush_errors",
+            "Failed flush attempts",
+            m.flush_errors.clone(),
+        );
+        registry.register(
+            "cold_reads",
+            "Fetches served from object storage segments",
+            m.cold_reads.clone(),
+        );
         Metrics { registry, ..m }
     }
 

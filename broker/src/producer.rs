@@ -15,7 +15,9 @@ pub type Producers = BTreeMap<i64, ProducerState>;
 pub enum SeqCheck {
     Accept,
     /// A retry of a batch already written: answer with its original offset.
-    Duplicate { base_offset: i64 },
+    Duplicate {
+        base_offset: i64,
+    },
     Reject(Error),
 }
 
@@ -120,7 +122,10 @@ mod tests {
         let mut p = Producers::new();
         assert!(matches!(check(&p, &info(1, 0, 0, 3)), SeqCheck::Accept));
         record(&mut p, &info(1, 0, 0, 3), 100);
-        assert!(matches!(check(&p, &info(1, 0, 0, 3)), SeqCheck::Duplicate { base_offset: 100 }));
+        assert!(matches!(
+            check(&p, &info(1, 0, 0, 3)),
+            SeqCheck::Duplicate { base_offset: 100 }
+        ));
         assert!(matches!(check(&p, &info(1, 0, 3, 2)), SeqCheck::Accept));
         assert!(matches!(
             check(&p, &info(1, 0, 7, 1)),
@@ -137,10 +142,7 @@ mod tests {
             SeqCheck::Reject(Error::ProducerFenced(1))
         ));
         assert!(matches!(check(&p, &info(1, 3, 0, 1)), SeqCheck::Accept));
-        assert!(matches!(
-            check(&p, &info(1, 3, 5, 1)),
-            SeqCheck::Reject(_)
-        ));
+        assert!(matches!(check(&p, &info(1, 3, 5, 1)), SeqCheck::Reject(_)));
     }
 
     #[test]
@@ -150,7 +152,10 @@ mod tests {
             record(&mut p, &info(1, 0, i, 1), i64::from(i));
         }
         assert_eq!(p[&1].batches.len(), PRODUCER_BATCH_MEMORY);
-        assert!(matches!(check(&p, &info(1, 0, 9, 1)), SeqCheck::Duplicate { base_offset: 9 }));
+        assert!(matches!(
+            check(&p, &info(1, 0, 9, 1)),
+            SeqCheck::Duplicate { base_offset: 9 }
+        ));
     }
 
     #[test]

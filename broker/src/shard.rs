@@ -56,7 +56,9 @@ pub enum Read {
 }
 
 pub enum Appended {
-    Duplicate { base_offset: i64 },
+    Duplicate {
+        base_offset: i64,
+    },
     Pending {
         base_offset: i64,
         last_offset: i64,
@@ -232,7 +234,9 @@ impl ShardLog {
             let mut out = Vec::new();
             let mut size = 0;
             for b in st.tail.iter().skip(start) {
-                if b.base_offset >= st.high_watermark || (!out.is_empty() && size + b.bytes.len() > max_bytes) {
+                if b.base_offset >= st.high_watermark
+                    || (!out.is_empty() && size + b.bytes.len() > max_bytes)
+                {
                     break;
                 }
                 size += b.bytes.len();

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
 import subprocess
 
@@ -11,7 +12,8 @@ import pytest
 
 from harness import unique_name
 
-pytestmark = pytest.mark.skipif(shutil.which("kcat") is None,
+# In CI (CI=true) a missing kcat is a failure, never a skip.
+pytestmark = pytest.mark.skipif(shutil.which("kcat") is None and not os.environ.get("CI"),
                                 reason="kcat not installed (tests/run.sh installs it)")
 
 

@@ -47,7 +47,10 @@ fn s(v: impl Into<String>) -> StrBytes {
 /// Topic configs Kafka tools expect, with Shoal's defaults.
 fn topic_defaults(b: &Broker) -> Vec<(&'static str, String)> {
     vec![
-        (Durability::CONFIG_KEY, b.config.default_durability.as_str().to_string()),
+        (
+            Durability::CONFIG_KEY,
+            b.config.default_durability.as_str().to_string(),
+        ),
         ("cleanup.policy", "delete".into()),
         ("retention.ms", "-1".into()),
         ("retention.bytes", "-1".into()),
@@ -87,7 +90,11 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
         let config: BTreeMap<String, String> = t
             .configs
             .iter()
-            .filter_map(|c| c.value.as_ref().map(|v| (c.name.to_string(), v.to_string())))
+            .filter_map(|c| {
+                c.value
+                    .as_ref()
+                    .map(|v| (c.name.to_string(), v.to_string()))
+            })
             .collect();
         let name = t.name.to_string();
         let outcome = if req.validate_only {
@@ -188,13 +195,13 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest) -> Pendi
     for t in req.topics {
         let outcome = match b.stream(t.name.as_str()) {
             None => Err(Error::UnknownStream(t.name.to_string())),
-            Some(stream) if t.count <= stream.shards.len() as i32 => Err(Error::InvalidPartitions(
-                format!(
+            Some(stream) if t.count <= stream.shards.len() as i32 => {
+                Err(Error::InvalidPartitions(format!(
                     "topic has {} partitions, cannot go to {}",
                     stream.shards.len(),
                     t.count
-                ),
-            )),
+                )))
+            }
             Some(_) if req.validate_only => Ok(()),
             Some(_) => b.create_partitions(t.name.as_str(), t.count).await,
         };
@@ -270,7 +277,10 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest) -> Pending {
                 };
                 res = res
                     .with_error_code(code.code())
-                    .with_error_message(Some(s(format!("unknown resource {}", r.resource_name.as_str()))));
+                    .with_error_message(Some(s(format!(
+                        "unknown resource {}",
+                        r.resource_name.as_str()
+                    ))));
             }
         }
         results.push(res);
@@ -286,7 +296,9 @@ pub async fn incremental_alter_configs(ctx: &Ctx, req: IncrementalAlterConfigsRe
     for r in req.resources {
         let outcome: Result<()> = async {
             if r.resource_type != RESOURCE_TOPIC {
-                return Err(Error::InvalidConfig("only topic configs can be altered".into()));
+                return Err(Error::InvalidConfig(
+                    "only topic configs can be altered".into(),
+                ));
             }
             if b.stream(r.resource_name.as_str()).is_none() {
                 return Err(Error::UnknownStream(r.resource_name.to_string()));

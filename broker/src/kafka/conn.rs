@@ -4,9 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{
-    ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind,
-};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,7 +25,11 @@ pub struct Ctx {
     pub client_id: String,
 }
 
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -78,8 +80,7 @@ fn decode_frame(mut body: Bytes) -> Result<Frame, (FrameError, Option<i32>)> {
     let raw_key = i16::from_be_bytes([body[0], body[1]]);
     let version = i16::from_be_bytes([body[2], body[3]]);
     let correlation_id = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-    let api_key =
-        ApiKey::try_from(raw_key).map_err(|_| (FrameError::UnknownApi(raw_key), None))?;
+    let api_key = ApiKey::try_from(raw_key).map_err(|_| (FrameError::UnknownApi(raw_key), None))?;
     if !is_supported(api_key, version) {
         return Err((
             FrameError::Unsupported(api_key, version),
@@ -111,18 +112,26 @@ fn encode_response(
     header
         .encode(&mut buf, api_key.response_header_version(version))
         .map_err(|e| e.to_string())?;
-    response.encode(&mut buf, version).map_err(|e| e.to_string())?;
+    response
+        .encode(&mut buf, version)
+        .map_err(|e| e.to_string())?;
     let len = (buf.len() - 4) as i32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf.freeze())
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) -> std::io::Result<()> {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<(ApiKey, i16, i32, Pending)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some((key, version, correlation_id, pending)) = rx.recv().await {
-            let Some(response) = pending.await else { continue };
+            let Some(response) = pending.await else {
+                continue;
+            };
             match encode_response(key, version, correlation_id, &response) {
                 Ok(bytes) => wr.write_all(&bytes).await?,
                 Err(e) => {
@@ -162,7 +171,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) ->
                 resp.error_code = kafka_protocol::ResponseError::UnsupportedVersion.code();
                 let _ = v;
                 let pending = super::ready(ResponseKind::ApiVersions(resp));
-                if tx.send((ApiKey::ApiVersions, 0, cid, pending)).await.is_err() {
+                if tx
+                    .send((ApiKey::ApiVersions, 0, cid, pending))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -172,17 +185,26 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) ->
                 break;
             }
         };
-        if let Some(id) = &frame.header.client_id {
-            if ctx.client_id.as_str() != id.as_str() {
-                ctx.client_id = id.to_string();
-            }
+        if let Some(id) = &frame.header.client_id
+            && ctx.client_id.as_str() != id.as_str()
+        {
+            ctx.client_id = id.to_string();
         }
-        ctx.broker.metrics.requests.get_or_create(&ApiLabel {
-            api: format!("{:?}", frame.api_key),
-        }).inc();
+        ctx.broker
+            .metrics
+            .requests
+            .get_or_create(&ApiLabel {
+                api: format!("{:?}", frame.api_key),
+            })
+            .inc();
         let pending = dispatch(&ctx, &frame.header, frame.version, frame.request).await;
         if tx
-            .send((frame.api_key, frame.version, frame.header.correlation_id, pending))
+            .send((
+                frame.api_key,
+                frame.version,
+                frame.header.correlation_id,
+                pending,
+            ))
             .await
             .is_err()
         {
@@ -200,7 +222,9 @@ async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestK
     use RequestKind as R;
     let _ = header;
     match req {
-        R::ApiVersions(_) => super::ready(ResponseKind::ApiVersions(metadata::api_versions_response())),
+        R::ApiVersions(_) => {
+            super::ready(ResponseKind::ApiVersions(metadata::api_versions_response()))
+        }
         R::Metadata(r) => metadata::metadata(ctx, r, version).await,
         R::DescribeCluster(r) => metadata::describe_cluster(ctx, r),
         R::FindCoordinator(r) => metadata::find_coordinator(ctx, r, version),
@@ -237,7 +261,10 @@ mod tests {
 
     #[test]
     fn bad_frames_are_errors_not_panics() {
-        assert!(matches!(decode_frame(Bytes::from_static(&[0, 1])), Err((FrameError::Short(2), _))));
+        assert!(matches!(
+            decode_frame(Bytes::from_static(&[0, 1])),
+            Err((FrameError::Short(2), _))
+        ));
         assert!(matches!(
             decode_frame(Bytes::from_static(&[0x27, 0x0f, 0, 0, 0, 0, 0, 1])),
             Err((FrameError::UnknownApi(9999), _))

@@ -54,7 +54,8 @@ pub fn fetch(ctx: &Ctx, req: FetchRequest, _version: i16) -> Pending {
                 ));
             }
             let changed: Vec<_> = watches.iter_mut().map(|w| w.changed().boxed()).collect();
-            let _ = tokio::time::timeout(deadline - now, futures::future::select_all(changed)).await;
+            let _ =
+                tokio::time::timeout(deadline - now, futures::future::select_all(changed)).await;
         }
     })
 }
@@ -92,8 +93,8 @@ async fn read_all(
                 .with_last_stable_offset(hw)
                 .with_log_start_offset(shard.log_start_offset());
             // KIP-74: the first batch is returned even past the limits.
-            let budget = (p.partition_max_bytes.max(0) as usize)
-                .min(max_bytes.saturating_sub(total));
+            let budget =
+                (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(total));
             let budget = if total == 0 { budget.max(1) } else { budget };
             if budget == 0 {
                 parts.push(pd);

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use kafka_protocol::ResponseError;
-use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
 use kafka_protocol::messages::list_groups_response::ListedGroup;
@@ -133,7 +133,10 @@ pub fn heartbeat(ctx: &Ctx, req: HeartbeatRequest) -> Pending {
 
 pub fn leave_group(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Pending {
     let ids: Vec<String> = if version >= 3 {
-        req.members.iter().map(|m| m.member_id.to_string()).collect()
+        req.members
+            .iter()
+            .map(|m| m.member_id.to_string())
+            .collect()
     } else {
         vec![req.member_id.to_string()]
     };

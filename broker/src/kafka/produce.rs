@@ -97,9 +97,16 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                         last_offset,
                         tickets,
                         durability,
-                    } => wait(&shard, base_offset, last_offset, tickets, durability, timeout)
-                        .await
-                        .map_err(|e| e.code()),
+                    } => wait(
+                        &shard,
+                        base_offset,
+                        last_offset,
+                        tickets,
+                        durability,
+                        timeout,
+                    )
+                    .await
+                    .map_err(|e| e.code()),
                 };
                 let mut pr = PartitionProduceResponse::default()
                     .with_index(p.index)
@@ -171,7 +178,9 @@ fn append(b: &Broker, shard: &ShardLog, records: Bytes) -> Result<Appended2> {
                 first.get_or_insert(base_offset);
                 last = last_offset;
                 tickets.push(ticket);
-                b.metrics.produce_records.inc_by(u64::from(info.record_count.unsigned_abs()));
+                b.metrics
+                    .produce_records
+                    .inc_by(u64::from(info.record_count.unsigned_abs()));
                 b.metrics.produce_bytes.inc_by(bt.len() as u64);
                 b.note_appended(bt.len() as u64);
             }
@@ -208,10 +217,12 @@ async fn wait(
         let reached = tokio::time::timeout(timeout, rx.wait_for(|c| *c > last_offset)).await;
         match reached {
             Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err(Error::NotLeader {
-                stream: shard.stream.clone(),
-                shard: shard.shard,
-            }),
+            Ok(Err(_)) => {
+                return Err(Error::NotLeader {
+                    stream: shard.stream.clone(),
+                    shard: shard.shard,
+                });
+            }
             Err(_) => return Err(Error::Timeout),
         }
     }
