@@ -103,21 +103,50 @@ pub fn split(mut records: Bytes) -> Result<Vec<Bytes>> {
     Ok(out)
 }
 
-/// Fully decode (CRC check, decompression) and sanity-check a batch.
-/// Returns the decoded records with offsets relative to base 0.
-pub fn validate(batch: &Bytes) -> Result<Vec<kafka_protocol::records::Record>> {
+/// Most records one batch may declare: the decoder reserves room for the
+/// declared count, so it must not come straight from the wire.
+pub const MAX_RECORDS_PER_BATCH: i32 = 1 << 20;
+/// A v2 record is at least 7 bytes (length, attributes, two deltas, key and
+/// value lengths, header count).
+const MIN_RECORD_LEN: usize = 7;
+
+/// Decode every record of a batch: CRC check, bounded decompression.
+fn decode(batch: &Bytes) -> Result<Vec<kafka_protocol::records::Record>> {
     let header = info(batch);
-    if header.record_count <= 0 {
-        return Err(Error::Corrupt("batch without records".into()));
+    let attributes = be_i16(batch, ATTRIBUTES_AT);
+    let compressed = attributes & 0x7 != 0;
+    let count = header.record_count;
+    let body = batch.len() - HEADER_LEN;
+    // Compressed records may be smaller than 7 bytes each on the wire, but
+    // not by more than a generous ratio.
+    let plausible = if compressed {
+        (body.saturating_mul(64)).max(16_384)
+    } else {
+        body / MIN_RECORD_LEN
+    };
+    if count <= 0 || count > MAX_RECORDS_PER_BATCH || count as usize > plausible {
+        return Err(Error::Corrupt(format!(
+            "batch declares an impossible record count {count}"
+        )));
     }
     let mut buf = batch.clone();
-    let set = RecordBatchDecoder::decode(&mut buf).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let set = RecordBatchDecoder::decode_with_custom_compression(
+        &mut buf,
+        Some(crate::decompress::decompress),
+    )
+    .map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(set.records)
+}
+
+/// Fully decode (CRC check, decompression) and sanity-check a batch.
+pub fn validate(batch: &Bytes) -> Result<Vec<kafka_protocol::records::Record>> {
+    let header = info(batch);
+    let records = decode(batch)?;
     let base = be_i64(batch, 0);
     let last_delta = be_i32(batch, LAST_OFFSET_DELTA_AT);
-    if set.records.len() != header.record_count as usize
+    if records.len() != header.record_count as usize
         || last_delta != header.record_count - 1
-        || set
-            .records
+        || records
             .iter()
             .enumerate()
             .any(|(i, r)| r.offset != base + i as i64)
@@ -126,7 +155,7 @@ pub fn validate(batch: &Bytes) -> Result<Vec<kafka_protocol::records::Record>> {
             "record offsets are not sequential within the batch".into(),
         ));
     }
-    Ok(set.records)
+    Ok(records)
 }
 
 /// A copy of the batch with its base offset set.
@@ -143,10 +172,7 @@ pub fn base_offset(batch: &[u8]) -> i64 {
 
 /// Decode a stored batch (already carrying its real base offset) into rows.
 pub fn to_rows(batch: &Bytes) -> Result<Vec<Row>> {
-    let mut buf = batch.clone();
-    let set = RecordBatchDecoder::decode(&mut buf).map_err(|e| Error::Corrupt(e.to_string()))?;
-    Ok(set
-        .records
+    Ok(decode(batch)?
         .into_iter()
         .map(|r| Row {
             offset: r.offset,

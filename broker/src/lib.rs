@@ -17,6 +17,7 @@
 pub mod batch;
 pub mod broker;
 pub mod config;
+pub mod decompress;
 pub mod error;
 pub mod flusher;
 pub mod group;
