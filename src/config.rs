@@ -33,9 +33,20 @@ pub struct StandaloneArgs {
     /// Flush as soon as this many bytes are un-flushed (e.g. 8MiB or 8388608).
     #[arg(long, env = "SHOAL_FLUSH_BYTES")]
     pub flush_bytes: Option<String>,
+    /// Most bytes accepted but not yet in object storage (e.g. 1GiB); past
+    /// it produces get a retriable error.
+    #[arg(long, env = "SHOAL_MAX_UNFLUSHED_BYTES")]
+    pub max_unflushed_bytes: Option<String>,
     /// Partitions of auto-created topics.
     #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<i32>,
+    /// Keep placement's state in the object store too (default: on for s3://),
+    /// so a node with an empty disk resumes from the bucket alone.
+    #[arg(long, env = "SHOAL_PLACEMENT_IN_BUCKET")]
+    pub placement_in_bucket: Option<bool>,
+    /// How long the bucket lease of a standalone node lasts unrenewed.
+    #[arg(long, env = "SHOAL_BUCKET_LEASE_TTL")]
+    pub bucket_lease_ttl: Option<String>,
     /// Durability of new topics: local or object.
     #[arg(long, env = "SHOAL_DEFAULT_DURABILITY")]
     pub default_durability: Option<String>,
@@ -58,10 +69,16 @@ struct FileConfig {
     flush_interval: Option<String>,
     #[serde(alias = "flush_bytes")]
     flush_bytes: Option<toml::Value>,
+    #[serde(alias = "max_unflushed_bytes")]
+    max_unflushed_bytes: Option<toml::Value>,
     #[serde(alias = "default_partitions")]
     default_partitions: Option<i32>,
     #[serde(alias = "default_durability")]
     default_durability: Option<String>,
+    #[serde(alias = "placement_in_bucket")]
+    placement_in_bucket: Option<bool>,
+    #[serde(alias = "bucket_lease_ttl")]
+    bucket_lease_ttl: Option<String>,
 }
 
 /// Resolved settings.
@@ -75,8 +92,11 @@ pub struct Standalone {
     pub object_store: String,
     pub flush_interval: Duration,
     pub flush_bytes: u64,
+    pub max_unflushed_bytes: u64,
     pub default_partitions: i32,
     pub default_durability: shoal_broker::Durability,
+    pub placement_in_bucket: bool,
+    pub bucket_lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,15 +195,17 @@ impl StandaloneArgs {
         if flush_interval.is_zero() {
             return Err(err("--flush-interval must be greater than zero"));
         }
-        let flush_bytes = match (self.flush_bytes, file.flush_bytes) {
-            (Some(s), _) => parse_bytes(&s)?,
-            (None, Some(toml::Value::Integer(n))) => {
-                u64::try_from(n).map_err(|_| err("flush-bytes must be positive"))?
-            }
-            (None, Some(toml::Value::String(s))) => parse_bytes(&s)?,
-            (None, Some(v)) => return Err(err(format!("invalid flush-bytes {v}"))),
-            (None, None) => 8 << 20,
-        };
+        let flush_bytes =
+            bytes_setting("flush-bytes", self.flush_bytes, file.flush_bytes, 8 << 20)?;
+        let max_unflushed_bytes = bytes_setting(
+            "max-unflushed-bytes",
+            self.max_unflushed_bytes,
+            file.max_unflushed_bytes,
+            1 << 30,
+        )?;
+        if max_unflushed_bytes < flush_bytes {
+            return Err(err("--max-unflushed-bytes must be at least --flush-bytes"));
+        }
         let default_partitions = self
             .default_partitions
             .or(file.default_partitions)
@@ -201,7 +223,21 @@ impl StandaloneArgs {
                     "invalid --default-durability {durability_s:?}: expected local or object"
                 ))
             })?;
+        let placement_in_bucket = self
+            .placement_in_bucket
+            .or(file.placement_in_bucket)
+            .unwrap_or_else(|| object_store.starts_with("s3://"));
+        let bucket_lease_ttl = match self.bucket_lease_ttl.or(file.bucket_lease_ttl) {
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| err(format!("invalid --bucket-lease-ttl {s:?}: {e}")))?,
+            None => Duration::from_secs(10),
+        };
+        if bucket_lease_ttl < Duration::from_secs(1) {
+            return Err(err("--bucket-lease-ttl must be at least 1s"));
+        }
         Ok(Standalone {
+            placement_in_bucket,
+            bucket_lease_ttl,
             data_dir,
             kafka_addr,
             advertised_host,
@@ -210,9 +246,28 @@ impl StandaloneArgs {
             object_store,
             flush_interval,
             flush_bytes,
+            max_unflushed_bytes,
             default_partitions,
             default_durability,
         })
+    }
+}
+
+/// A byte size from a flag/env string, else the file (integer or string).
+fn bytes_setting(
+    name: &str,
+    flag: Option<String>,
+    file: Option<toml::Value>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match (flag, file) {
+        (Some(s), _) => parse_bytes(&s),
+        (None, Some(toml::Value::Integer(n))) => {
+            u64::try_from(n).map_err(|_| err(format!("{name} must be positive")))
+        }
+        (None, Some(toml::Value::String(s))) => parse_bytes(&s),
+        (None, Some(v)) => Err(err(format!("invalid {name} {v}"))),
+        (None, None) => Ok(default),
     }
 }
 

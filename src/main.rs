@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use shoal_broker::{Broker, BrokerConfig};
-use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
+use shoal_placement::{BucketConfig, NodeConfig, PlacementClient, PlacementNode};
 use shoal_storage::ObjectStorage;
 use tokio::net::TcpListener;
 
@@ -86,13 +86,16 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
 
     let store = ObjectStorage::from_url(&cfg.object_store)
         .map_err(|e| format!("object store {}: {e}", cfg.object_store))?;
-    let node = PlacementNode::start(NodeConfig::standalone(
-        1,
-        cfg.data_dir.join("placement"),
-        cfg.http_addr.to_string(),
-    ))
-    .await
-    .map_err(|e| format!("placement: {e}"))?;
+    let mut node_cfg =
+        NodeConfig::standalone(1, cfg.data_dir.join("placement"), cfg.http_addr.to_string());
+    if cfg.placement_in_bucket {
+        let mut b = BucketConfig::new(store.clone(), node_identity(&cfg.data_dir)?);
+        b.lease_ttl = cfg.bucket_lease_ttl;
+        node_cfg.bucket = Some(b);
+    }
+    let node = PlacementNode::start(node_cfg)
+        .await
+        .map_err(|e| format!("placement: {e}"))?;
 
     let mut bc = BrokerConfig::new(&cfg.data_dir);
     bc.broker_id = 1;
@@ -100,6 +103,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.advertised_port = cfg.advertised_port;
     bc.flush_interval = cfg.flush_interval;
     bc.flush_bytes = cfg.flush_bytes;
+    bc.max_unflushed_bytes = cfg.max_unflushed_bytes;
     bc.default_partitions = cfg.default_partitions;
     bc.default_durability = cfg.default_durability;
     let broker = Broker::start(bc, PlacementClient::local(node.clone()), store)
@@ -140,7 +144,10 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         "shoal standalone is ready"
     );
 
-    wait_for_signal().await;
+    let fenced = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = node.fenced() => Some(why),
+    };
     tracing::info!("shutting down");
     ready.store(false, Ordering::Release);
     let _ = shutdown_tx.send(true);
@@ -151,7 +158,28 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     node.shutdown()
         .await
         .map_err(|e| format!("placement shutdown: {e}"))?;
-    Ok(())
+    match fenced {
+        Some(why) => Err(format!(
+            "stopped: placement was fenced in the bucket: {why}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A random name for this node, kept in the data dir: the same disk is the
+/// same node (it may take its own bucket lease back after a crash); a new
+/// disk is a new node (it waits for the old lease to run out).
+fn node_identity(data_dir: &std::path::Path) -> Result<String, String> {
+    let path = data_dir.join("node-identity");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = format!("{:032x}", rand::random::<u128>());
+            std::fs::write(&path, &id)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(id)
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -48,6 +48,12 @@ pub struct Broker {
     admin: tokio::sync::Mutex<()>,
     pub(crate) unflushed_bytes: AtomicU64,
     pub(crate) flush_now: Notify,
+    /// Segment ranges being read ahead, so one is fetched once.
+    prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+fn segment_cache_key(seg: &SegmentRef) -> String {
+    format!("rg/{}/{}", seg.object, seg.row_group)
 }
 
 pub fn now_ms() -> i64 {
@@ -103,6 +109,7 @@ impl Broker {
             admin: tokio::sync::Mutex::new(()),
             unflushed_bytes: AtomicU64::new(0),
             flush_now: Notify::new(),
+            prefetching: parking_lot::Mutex::new(std::collections::HashSet::new()),
         });
         for stream in broker.placement.list_streams().await? {
             broker.adopt(stream).await?;
@@ -348,6 +355,10 @@ impl Broker {
         }
     }
 
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.unflushed_bytes.load(Ordering::Relaxed)
+    }
+
     /// Count bytes appended and wake the flusher past the threshold.
     pub(crate) fn note_appended(&self, bytes: u64) {
         let total = self.unflushed_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -356,9 +367,30 @@ impl Broker {
         }
     }
 
+    /// Warm the cache with the segment range after `seg`, so a sequential
+    /// catch-up read finds its next batch already fetched.
+    pub fn read_ahead(self: &Arc<Self>, shard: &ShardLog, seg: &SegmentRef) {
+        let crate::shard::Read::Segment(next) = shard.read(seg.last_offset + 1, 1) else {
+            return;
+        };
+        let key = segment_cache_key(&next);
+        if !self.prefetching.lock().insert(key.clone()) {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if broker.cache.get(&key).await.is_none()
+                && let Err(e) = broker.read_segment(&next).await
+            {
+                tracing::debug!(object = %next.object, "read-ahead failed: {e}");
+            }
+            broker.prefetching.lock().remove(&key);
+        });
+    }
+
     /// Records of a committed segment range as one Kafka batch, through the cache.
     pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
-        let key = format!("rg/{}/{}", seg.object, seg.row_group);
+        let key = segment_cache_key(seg);
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
         }

@@ -51,6 +51,10 @@ pub struct BrokerConfig {
     pub cluster_id: String,
     /// Largest Kafka request frame accepted (Kafka's socket.request.max.bytes).
     pub max_request_bytes: usize,
+    /// Bound on bytes accepted but not yet in a committed object (the WAL
+    /// and the tails). Past it, produces get a retriable error instead of
+    /// growing memory and disk while object storage is unreachable.
+    pub max_unflushed_bytes: u64,
 }
 
 impl BrokerConfig {
@@ -70,6 +74,7 @@ impl BrokerConfig {
             cache_disk_bytes: 512 << 20,
             cluster_id: "shoal".into(),
             max_request_bytes: 100 << 20,
+            max_unflushed_bytes: 1 << 30,
         }
     }
 }

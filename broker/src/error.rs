@@ -48,6 +48,8 @@ pub enum Error {
     Rejected(shoal_placement::Rejection),
     #[error("request timed out")]
     Timeout,
+    #[error("{pending} bytes are waiting for object storage (limit {limit}); retry later")]
+    Backpressure { pending: u64, limit: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,6 +76,8 @@ impl Error {
             Error::Unsupported => ResponseError::UnsupportedForMessageFormat,
             Error::NotLeader { .. } => ResponseError::NotLeaderOrFollower,
             Error::Timeout => ResponseError::RequestTimedOut,
+            // Retriable for every client: the producer backs off and retries.
+            Error::Backpressure { .. } => ResponseError::KafkaStorageError,
             Error::Wal(_) => ResponseError::KafkaStorageError,
             Error::Rejected(r) => match r {
                 R::StreamExists { .. } => ResponseError::TopicAlreadyExists,

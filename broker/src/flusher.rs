@@ -47,20 +47,43 @@ struct Taken {
 /// One flush. Returns the number of records flushed.
 pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
     let started = Instant::now();
+    // One object holds at most a few flush_bytes: after an outage the
+    // backlog goes up in several objects instead of one huge encode.
+    let budget = broker.config.flush_bytes.saturating_mul(4).max(1 << 20);
+    let mut used = 0u64;
+    let mut more = false;
     let mut taken = Vec::new();
     for stream in broker.streams() {
         for shard in &stream.shards {
-            if let Some(slice) = shard.flush_slice() {
-                taken.push(Taken {
-                    shard: shard.clone(),
-                    epoch: slice.epoch,
-                    batches: slice.batches,
-                });
+            let Some(mut slice) = shard.flush_slice() else {
+                continue;
+            };
+            if used >= budget {
+                more = true;
+                continue;
             }
+            let mut keep = 0;
+            for b in &slice.batches {
+                if keep > 0 && used >= budget {
+                    more = true;
+                    break;
+                }
+                used += b.bytes.len() as u64;
+                keep += 1;
+            }
+            slice.batches.truncate(keep);
+            taken.push(Taken {
+                shard: shard.clone(),
+                epoch: slice.epoch,
+                batches: slice.batches,
+            });
         }
     }
     if taken.is_empty() {
         return Ok(0);
+    }
+    if more {
+        broker.flush_now.notify_one();
     }
     let max_seq = taken
         .iter()

@@ -53,6 +53,10 @@ pub enum Command {
         group: String,
     },
     AllocateProducerId,
+    /// Replace the whole state with one recovered from the bucket.
+    Restore {
+        state: Box<crate::state::State>,
+    },
 }
 
 /// One flush: one object, a range per shard.

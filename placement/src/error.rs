@@ -21,6 +21,13 @@ pub enum Error {
     /// A request to another placement node failed.
     #[error("http: {0}")]
     Http(String),
+    /// The bucket copy of placement is held by another node, or was taken
+    /// over: this node must not write.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Reading or writing placement's copy in the bucket failed.
+    #[error("bucket: {0}")]
+    Bucket(String),
     /// The node configuration is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),

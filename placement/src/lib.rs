@@ -16,9 +16,11 @@
 //! - [`PlacementClient`]: in process to a standalone node, or over HTTP to a
 //!   cluster, following the leader and retrying across leader changes.
 
+pub mod bucket;
 pub mod client;
 pub mod command;
 pub mod error;
+mod mirror;
 pub mod model;
 pub mod node;
 mod raft;
@@ -34,6 +36,6 @@ pub use error::{Error, Result};
 pub use model::{
     BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, Stream,
 };
-pub use node::{NodeConfig, NodeStatus, PlacementNode};
+pub use node::{BucketConfig, NodeConfig, NodeStatus, PlacementNode};
 pub use server::router;
 pub use state::State;

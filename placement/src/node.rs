@@ -12,8 +12,12 @@ use openraft::{BasicNode, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use tokio::sync::mpsc;
+
+use crate::bucket::{Bucket, LoggedCommand};
 use crate::command::{Command, Query, QueryReply, Reply};
 use crate::error::{Error, Result};
+use crate::mirror;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::{self, SharedState, StateMachineStore};
@@ -40,6 +44,32 @@ pub struct NodeConfig {
     /// Build a snapshot every this many applied entries and purge the log
     /// behind it (keeping as many again for lagging followers).
     pub snapshot_logs: u64,
+    /// Keep a copy of the state in object storage (standalone on a bucket).
+    pub bucket: Option<BucketConfig>,
+}
+
+/// Where and how a standalone node mirrors its state into the bucket.
+#[derive(Debug, Clone)]
+pub struct BucketConfig {
+    pub store: shoal_storage::ObjectStorage,
+    /// Names this node in the lease; keep it across restarts (with the data
+    /// dir) so a crashed node takes its own lease back without waiting.
+    pub holder: String,
+    /// How long the bucket lease lasts without renewal (renewed every third).
+    pub lease_ttl: Duration,
+    /// Write a full snapshot every this many commands.
+    pub snapshot_every: u64,
+}
+
+impl BucketConfig {
+    pub fn new(store: shoal_storage::ObjectStorage, holder: impl Into<String>) -> Self {
+        BucketConfig {
+            store,
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(10),
+            snapshot_every: 1000,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -56,6 +86,7 @@ impl NodeConfig {
             peers: BTreeMap::from([(node_id, advertise_addr.clone())]),
             advertise_addr,
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
+            bucket: None,
         }
     }
 
@@ -72,6 +103,7 @@ impl NodeConfig {
             advertise_addr: advertise_addr.into(),
             peers,
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
+            bucket: None,
         }
     }
 
@@ -141,6 +173,19 @@ pub struct PlacementNode {
     version: watch::Receiver<u64>,
     metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
     db: Database,
+    mirror: Option<Mirror>,
+}
+
+/// The bucket copy: commands are written there, in version order, before
+/// a write is answered.
+struct Mirror {
+    bucket: Arc<Bucket>,
+    /// Makes "apply, read the version, enqueue" one step per write.
+    write_lock: tokio::sync::Mutex<()>,
+    tx: mpsc::UnboundedSender<LoggedCommand>,
+    mirrored: watch::Receiver<u64>,
+    fenced: watch::Receiver<Option<String>>,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for PlacementNode {
@@ -159,6 +204,18 @@ impl PlacementNode {
     pub async fn start(cfg: NodeConfig) -> Result<Arc<PlacementNode>> {
         let voters = cfg.voters()?;
         let standalone = voters.len() == 1;
+        // Fence first: a second node on the same bucket must not even start.
+        let bucket = match &cfg.bucket {
+            Some(b) if standalone => Some(Arc::new(
+                Bucket::acquire(b.store.clone(), b.lease_ttl, &b.holder).await?,
+            )),
+            Some(_) => {
+                return Err(Error::Config(
+                    "the bucket copy of placement is for a standalone node".into(),
+                ));
+            }
+            None => None,
+        };
         let config = Arc::new(cfg.raft_config(standalone)?);
 
         tokio::fs::create_dir_all(&cfg.data_dir)
@@ -175,20 +232,88 @@ impl PlacementNode {
         let raft = Raft::new(cfg.node_id, config, network, log_store, sm)
             .await
             .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
-        let node = Arc::new(PlacementNode {
+        let mut node = PlacementNode {
             id: cfg.node_id,
             metrics: raft.metrics(),
             raft,
             state,
             version,
             db,
-        });
-        if let Err(e) = node.join(&voters, standalone).await {
+            mirror: None,
+        };
+        let started = async {
+            node.join(&voters, standalone).await?;
+            if let (Some(bucket), Some(bc)) = (bucket, &cfg.bucket) {
+                node.mirror = Some(node.recover_from_bucket(bucket, bc).await?);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = started {
             // Do not leave Raft running (and holding the database) behind.
             let _ = node.raft.shutdown().await;
             return Err(e);
         }
-        Ok(node)
+        Ok(Arc::new(node))
+    }
+
+    /// Bring the local state up to the bucket's (a new machine, or a stale
+    /// disk), write a snapshot of the result, and start mirroring.
+    async fn recover_from_bucket(&self, bucket: Arc<Bucket>, bc: &BucketConfig) -> Result<Mirror> {
+        let local = state_machine::read(&self.state).state.version;
+        if let Some(remote) = bucket.load().await?
+            && remote.version > local
+        {
+            tracing::info!(
+                local,
+                bucket = remote.version,
+                "restoring placement state from the bucket"
+            );
+            self.write_raft(Command::Restore {
+                state: Box::new(remote),
+            })
+            .await?;
+        }
+        let state = state_machine::read(&self.state).state.clone();
+        bucket.write_snapshot(&state).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (mirrored_tx, mirrored) = watch::channel(state.version);
+        let (fenced_tx, fenced) = watch::channel(None);
+        let fenced_tx = Arc::new(fenced_tx);
+        let tasks = vec![
+            tokio::spawn(mirror::mirror_loop(
+                bucket.clone(),
+                rx,
+                mirrored_tx,
+                fenced_tx.clone(),
+                self.state.clone(),
+                state.version,
+                bc.snapshot_every.max(1),
+            )),
+            tokio::spawn(mirror::renew_loop(bucket.clone(), fenced_tx)),
+        ];
+        Ok(Mirror {
+            bucket,
+            write_lock: tokio::sync::Mutex::new(()),
+            tx,
+            mirrored,
+            fenced,
+            tasks: parking_lot::Mutex::new(tasks),
+        })
+    }
+
+    /// Resolves with the reason once this node lost the bucket to another.
+    pub async fn fenced(&self) -> String {
+        match &self.mirror {
+            Some(m) => {
+                let mut f = m.fenced.clone();
+                match f.wait_for(|f| f.is_some()).await {
+                    Ok(v) => v.clone().unwrap_or_default(),
+                    Err(_) => std::future::pending().await,
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 
     async fn join(&self, voters: &BTreeMap<u64, String>, standalone: bool) -> Result<()> {
@@ -223,7 +348,40 @@ impl PlacementNode {
     }
 
     /// Linearizable write through the leader. On a follower: [`Error::NotLeader`].
+    /// With a bucket copy, answered once the command is in the bucket too.
     pub async fn write(&self, cmd: Command) -> Result<Reply> {
+        let Some(m) = &self.mirror else {
+            return self.write_raft(cmd).await;
+        };
+        if let Some(why) = m.fenced.borrow().clone() {
+            return Err(Error::Fenced(why));
+        }
+        let (reply, version) = {
+            let _order = m.write_lock.lock().await;
+            let reply = self.write_raft(cmd.clone()).await?;
+            let version = state_machine::read(&self.state).state.version;
+            m.tx.send(LoggedCommand {
+                version,
+                command: cmd,
+            })
+            .map_err(|_| Error::Bucket("the bucket writer stopped".into()))?;
+            (reply, version)
+        };
+        let mut mirrored = m.mirrored.clone();
+        let mut fenced = m.fenced.clone();
+        tokio::select! {
+            r = mirrored.wait_for(|v| *v >= version) => {
+                r.map_err(|_| Error::Bucket("the bucket writer stopped".into()))?;
+                Ok(reply)
+            }
+            f = fenced.wait_for(|f| f.is_some()) => {
+                let why = f.ok().and_then(|f| f.clone()).unwrap_or_default();
+                Err(Error::Fenced(why))
+            }
+        }
+    }
+
+    async fn write_raft(&self, cmd: Command) -> Result<Reply> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(e) => Err(match e.forward_to_leader() {
@@ -276,6 +434,14 @@ impl PlacementNode {
 
     /// Stops Raft and flushes the database. The node answers no more requests.
     pub async fn shutdown(&self) -> Result<()> {
+        if let Some(m) = &self.mirror {
+            for t in m.tasks.lock().drain(..) {
+                t.abort();
+            }
+            if m.fenced.borrow().is_none() {
+                m.bucket.release().await;
+            }
+        }
         self.raft
             .shutdown()
             .await

@@ -84,6 +84,10 @@ impl State {
                 self.group_offsets.remove(&group);
                 Reply::Done
             }
+            Command::Restore { state } => {
+                *self = *state;
+                Reply::Done
+            }
             Command::AllocateProducerId => {
                 // Kafka producer ids start at 0; keep 0 free for readability.
                 self.next_producer_id += 1;

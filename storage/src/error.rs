@@ -25,6 +25,10 @@ pub enum Error {
     #[error("object {key:?} already exists")]
     AlreadyExists { key: String },
 
+    /// A conditional replace found a different version than expected.
+    #[error("object {key:?} changed since it was read")]
+    Changed { key: String },
+
     /// Any other failure reported by the object store backend.
     #[error("object store {op} of {key:?} failed: {source}")]
     Store {

@@ -7,10 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use object_store::{BackoffConfig, ClientConfigKey, RetryConfig};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 
 use crate::error::{Error, Result};
@@ -117,7 +120,31 @@ impl ObjectStorage {
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| invalid("missing bucket name".to_owned()))?;
                 let prefix = Path::parse(parsed.path()).map_err(|e| invalid(e.to_string()))?;
-                let s3 = AmazonS3Builder::from_env()
+                // Every request has a deadline, and 5xx / 503 SlowDown / 429 /
+                // connection errors are retried with jittered exponential
+                // backoff (object_store's RetryConfig) before an error
+                // reaches the caller. A timeout set in the environment
+                // (AWS_TIMEOUT, ...) is read by from_env and wins below.
+                let mut builder = AmazonS3Builder::from_env().with_retry(RetryConfig {
+                    backoff: BackoffConfig {
+                        init_backoff: Duration::from_millis(50),
+                        max_backoff: Duration::from_secs(5),
+                        base: 2.0,
+                    },
+                    max_retries: 10,
+                    retry_timeout: Duration::from_secs(60),
+                });
+                if std::env::var_os("AWS_TIMEOUT").is_none() {
+                    builder = builder
+                        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "30s");
+                }
+                if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
+                    builder = builder.with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        "5s",
+                    );
+                }
+                let s3 = builder
                     .with_bucket_name(bucket)
                     // If-None-Match / If-Match on PUT: needed for PutMode::Create.
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
@@ -176,6 +203,49 @@ impl ObjectStorage {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Err(Error::AlreadyExists {
+                key: key.to_owned(),
+            }),
+            Err(e) => Err(self.fail("put", key, e)),
+        }
+    }
+
+    /// Read a whole object with its version tag (ETag), for a later
+    /// [`put_replace`](Self::put_replace).
+    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>)> {
+        let path = self.path(key)?;
+        bump(&self.counters.gets, 1);
+        let res = async {
+            let r = self.inner.get(&path).await?;
+            let etag = r.meta.e_tag.clone();
+            Ok::<_, object_store::Error>((r.bytes().await?, etag))
+        }
+        .await;
+        let (bytes, etag) = res.map_err(|e| self.fail("get", key, e))?;
+        bump(&self.counters.bytes_read, bytes.len() as u64);
+        Ok((bytes, etag))
+    }
+
+    /// Replace an object only if it still has version `etag` (If-Match).
+    /// Returns the new version. [`Error::Changed`] if another writer got
+    /// there first. Backends without conditional updates (`file://`) error.
+    pub async fn put_replace(&self, key: &str, bytes: Bytes, etag: &str) -> Result<Option<String>> {
+        let path = self.path(key)?;
+        bump(&self.counters.puts, 1);
+        let len = bytes.len() as u64;
+        let mode = PutMode::Update(object_store::UpdateVersion {
+            e_tag: Some(etag.to_owned()),
+            version: None,
+        });
+        match self
+            .inner
+            .put_opts(&path, bytes.into(), PutOptions::from(mode))
+            .await
+        {
+            Ok(r) => {
+                bump(&self.counters.bytes_written, len);
+                Ok(r.e_tag)
+            }
+            Err(object_store::Error::Precondition { .. }) => Err(Error::Changed {
                 key: key.to_owned(),
             }),
             Err(e) => Err(self.fail("put", key, e)),

@@ -1,6 +1,7 @@
 //! Fetch: serve from the tail, the cache or Parquet segments, long-polling
 //! on the shards' high-watermark notifications until min_bytes or max_wait.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -62,7 +63,7 @@ pub fn fetch(ctx: &Ctx, req: FetchRequest, _version: i16) -> Pending {
 
 /// One pass over every requested partition.
 async fn read_all(
-    b: &Broker,
+    b: &Arc<Broker>,
     req: &FetchRequest,
     max_bytes: usize,
 ) -> (Vec<FetchableTopicResponse>, usize, bool) {
@@ -103,7 +104,10 @@ async fn read_all(
             let data: Option<Bytes> = match shard.read(p.fetch_offset, budget) {
                 Read::Tail(batches) => Some(concat(batches)),
                 Read::Segment(seg) => match b.read_segment(&seg).await {
-                    Ok(bytes) => Some(bytes),
+                    Ok(bytes) => {
+                        b.read_ahead(shard, &seg);
+                        Some(bytes)
+                    }
                     Err(e) => {
                         tracing::warn!(object = %seg.object, "cold read failed: {e}");
                         errors = true;

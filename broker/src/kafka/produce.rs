@@ -148,6 +148,13 @@ enum Appended2 {
 
 /// The ordered part: validate every batch first, so a bad one writes nothing.
 fn append(b: &Broker, shard: &ShardLog, records: Bytes) -> Result<Appended2> {
+    let pending = b.unflushed_bytes();
+    if pending >= b.config.max_unflushed_bytes {
+        return Err(Error::Backpressure {
+            pending,
+            limit: b.config.max_unflushed_bytes,
+        });
+    }
     let batches = batch::split(records)?;
     if batches.is_empty() {
         return Err(Error::Corrupt("empty produce".into()));

@@ -1,0 +1,82 @@
+//! The background tasks of a node that keeps its state in the bucket:
+//! writing applied commands there in order, and renewing the lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::bucket::{Bucket, LoggedCommand};
+use crate::error::Error;
+use crate::raft::state_machine::{self, SharedState};
+
+/// Writes queued commands to the bucket in order, one object per group.
+pub(crate) async fn mirror_loop(
+    bucket: Arc<Bucket>,
+    mut rx: mpsc::UnboundedReceiver<LoggedCommand>,
+    mirrored: watch::Sender<u64>,
+    fenced: Arc<watch::Sender<Option<String>>>,
+    state: SharedState,
+    mut last_snapshot: u64,
+    snapshot_every: u64,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match bucket.write_log(&group).await {
+                Ok(()) => break,
+                Err(Error::Fenced(why)) => {
+                    tracing::error!("placement fenced in the bucket: {why}");
+                    fenced.send_replace(Some(why));
+                    return;
+                }
+                Err(e) => {
+                    // Writes wait meanwhile; the lease loop fences us if
+                    // this lasts past the lease.
+                    tracing::warn!("writing placement log to the bucket: {e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let last = group.last().map_or(0, |c| c.version);
+        mirrored.send_replace(last);
+        if last.saturating_sub(last_snapshot) >= snapshot_every {
+            let snapshot = state_machine::read(&state).state.clone();
+            match bucket.write_snapshot(&snapshot).await {
+                Ok(()) => last_snapshot = snapshot.version,
+                Err(e) => tracing::warn!("writing placement snapshot to the bucket: {e}"),
+            }
+        }
+    }
+}
+
+/// Renews the bucket lease; fences this node if it cannot keep it.
+pub(crate) async fn renew_loop(bucket: Arc<Bucket>, fenced: Arc<watch::Sender<Option<String>>>) {
+    let ttl = bucket.ttl();
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match bucket.renew().await {
+            Ok(()) => last_ok = Instant::now(),
+            Err(Error::Fenced(why)) => {
+                tracing::error!("placement fenced in the bucket: {why}");
+                fenced.send_replace(Some(why));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("renewing the bucket lease: {e}");
+                if last_ok.elapsed() >= ttl {
+                    let why = format!("could not renew the bucket lease for {ttl:?}: {e}");
+                    tracing::error!("{why}");
+                    fenced.send_replace(Some(why));
+                    return;
+                }
+            }
+        }
+    }
+}

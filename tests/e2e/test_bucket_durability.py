@@ -1,0 +1,147 @@
+"""`object` durability and a standalone node that keeps nothing on its disk
+that matters: the binary on the moto S3 emulator that tests/run.sh starts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.parse
+
+import pytest
+
+from clients import DeliveryLog, ck_admin, ck_config, ck_consume_all, ck_producer
+from harness import ShoalStartError, unique_name, wait_for
+from test_s3 import S3_URL, s3_keys
+
+# In CI (CI=true) the harness always provides the emulator: never skip there.
+pytestmark = pytest.mark.skipif(
+    not S3_URL and not os.environ.get("CI"),
+    reason="SHOAL_TEST_S3_URL not set (tests/run.sh sets it)")
+
+
+def fresh_store() -> tuple[str, str, str]:
+    url = urllib.parse.urlparse(S3_URL)
+    prefix = f"{url.path.strip('/')}/{unique_name('bucket')}".strip("/")
+    return f"s3://{url.netloc}/{prefix}", url.netloc, prefix
+
+
+def start_ok(shoal) -> bool:
+    try:
+        shoal.start()
+        return True
+    except ShoalStartError as e:
+        assert "in use" in str(e), str(e)
+        return False
+
+
+def test_restart_after_kill_takes_its_own_lease_back(shoal_factory):
+    store, _bucket, _prefix = fresh_store()
+    shoal = shoal_factory(object_store=store)  # default 10 s lease
+    shoal.start()
+    topic = unique_name("ownlease")
+    create_object_topic(shoal.bootstrap, topic, 1)
+    produce(shoal.bootstrap, topic, [b"x"], 1)
+    shoal.kill9()
+    shoal.start()  # same disk, same node: no wait for the lease
+    got = ck_consume_all(shoal.bootstrap, topic, [0])
+    assert [m.value() for m in got[0]] == [b"x"]
+
+
+def create_object_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    admin = ck_admin(bootstrap)
+    fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                        config={"shoal.durability": "object"})],
+                              request_timeout=30)
+    fut[topic].result(timeout=60)
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int) -> DeliveryLog:
+    log = DeliveryLog()
+    p = ck_producer(bootstrap, acks="all", **{"linger.ms": 5})
+    for i, v in enumerate(values):
+        p.produce(topic, value=v, partition=i % partitions, on_delivery=log)
+    assert p.flush(60) == 0
+    assert not log.errors, log.errors[:5]
+    return log
+
+
+def test_object_durability_acks_only_after_the_object_is_committed(shoal_factory):
+    store, bucket, prefix = fresh_store()
+    shoal = shoal_factory(object_store=store, flush_interval="200ms")
+    shoal.start()
+    topic = unique_name("objdur")
+    create_object_topic(shoal.bootstrap, topic, 1)
+    doc = shoal.stream(topic)
+    assert doc["config"]["shoal.durability"] == "object"
+
+    for round_ in range(3):
+        log = produce(shoal.bootstrap, topic, [f"r{round_}-{i}".encode() for i in range(20)], 1)
+        last = max(off for _, off, _ in log.ok)
+        # Checked at once, with no waiting: the acknowledgement implies it.
+        doc = shoal.stream(topic)
+        shard = doc["shards"][0]
+        assert shard["committed_offset"] > last, shard
+        objects = {s["object"] for s in shard["segments"] if s["last_offset"] >= last}
+        keys = s3_keys(bucket, prefix + "/")
+        assert objects and all(any(k.endswith(o) for k in keys) for o in objects), (objects, keys)
+
+
+def test_lost_local_disk_recovers_from_the_bucket(shoal_factory):
+    from confluent_kafka import Consumer, TopicPartition
+
+    store, _bucket, _prefix = fresh_store()
+    shoal = shoal_factory(object_store=store, extra_args=["--bucket-lease-ttl", "2s"])
+    shoal.start()
+    topic = unique_name("lostdisk")
+    create_object_topic(shoal.bootstrap, topic, 2)
+    values = [f"v{i}".encode() for i in range(200)]
+    log = produce(shoal.bootstrap, topic, values, 2)
+    group = unique_name("grp")
+    c = Consumer(ck_config(shoal.bootstrap, **{"group.id": group, "enable.auto.commit": False}))
+    c.commit(offsets=[TopicPartition(topic, 0, 42), TopicPartition(topic, 1, 17)], asynchronous=False)
+    c.close()
+
+    shoal.kill9()
+    shutil.rmtree(shoal.data_dir)
+    # A new disk is a new node: it waits for the dead node's lease to expire.
+    wait_for(lambda: start_ok(shoal), 30, "the new node to take the bucket lease", interval=0.5)
+
+    got = ck_consume_all(shoal.bootstrap, topic, [0, 1])
+    stored = {(p, m.offset()): m.value() for p, msgs in got.items() for m in msgs}
+    for p, off, v in log.ok:
+        assert stored.get((p, off)) == v, f"acknowledged {v!r} at {p}/{off} lost"
+    assert len(stored) == len(values)
+
+    c = Consumer(ck_config(shoal.bootstrap, **{"group.id": group, "enable.auto.commit": False}))
+    committed = c.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=30)
+    c.close()
+    assert {tp.partition: tp.offset for tp in committed} == {0: 42, 1: 17}
+
+    # New records continue the offsets.
+    log2 = produce(shoal.bootstrap, topic, [b"after"], 2)
+    assert log2.ok[0][1] == 100
+
+
+def test_second_node_on_the_same_bucket_is_fenced(shoal_factory):
+    store, _bucket, _prefix = fresh_store()
+    ttl = ["--bucket-lease-ttl", "2s"]
+    first = shoal_factory(name="first", object_store=store, extra_args=ttl)
+    first.start()
+    topic = unique_name("fence")
+    create_object_topic(first.bootstrap, topic, 1)
+    produce(first.bootstrap, topic, [b"one", b"two"], 1)
+
+    second = shoal_factory(name="second", object_store=store, extra_args=ttl)
+    with pytest.raises(ShoalStartError) as refused:
+        second.start()
+    assert "in use" in str(refused.value), str(refused.value)
+    assert first.is_running() and first.health_status() == 200
+
+    # Once the first stops renewing, its lease runs out and the second may take over.
+    first.kill9()
+
+    wait_for(lambda: start_ok(second), 30, "the second node to take the expired bucket lease", interval=0.5)
+    got = ck_consume_all(second.bootstrap, topic, [0])
+    assert [m.value() for m in got[0]] == [b"one", b"two"]
