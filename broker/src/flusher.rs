@@ -116,7 +116,14 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         let key = shoal_storage::segment_key(broker.config.broker_id, *next_id, now_ms());
         match broker.store.put_create(&key, encoded.bytes.clone()).await {
             Ok(()) => break key,
-            Err(shoal_storage::Error::AlreadyExists { .. }) => continue,
+            // Either a retry of this very PUT landed (same bytes: use it) or
+            // the key is taken (try the next id).
+            Err(shoal_storage::Error::AlreadyExists { .. }) => {
+                if broker.store.get(&key).await.ok().as_ref() == Some(&encoded.bytes) {
+                    break key;
+                }
+                continue;
+            }
             Err(e) => return Err(e.into()),
         }
     };

@@ -94,3 +94,18 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+impl Error {
+    /// Worth another attempt: the request failed on the way (connection
+    /// reset, timeout, 5xx after the client's own retries), not because of
+    /// what it asked.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                source: object_store::Error::Generic { .. },
+                ..
+            }
+        )
+    }
+}

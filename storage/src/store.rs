@@ -18,6 +18,9 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, P
 
 use crate::error::{Error, Result};
 
+/// How long one operation keeps retrying transient failures.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// A handle on one bucket (or directory) under an optional key prefix.
 ///
 /// Cheap to clone; clones share the backend and the request counters.
@@ -48,6 +51,8 @@ pub struct StoreStats {
     pub bytes_read: u64,
     /// Payload bytes sent by successful PUTs.
     pub bytes_written: u64,
+    /// Attempts repeated after a transient failure.
+    pub retries: u64,
 }
 
 #[derive(Default)]
@@ -60,6 +65,7 @@ struct Counters {
     errors: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    retries: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -162,6 +168,81 @@ impl ObjectStorage {
         })
     }
 
+    // Public operations: each attempt goes through `retry`, so a transient
+    // failure (connection reset, a 5xx that object_store's own retries gave
+    // up on, or a conditional PUT it would not retry) is tried again with
+    // jittered backoff. Callers of the conditional writes handle the
+    // "my own earlier attempt landed" case (AlreadyExists / Changed).
+
+    /// Create-only PUT (`If-None-Match: *`). [`Error::AlreadyExists`] if the
+    /// key exists, which after a retry may be this call's own first attempt.
+    pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<()> {
+        self.retry(|| self.put_create_once(key, bytes.clone()))
+            .await
+    }
+
+    /// Read a whole object with its version tag (ETag), for a later
+    /// [`put_replace`](Self::put_replace).
+    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>)> {
+        self.retry(|| self.get_versioned_once(key)).await
+    }
+
+    /// Replace an object only if it still has version `etag` (If-Match).
+    /// Returns the new version. [`Error::Changed`] if another writer got
+    /// there first (or a retried attempt of this call did).
+    pub async fn put_replace(&self, key: &str, bytes: Bytes, etag: &str) -> Result<Option<String>> {
+        self.retry(|| self.put_replace_once(key, bytes.clone(), etag))
+            .await
+    }
+
+    /// Read a whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        self.retry(|| self.get_once(key)).await
+    }
+
+    /// Read `range` of an object ([`Error::ShortRead`] past its end).
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.retry(|| self.get_range_once(key, range.clone())).await
+    }
+
+    /// Size of an object.
+    pub async fn head(&self, key: &str) -> Result<u64> {
+        self.retry(|| self.head_once(key)).await
+    }
+
+    /// Delete an object; deleting a missing one succeeds.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.retry(|| self.delete_once(key)).await
+    }
+
+    /// Keys under `prefix` (whole path segments), with sizes, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.retry(|| self.list_once(prefix)).await
+    }
+
+    async fn retry<T, F, Fut>(&self, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + RETRY_FOR;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match attempt().await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    bump(&self.counters.retries, 1);
+                    // Full jitter: spread retries of many callers apart.
+                    let wait = backoff
+                        .mul_f64(rand::random::<f64>())
+                        .max(Duration::from_millis(5));
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The URL this store was opened with.
     pub fn url(&self) -> &str {
         &self.url
@@ -180,12 +261,13 @@ impl ObjectStorage {
             errors: load(&c.errors),
             bytes_read: load(&c.bytes_read),
             bytes_written: load(&c.bytes_written),
+            retries: load(&c.retries),
         }
     }
 
     /// Write an object only if no object exists at `key`.
     /// Objects are immutable, so this is the only kind of write offered.
-    pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<()> {
+    async fn put_create_once(&self, key: &str, bytes: Bytes) -> Result<()> {
         let path = self.path(key)?;
         bump(&self.counters.puts, 1);
         let len = bytes.len() as u64;
@@ -211,7 +293,7 @@ impl ObjectStorage {
 
     /// Read a whole object with its version tag (ETag), for a later
     /// [`put_replace`](Self::put_replace).
-    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>)> {
+    async fn get_versioned_once(&self, key: &str) -> Result<(Bytes, Option<String>)> {
         let path = self.path(key)?;
         bump(&self.counters.gets, 1);
         let res = async {
@@ -228,7 +310,12 @@ impl ObjectStorage {
     /// Replace an object only if it still has version `etag` (If-Match).
     /// Returns the new version. [`Error::Changed`] if another writer got
     /// there first. Backends without conditional updates (`file://`) error.
-    pub async fn put_replace(&self, key: &str, bytes: Bytes, etag: &str) -> Result<Option<String>> {
+    async fn put_replace_once(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        etag: &str,
+    ) -> Result<Option<String>> {
         let path = self.path(key)?;
         bump(&self.counters.puts, 1);
         let len = bytes.len() as u64;
@@ -253,7 +340,7 @@ impl ObjectStorage {
     }
 
     /// Read a whole object.
-    pub async fn get(&self, key: &str) -> Result<Bytes> {
+    async fn get_once(&self, key: &str) -> Result<Bytes> {
         let path = self.path(key)?;
         bump(&self.counters.gets, 1);
         let res = async { self.inner.get(&path).await?.bytes().await }.await;
@@ -266,7 +353,7 @@ impl ObjectStorage {
     /// end of the object is an error ([`Error::ShortRead`]) rather than a
     /// shorter answer: callers take ranges from metadata, so a short
     /// object is a corrupt one.
-    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    async fn get_range_once(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;
         if range.start >= range.end {
             return Ok(Bytes::new());
@@ -317,7 +404,7 @@ impl ObjectStorage {
     }
 
     /// Size of an object in bytes.
-    pub async fn head(&self, key: &str) -> Result<u64> {
+    async fn head_once(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         bump(&self.counters.heads, 1);
         let meta = self
@@ -330,7 +417,7 @@ impl ObjectStorage {
 
     /// Delete an object. Deleting a missing object succeeds on every
     /// backend (S3 already behaves so), so garbage collection can retry.
-    pub async fn delete(&self, key: &str) -> Result<()> {
+    async fn delete_once(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         bump(&self.counters.deletes, 1);
         match self.inner.delete(&path).await {
@@ -344,7 +431,7 @@ impl ObjectStorage {
     /// The prefix matches whole path segments: `segments/2024` lists
     /// `segments/2024/...` but not `segments/2024x/...`. An empty prefix
     /// lists the whole store.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+    async fn list_once(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let full = if prefix.is_empty() {
             self.prefix.clone()
         } else {

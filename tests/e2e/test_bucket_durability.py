@@ -145,3 +145,42 @@ def test_second_node_on_the_same_bucket_is_fenced(shoal_factory):
     wait_for(lambda: start_ok(second), 30, "the second node to take the expired bucket lease", interval=0.5)
     got = ck_consume_all(second.bootstrap, topic, [0])
     assert [m.value() for m in got[0]] == [b"one", b"two"]
+
+
+def test_faults_in_the_object_store_lose_nothing(shoal_factory):
+    from faulty_s3 import FaultyS3
+
+    store, _bucket, _prefix = fresh_store()
+    upstream = os.environ.get("AWS_ENDPOINT_URL") or os.environ["AWS_ENDPOINT"]
+    with FaultyS3(upstream, seed=7) as proxy:
+        shoal = shoal_factory(object_store=store,
+                              env={"AWS_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT": proxy.url})
+        shoal.start(timeout=120)
+        topic = unique_name("faults")
+        create_object_topic(shoal.bootstrap, topic, 3)
+        log = DeliveryLog()
+        p = ck_producer(shoal.bootstrap, acks="all", **{
+            "enable.idempotence": True, "linger.ms": 20, "message.timeout.ms": 120000})
+        values = [f"f{i}".encode() for i in range(3000)]
+        for v in values:
+            while True:
+                try:
+                    p.produce(topic, value=v, on_delivery=log)
+                    break
+                except BufferError:
+                    p.poll(0.05)
+            p.poll(0)
+        assert p.flush(180) == 0
+        assert not log.errors, log.errors[:5]
+        assert shoal.is_running()
+        assert proxy.counts["errors"] > 0 and proxy.counts["drops"] > 0, proxy.counts
+
+        # A restart reads everything back through the faulty store (cold reads).
+        shoal.restart(timeout=120)
+        got = ck_consume_all(shoal.bootstrap, topic, [0, 1, 2], timeout=120)
+        stored = {(p_, m.offset()): m.value() for p_, msgs in got.items() for m in msgs}
+        for part, off, v in log.ok:
+            assert stored.get((part, off)) == v, f"acknowledged {v!r} at {part}/{off} lost"
+        assert sorted(stored.values()) == sorted(values)
+        assert shoal.is_running()
+        assert shoal.rss_bytes() < 1 << 30
