@@ -96,16 +96,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Worth another attempt: the request failed on the way (connection
-    /// reset, timeout, 5xx after the client's own retries), not because of
-    /// what it asked.
+    /// Worth another attempt: a request to a remote store failed on the
+    /// way (connection reset, timeout, 5xx after the client's own retries).
+    /// Local backends (memory, file) fail for what was asked, never
+    /// transiently.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             Error::Store {
-                source: object_store::Error::Generic { .. },
+                source: object_store::Error::Generic { store, .. },
                 ..
-            }
+            } if matches!(*store, "S3" | "GCS" | "MicrosoftAzure" | "HTTP")
         )
     }
 }
