@@ -31,9 +31,17 @@ pub struct Metrics {
     pub cold_reads: Counter,
 }
 
-fn latency_histogram() -> Histogram {
-    // 50 µs .. ~26 s
-    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+fn counter(r: &mut Registry, name: &str, help: &str) -> Counter {
+    let c = Counter::default();
+    r.register(name, help, c.clone());
+    c
+}
+
+/// Latency buckets from 50 µs to ~26 s.
+fn histogram(r: &mut Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::new(exponential_buckets(0.00005, 2.0, 20));
+    r.register(name, help, h.clone());
+    h
 }
 
 impl Default for Metrics {
@@ -44,81 +52,41 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("shoal");
-        let m = Metrics {
-            requests: Family::default(),
-            produce_requests: Counter::default(),
-            produce_bytes: Counter::default(),
-            produce_records: Counter::default(),
-            produce_latency: latency_histogram(),
-            fetch_requests: Counter::default(),
-            fetch_bytes: Counter::default(),
-            fetch_latency: latency_histogram(),
-            flushes: Counter::default(),
-            flush_bytes: Counter::default(),
-            flush_duration: latency_histogram(),
-            flush_errors: Counter::default(),
-            cold_reads: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "kafka_requests",
-            "Kafka requests by API",
-            m.requests.clone(),
-        );
-        registry.register(
-            "produce_requests",
-            "Produced partition batches",
-            m.produce_requests.clone(),
-        );
-        registry.register(
-            "produce_bytes",
-            "Bytes of record batches produced",
-            m.produce_bytes.clone(),
-        );
-        registry.register(
-            "produce_records",
-            "Records produced",
-            m.produce_records.clone(),
-        );
-        registry.register(
-            "produce_latency_seconds",
-            "Produce latency until acknowledged",
-            m.produce_latency.clone(),
-        );
-        registry.register("fetch_requests", "Fetch requests", m.fetch_requests.clone());
-        registry.register(
-            "fetch_bytes",
-            "Bytes returned by fetches",
-            m.fetch_bytes.clone(),
-        );
-        registry.register(
-            "fetch_latency_seconds",
-            "Fetch latency including long-poll",
-            m.fetch_latency.clone(),
-        );
-        registry.register("flush", "Segment flushes committed", m.flushes.clone());
-        registry.register(
-            "flush_bytes",
-            "Bytes of Parquet segments flushed",
-            m.flush_bytes.clone(),
-        );
-        registry.register(
-            "flush_duration_seconds",
-            "Flush duration (encode, PUT, commit)",
-            m.flush_duration.clone(),
-        );
-        registry.register(
-            "flush_errors",
-            "Failed flush attempts",
-            m.flush_errors.clone(),
-        );
-        registry.register(
-            "cold_reads",
-            "Fetches served from object storage segments",
-            m.cold_reads.clone(),
-        );
-        Metrics { registry, ..m }
+        let mut r = Registry::with_prefix("shoal");
+        let requests = Family::<ApiLabel, Counter>::default();
+        r.register("kafka_requests", "Kafka requests by API", requests.clone());
+        Metrics {
+            requests,
+            produce_requests: counter(&mut r, "produce_requests", "Produced partition batches"),
+            produce_bytes: counter(&mut r, "produce_bytes", "Bytes of record batches produced"),
+            produce_records: counter(&mut r, "produce_records", "Records produced"),
+            produce_latency: histogram(
+                &mut r,
+                "produce_latency_seconds",
+                "Produce latency until acknowledged",
+            ),
+            fetch_requests: counter(&mut r, "fetch_requests", "Fetch requests"),
+            fetch_bytes: counter(&mut r, "fetch_bytes", "Bytes returned by fetches"),
+            fetch_latency: histogram(
+                &mut r,
+                "fetch_latency_seconds",
+                "Fetch latency including long-poll",
+            ),
+            flushes: counter(&mut r, "flush", "Segment flushes committed"),
+            flush_bytes: counter(&mut r, "flush_bytes", "Bytes of Parquet segments flushed"),
+            flush_duration: histogram(
+                &mut r,
+                "flush_duration_seconds",
+                "Flush duration (encode, PUT, commit)",
+            ),
+            flush_errors: counter(&mut r, "flush_errors", "Failed flush attempts"),
+            cold_reads: counter(
+                &mut r,
+                "cold_reads",
+                "Fetches served from object storage segments",
+            ),
+            registry: r,
+        }
     }
 
     /// Render the registry plus externally kept gauges.
