@@ -20,9 +20,13 @@ use crate::shard::{ShardLog, TailBatch};
 pub async fn run(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     // Unique across restarts of the same broker id: start from the clock.
     let mut next_id = (now_ms().max(0) as u64) * 1000;
+    // Ticks at a fixed cadence (not a sleep after each flush), so a record
+    // waits at most one interval plus one flush for its object.
+    let mut tick = tokio::time::interval(broker.config.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(broker.config.flush_interval) => {}
+            _ = tick.tick() => {}
             _ = broker.flush_now.notified() => {}
             _ = shutdown.changed() => {
                 // One last flush so a clean stop leaves nothing in the WAL.

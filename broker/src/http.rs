@@ -105,6 +105,18 @@ async fn metrics(State(st): State<AppState>) -> Response {
             b.wal.pending_bytes() as f64,
         ),
         (
+            "shoal_unflushed_bytes",
+            "gauge",
+            "Bytes accepted and not yet in a committed object",
+            b.unflushed_bytes() as f64,
+        ),
+        (
+            "shoal_object_store_retries_total",
+            "counter",
+            "Object store attempts repeated after transient failures",
+            store.retries as f64,
+        ),
+        (
             "shoal_object_store_requests_total{kind=\"put\"}",
             "counter",
             "Object store requests by kind",

@@ -55,6 +55,9 @@ pub struct Bucket {
     holder: String,
     ttl: Duration,
     etag: tokio::sync::Mutex<String>,
+    /// Until when the lease is surely ours: the start of the last successful
+    /// write of it plus the TTL. Past it, another node may hold it.
+    valid_until: parking_lot::Mutex<tokio::time::Instant>,
 }
 
 impl Bucket {
@@ -76,6 +79,7 @@ impl Bucket {
             .map(Bytes::from)
             .map_err(bucket_err)
         };
+        let started = tokio::time::Instant::now();
         match read_lease(&store).await? {
             None => match store.put_create(LEASE, lease(&holder)?).await {
                 Ok(()) | Err(shoal_storage::Error::AlreadyExists { .. }) => {}
@@ -113,6 +117,7 @@ impl Bucket {
             holder,
             ttl,
             etag: tokio::sync::Mutex::new(etag),
+            valid_until: parking_lot::Mutex::new(started + ttl),
         })
     }
 
@@ -120,19 +125,29 @@ impl Bucket {
         self.ttl
     }
 
+    /// Is the lease surely still ours? Writes to the bucket wait while not.
+    pub fn lease_valid(&self) -> bool {
+        tokio::time::Instant::now() < *self.valid_until.lock()
+    }
+
     /// Extend the lease. [`Error::Fenced`] if someone else holds it now.
     pub async fn renew(&self) -> Result<()> {
+        let started = tokio::time::Instant::now();
         let mut etag = self.etag.lock().await;
+        let result = self.renew_locked(&mut etag).await;
+        if result.is_ok() {
+            *self.valid_until.lock() = started + self.ttl;
+        }
+        result
+    }
+
+    async fn renew_locked(&self, etag: &mut String) -> Result<()> {
         let body = serde_json::to_vec(&Lease {
             holder: self.holder.clone(),
             expires_ms: now_ms() + self.ttl.as_millis() as i64,
         })
         .map_err(bucket_err)?;
-        match self
-            .store
-            .put_replace(LEASE, Bytes::from(body), &etag)
-            .await
-        {
+        match self.store.put_replace(LEASE, Bytes::from(body), etag).await {
             Ok(Some(e)) => {
                 *etag = e;
                 Ok(())

@@ -2,7 +2,7 @@
 //! writing applied commands there in order, and renewing the lease.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -27,6 +27,13 @@ pub(crate) async fn mirror_loop(
         }
         let mut backoff = Duration::from_millis(50);
         loop {
+            // Never write on an expired lease: another node may hold it.
+            while !bucket.lease_valid() {
+                if fenced.borrow().is_some() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             match bucket.write_log(&group).await {
                 Ok(()) => break,
                 Err(Error::Fenced(why)) => {
@@ -55,26 +62,31 @@ pub(crate) async fn mirror_loop(
     }
 }
 
-/// Renews the bucket lease; fences this node if it cannot keep it.
+/// Renews the bucket lease. While the store is unreachable the lease may
+/// lapse: bucket writes then wait (see `mirror_loop`) and renewal keeps
+/// trying; if the lease is still ours when the store returns, work goes on.
+/// Only another node holding it fences this one.
 pub(crate) async fn renew_loop(bucket: Arc<Bucket>, fenced: Arc<watch::Sender<Option<String>>>) {
     let ttl = bucket.ttl();
-    let mut last_ok = Instant::now();
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        let wait = if bucket.lease_valid() {
+            ttl / 3
+        } else {
+            Duration::from_millis(500)
+        };
+        tokio::time::sleep(wait).await;
         match bucket.renew().await {
-            Ok(()) => last_ok = Instant::now(),
+            Ok(()) => {}
             Err(Error::Fenced(why)) => {
                 tracing::error!("placement fenced in the bucket: {why}");
                 fenced.send_replace(Some(why));
                 return;
             }
             Err(e) => {
-                tracing::warn!("renewing the bucket lease: {e}");
-                if last_ok.elapsed() >= ttl {
-                    let why = format!("could not renew the bucket lease for {ttl:?}: {e}");
-                    tracing::error!("{why}");
-                    fenced.send_replace(Some(why));
-                    return;
+                if bucket.lease_valid() {
+                    tracing::warn!("renewing the bucket lease: {e}");
+                } else {
+                    tracing::warn!("the bucket lease lapsed, placement writes wait: {e}");
                 }
             }
         }

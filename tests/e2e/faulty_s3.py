@@ -20,14 +20,17 @@ INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</
 
 
 class FaultyS3:
-    def __init__(self, upstream: str, *, max_delay=0.3, seed=None):
+    def __init__(self, upstream: str, *, max_delay=0.3, seed=None, faults=True):
         self.upstream = urllib.parse.urlparse(upstream)
+        # `down`: every request is refused (connection dropped), as if the
+        # store were unreachable; `enabled`: the scheduled faults below.
+        self.down = False
         self.max_delay = max_delay
         self.n = 0
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "errors": 0, "delays": 0, "drops": 0}
-        self.enabled = True
+        self.enabled = faults
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -98,6 +101,8 @@ class FaultyS3:
         # dropped connections (alternately before and after the emulator
         # acted), ~20 % delayed.
         with self.lock:
+            if self.down:
+                return "drop-before"
             if not self.enabled:
                 return "none"
             self.n += 1

@@ -184,3 +184,63 @@ def test_faults_in_the_object_store_lose_nothing(shoal_factory):
         assert sorted(stored.values()) == sorted(values)
         assert shoal.is_running()
         assert shoal.rss_bytes() < 1 << 30
+
+
+def test_store_outage_is_bounded_and_caught_up(shoal_factory):
+    """While the store is unreachable, local-durability writes go on up to
+    --max-unflushed-bytes, then get a retriable error; the node neither
+    crashes nor fences itself, and catches up when the store is back."""
+    from faulty_s3 import FaultyS3
+
+    store, _bucket, _prefix = fresh_store()
+    upstream = os.environ.get("AWS_ENDPOINT_URL") or os.environ["AWS_ENDPOINT"]
+    with FaultyS3(upstream, faults=False) as proxy:
+        shoal = shoal_factory(
+            object_store=store,
+            env={"AWS_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT": proxy.url},
+            flush_bytes=1 << 20,
+            extra_args=["--max-unflushed-bytes", "2MiB", "--bucket-lease-ttl", "2s"])
+        shoal.start(timeout=120)
+        topic = unique_name("outage")
+        from confluent_kafka.admin import NewTopic
+        admin = ck_admin(shoal.bootstrap)  # keep it alive until the result
+        admin.create_topics(
+            [NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(60)
+
+        proxy.down = True
+        log = DeliveryLog()
+        p = ck_producer(shoal.bootstrap, acks="all", **{
+            "linger.ms": 5, "message.timeout.ms": 300000, "retry.backoff.ms": 200})
+        total = 4000
+        payload = b"x" * 1024
+        for i in range(total):
+            p.produce(topic, value=payload + str(i).encode(), on_delivery=log)
+            p.poll(0)
+
+        def delivered():
+            p.poll(0.1)
+            return len(log.ok)
+
+        # Local durability: acknowledged from the WAL while the store is down...
+        wait_for(lambda: delivered() >= 1000, 60, "local writes during the outage")
+        # ... up to the bound, and the lease lapses without fencing the node.
+        wait_for(lambda: "lease lapsed" in shoal.log_text(), 60, "the bucket lease to lapse")
+        def bound_reached():
+            delivered()
+            m = shoal.metrics()
+            pending = m.get("shoal_unflushed_bytes", 0)
+            assert pending >= 2 << 20, f"{len(log.ok)} delivered, {pending} bytes un-flushed"
+            return True
+        wait_for(bound_reached, 60, "the un-flushed bound to be reached")
+        delivered()
+        assert len(log.ok) < total, "nothing bounded the buffer while the store was down"
+        assert shoal.is_running() and shoal.health_status() == 200
+
+        proxy.down = False
+        assert p.flush(180) == 0
+        assert not log.errors, log.errors[:5]
+        assert len(log.ok) == total
+        shoal.wait_flushed(topic, {0: total}, timeout=120)
+        assert shoal.is_running()
+        got = ck_consume_all(shoal.bootstrap, topic, [0], timeout=120)
+        assert len(got[0]) == total

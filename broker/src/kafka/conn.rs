@@ -16,7 +16,10 @@ use crate::broker::Broker;
 use crate::metrics::ApiLabel;
 
 /// How many responses one connection may have in flight (pipelining).
-const MAX_IN_FLIGHT: usize = 64;
+/// Produces on `object` topics wait about a flush interval each, so a busy
+/// producer keeps hundreds in flight; what they hold is small (the records
+/// already went to the WAL and the tail).
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// Per-connection context handed to handlers.
 pub struct Ctx {

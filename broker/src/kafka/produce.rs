@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
-use shoal_wal_cache::AppendTicket;
 
 use super::Pending;
 use super::conn::Ctx;
@@ -24,7 +23,7 @@ enum Outcome {
         shard: Arc<ShardLog>,
         base_offset: i64,
         last_offset: i64,
-        tickets: Vec<AppendTicket>,
+        durable: Durable,
         durability: Durability,
     },
 }
@@ -60,12 +59,12 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                                 Appended2::Pending {
                                     base_offset,
                                     last_offset,
-                                    tickets,
+                                    durable,
                                 } => Outcome::Wait {
                                     shard: shard.clone(),
                                     base_offset,
                                     last_offset,
-                                    tickets,
+                                    durable,
                                     durability,
                                 },
                             },
@@ -95,13 +94,13 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                         shard,
                         base_offset,
                         last_offset,
-                        tickets,
+                        durable,
                         durability,
                     } => wait(
                         &shard,
                         base_offset,
                         last_offset,
-                        tickets,
+                        durable,
                         durability,
                         timeout,
                     )
@@ -142,12 +141,16 @@ enum Appended2 {
     Pending {
         base_offset: i64,
         last_offset: i64,
-        tickets: Vec<AppendTicket>,
+        durable: Durable,
     },
 }
 
 /// The ordered part: validate every batch first, so a bad one writes nothing.
-fn append(b: &Broker, shard: &ShardLog, records: Bytes) -> Result<Appended2> {
+/// Resolves when the WAL has fsynced a partition's batches (and they are
+/// visible); `Err` carries the WAL failure.
+type Durable = tokio::sync::oneshot::Receiver<std::result::Result<(), String>>;
+
+fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Appended2> {
     let pending = b.unflushed_bytes();
     if pending >= b.config.max_unflushed_bytes {
         return Err(Error::Backpressure {
@@ -195,11 +198,33 @@ fn append(b: &Broker, shard: &ShardLog, records: Bytes) -> Result<Appended2> {
     }
     b.metrics.produce_requests.inc();
     match first {
-        Some(base_offset) => Ok(Appended2::Pending {
-            base_offset,
-            last_offset: last,
-            tickets,
-        }),
+        Some(base_offset) => {
+            // Make the batches visible (high watermark, flusher) as soon as
+            // the fsync is done, not when this connection's writer gets to
+            // the response: responses are sent in order, and an earlier one
+            // may be waiting for an object commit that needs these batches.
+            let (tx, durable) = tokio::sync::oneshot::channel();
+            let shard = shard.clone();
+            tokio::spawn(async move {
+                let mut result = Ok(());
+                for t in tickets {
+                    if let Err(e) = t.durable().await {
+                        tracing::error!(stream = %shard.stream, shard = shard.shard, "WAL fsync failed: {e}");
+                        result = Err(e.to_string());
+                        break;
+                    }
+                }
+                if result.is_ok() {
+                    shard.durable_through(last);
+                }
+                let _ = tx.send(result);
+            });
+            Ok(Appended2::Pending {
+                base_offset,
+                last_offset: last,
+                durable,
+            })
+        }
         None => Ok(Appended2::Dup(dup.unwrap_or(-1))),
     }
 }
@@ -208,17 +233,15 @@ async fn wait(
     shard: &ShardLog,
     base_offset: i64,
     last_offset: i64,
-    tickets: Vec<AppendTicket>,
+    durable: Durable,
     durability: Durability,
     timeout: Duration,
 ) -> Result<i64> {
-    for t in tickets {
-        if let Err(e) = t.durable().await {
-            tracing::error!(stream = %shard.stream, shard = shard.shard, "WAL fsync failed: {e}");
-            return Err(e.into());
-        }
+    match durable.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Internal(format!("WAL fsync failed: {e}"))),
+        Err(_) => return Err(Error::Internal("WAL append abandoned".into())),
     }
-    shard.durable_through(last_offset);
     if durability == Durability::Object {
         let mut rx = shard.watch_committed();
         let reached = tokio::time::timeout(timeout, rx.wait_for(|c| *c > last_offset)).await;
