@@ -52,6 +52,10 @@ pub struct Broker {
     prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Size of the batches cold reads are re-encoded into (Kafka's default
+/// max.partition.fetch.bytes).
+const COLD_BATCH_BYTES: usize = 1 << 20;
+
 fn segment_cache_key(seg: &SegmentRef) -> String {
     format!("rg/{}/{}", seg.object, seg.row_group)
 }
@@ -388,7 +392,7 @@ impl Broker {
         });
     }
 
-    /// Records of a committed segment range as one Kafka batch, through the cache.
+    /// Records of a committed segment range as consecutive Kafka batches, through the cache.
     pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
         let key = segment_cache_key(seg);
         if let Some(b) = self.cache.get(&key).await {
@@ -408,7 +412,9 @@ impl Broker {
         let rows =
             shoal_storage::read_row_group(&self.store, &seg.object, meta, seg.row_group as usize)
                 .await?;
-        let encoded = batch::from_rows(&rows)?;
+        // Batches of about a fetch's partition size, so a fetch takes a
+        // slice of a large row group instead of all of it.
+        let encoded = batch::from_rows_chunked(&rows, COLD_BATCH_BYTES)?;
         self.cache.insert(&key, encoded.clone());
         Ok(encoded)
     }

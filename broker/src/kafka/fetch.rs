@@ -106,7 +106,11 @@ async fn read_all(
                 Read::Segment(seg) => match b.read_segment(&seg).await {
                     Ok(bytes) => {
                         b.read_ahead(shard, &seg);
-                        Some(bytes)
+                        Some(crate::batch::slice_for_fetch(
+                            &bytes,
+                            p.fetch_offset,
+                            budget,
+                        ))
                     }
                     Err(e) => {
                         tracing::warn!(object = %seg.object, "cold read failed: {e}");
