@@ -91,6 +91,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     if cfg.placement_in_bucket {
         let mut b = BucketConfig::new(store.clone(), node_identity(&cfg.data_dir)?);
         b.lease_ttl = cfg.bucket_lease_ttl;
+        b.contact = Some(contact_url(&cfg));
         node_cfg.bucket = Some(b);
     }
     let node = PlacementNode::start(node_cfg)
@@ -169,6 +170,17 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
 /// A random name for this node, kept in the data dir: the same disk is the
 /// same node (it may take its own bucket lease back after a crash); a new
 /// disk is a new node (it waits for the old lease to run out).
+/// Where other nodes reach this one's HTTP API: the HTTP address, with the
+/// advertised Kafka host standing in for a wildcard bind address.
+fn contact_url(cfg: &Standalone) -> String {
+    let addr = cfg.http_addr;
+    if addr.ip().is_unspecified() {
+        format!("http://{}:{}", cfg.advertised_host, addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 fn node_identity(data_dir: &std::path::Path) -> Result<String, String> {
     let path = data_dir.join("node-identity");
     match std::fs::read_to_string(&path) {

@@ -3,9 +3,12 @@
 //! one bucket cannot both write.
 //!
 //! Layout under the store's prefix:
-//! - `placement/lease.json`: `{holder, expires_ms}`, taken with a
-//!   create-only PUT and renewed with If-Match; a node that finds another
-//!   holder's unexpired lease refuses to start.
+//! - `placement/lease.json`: `{holder, expires_ms, contact}`, taken with a
+//!   create-only PUT and renewed with If-Match while the node writes. An
+//!   idle node lets it lapse (no PUTs while nothing changes) and renews it
+//!   before its next write; meanwhile it watches the lease with GETs. A node
+//!   that finds another holder's unexpired lease, or an expired one whose
+//!   holder still answers at `contact`, refuses to start.
 //! - `placement/log/<first:020>-<last:020>.json`: applied commands by state
 //!   version, written create-only in order (a second writer collides).
 //! - `placement/snapshot/<version:020>.json`: the whole state; older
@@ -29,7 +32,14 @@ const SNAPSHOT: &str = "placement/snapshot";
 struct Lease {
     holder: String,
     expires_ms: i64,
+    /// Base URL where the holder answers `GET` [`HOLDER_PATH`] with its name
+    /// while it runs, so an idle (lapsed) lease is not taken from a live node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    contact: Option<String>,
 }
+
+/// Path under a node's contact URL answering the name of the bucket holder.
+pub const HOLDER_PATH: &str = "/placement/v1/bucket-holder";
 
 /// One entry of the bucket log: the state version the command produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,7 +63,11 @@ fn bucket_err(e: impl std::fmt::Display) -> Error {
 pub struct Bucket {
     store: ObjectStorage,
     holder: String,
+    contact: Option<String>,
     ttl: Duration,
+    /// The last write to the bucket: the lease is renewed only while the
+    /// node has written within a TTL, so an idle node makes no PUTs.
+    last_write: parking_lot::Mutex<tokio::time::Instant>,
     etag: tokio::sync::Mutex<String>,
     /// Until when the lease is surely ours: the start of the last successful
     /// write of it plus the TTL. Past it, another node may hold it.
@@ -69,12 +83,19 @@ impl Bucket {
     /// Conditional PUTs are retried by the store client after a lost
     /// response, so a precondition failure may be our own earlier attempt:
     /// every such case re-reads the lease and goes by the holder named in it.
-    pub async fn acquire(store: ObjectStorage, ttl: Duration, holder: &str) -> Result<Bucket> {
+    pub async fn acquire(
+        store: ObjectStorage,
+        ttl: Duration,
+        holder: &str,
+        contact: Option<&str>,
+    ) -> Result<Bucket> {
         let holder = holder.to_string();
+        let contact = contact.map(str::to_string);
         let lease = |holder: &str| -> Result<Bytes> {
             serde_json::to_vec(&Lease {
                 holder: holder.to_string(),
                 expires_ms: now_ms() + ttl.as_millis() as i64,
+                contact: contact.clone(),
             })
             .map(Bytes::from)
             .map_err(bucket_err)
@@ -93,6 +114,16 @@ impl Bucket {
                          {:.1} s more; it is renewed while that node runs)",
                         current.holder,
                         left as f64 / 1000.0
+                    )));
+                }
+                if current.holder != holder
+                    && let Some(url) = &current.contact
+                    && holder_answers(url, &current.holder).await
+                {
+                    return Err(Error::Fenced(format!(
+                        "the bucket is in use by placement node {}, which is idle but \
+                         still answers at {url}",
+                        current.holder
                     )));
                 }
                 match store.put_replace(LEASE, lease(&holder)?, &etag).await {
@@ -115,7 +146,9 @@ impl Bucket {
         Ok(Bucket {
             store,
             holder,
+            contact,
             ttl,
+            last_write: parking_lot::Mutex::new(started),
             etag: tokio::sync::Mutex::new(etag),
             valid_until: parking_lot::Mutex::new(started + ttl),
         })
@@ -123,6 +156,29 @@ impl Bucket {
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Has the node written to the bucket within the last TTL? Only then is
+    /// the lease kept fresh.
+    pub fn active(&self) -> bool {
+        self.last_write.lock().elapsed() < self.ttl
+    }
+
+    /// Read the lease without writing it (the watch of an idle node):
+    /// [`Error::Fenced`] if another node took it.
+    pub async fn check(&self) -> Result<()> {
+        match read_lease(&self.store).await? {
+            Some((current, _)) if current.holder == self.holder => Ok(()),
+            Some((current, _)) => Err(Error::Fenced(format!(
+                "the bucket lease was taken over by placement node {}",
+                current.holder
+            ))),
+            None => Err(Error::Fenced("the bucket lease was deleted".into())),
+        }
     }
 
     /// Is the lease surely still ours? Writes to the bucket wait while not.
@@ -145,6 +201,7 @@ impl Bucket {
         let body = serde_json::to_vec(&Lease {
             holder: self.holder.clone(),
             expires_ms: now_ms() + self.ttl.as_millis() as i64,
+            contact: self.contact.clone(),
         })
         .map_err(bucket_err)?;
         match self.store.put_replace(LEASE, Bytes::from(body), etag).await {
@@ -175,6 +232,7 @@ impl Bucket {
         let body = serde_json::to_vec(&Lease {
             holder: self.holder.clone(),
             expires_ms: 0,
+            contact: None,
         })
         .unwrap_or_default();
         if let Err(e) = self
@@ -191,6 +249,7 @@ impl Bucket {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(());
         };
+        *self.last_write.lock() = tokio::time::Instant::now();
         let key = format!("{LOG}/{:020}-{:020}.json", first.version, last.version);
         let body = serde_json::to_vec(entries).map_err(bucket_err)?;
         let body = Bytes::from(body);
@@ -279,6 +338,23 @@ impl Bucket {
     }
 }
 
+/// Does the node at `url` answer, within a short time, that it is `holder`?
+/// A stopped, frozen or unreachable node does not; a different node that
+/// now listens there names another holder.
+async fn holder_answers(url: &str, holder: &str) -> bool {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    let url = format!("{}{HOLDER_PATH}", url.trim_end_matches('/'));
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => r.text().await.is_ok_and(|t| t.trim() == holder),
+        _ => false,
+    }
+}
+
 /// The lease and its ETag, if there is one.
 async fn read_lease(store: &ObjectStorage) -> Result<Option<(Lease, String)>> {
     match store.get_versioned(LEASE).await {
@@ -327,37 +403,68 @@ mod tests {
     #[tokio::test]
     async fn second_holder_is_fenced_until_the_lease_expires() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let a = Bucket::acquire(store.clone(), Duration::from_millis(300), "a")
+        let a = Bucket::acquire(store.clone(), Duration::from_millis(300), "a", None)
             .await
             .unwrap();
         assert!(matches!(
-            Bucket::acquire(store.clone(), Duration::from_millis(300), "b").await,
+            Bucket::acquire(store.clone(), Duration::from_millis(300), "b", None).await,
             Err(Error::Fenced(_))
         ));
         a.renew().await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "b")
+        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "b", None)
             .await
             .unwrap();
         // The old holder finds out at its next renewal.
         assert!(matches!(a.renew().await, Err(Error::Fenced(_))));
         // The same holder restarting (a crash) takes its own lease back.
-        let b2 = Bucket::acquire(store.clone(), Duration::from_secs(5), "b")
+        let b2 = Bucket::acquire(store.clone(), Duration::from_secs(5), "b", None)
             .await
             .unwrap();
         // Same holder name, same node: its older handle may renew too.
         b.renew().await.unwrap();
         b2.renew().await.unwrap();
         b2.release().await;
-        Bucket::acquire(store, Duration::from_secs(5), "c")
+        Bucket::acquire(store, Duration::from_secs(5), "c", None)
             .await
             .unwrap();
     }
 
     #[tokio::test]
+    async fn an_idle_holder_that_answers_keeps_the_bucket() {
+        let store = ObjectStorage::from_url("memory://").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(HOLDER_PATH, axum::routing::get(|| async { "a" }));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let ttl = Duration::from_millis(200);
+        let a = Bucket::acquire(store.clone(), ttl, "a", Some(&url))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!a.active() && !a.lease_valid());
+        // Lapsed, but its holder answers: refused.
+        let refused = Bucket::acquire(store.clone(), ttl, "b", None).await;
+        assert!(matches!(refused, Err(Error::Fenced(why)) if why.contains("answers")));
+        a.check().await.unwrap();
+        // It renews before writing again, and keeps the bucket.
+        a.renew().await.unwrap();
+        assert!(a.lease_valid());
+        // Once it no longer answers, the lapsed lease may be taken over.
+        server.abort();
+        let _ = server.await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Bucket::acquire(store.clone(), ttl, "b", None)
+            .await
+            .unwrap();
+        assert!(matches!(a.check().await, Err(Error::Fenced(_))));
+        assert!(matches!(a.renew().await, Err(Error::Fenced(_))));
+    }
+
+    #[tokio::test]
     async fn snapshot_plus_log_rebuilds_the_state() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "a")
+        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "a", None)
             .await
             .unwrap();
         assert!(b.load().await.unwrap().is_none());

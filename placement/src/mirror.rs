@@ -27,12 +27,25 @@ pub(crate) async fn mirror_loop(
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            // Never write on an expired lease: another node may hold it.
+            // Never write on an expired lease: another node may hold it. An
+            // idle node let it lapse on purpose; renewing it (If-Match)
+            // either keeps the bucket ours or shows who took it.
             while !bucket.lease_valid() {
                 if fenced.borrow().is_some() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                match bucket.renew().await {
+                    Ok(()) => {}
+                    Err(Error::Fenced(why)) => {
+                        tracing::error!("placement fenced in the bucket: {why}");
+                        fenced.send_replace(Some(why));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("renewing the bucket lease before a write: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
             match bucket.write_log(&group).await {
                 Ok(()) => break,
@@ -62,20 +75,32 @@ pub(crate) async fn mirror_loop(
     }
 }
 
-/// Renews the bucket lease. While the store is unreachable the lease may
-/// lapse: bucket writes then wait (see `mirror_loop`) and renewal keeps
-/// trying; if the lease is still ours when the store returns, work goes on.
-/// Only another node holding it fences this one.
+/// Keeps the bucket lease while the node writes, and watches it while idle.
+///
+/// Active (a bucket write within the TTL): renew every third of the TTL.
+/// While the store is unreachable the lease may lapse: bucket writes then
+/// wait (see `mirror_loop`) and renewal keeps trying; if the lease is still
+/// ours when the store returns, work goes on.
+///
+/// Idle: no PUTs at all. The lease lapses and only a GET every third of the
+/// TTL checks nobody took it; another node will not while this one answers
+/// at its contact URL. Only another node holding the lease fences this one.
 pub(crate) async fn renew_loop(bucket: Arc<Bucket>, fenced: Arc<watch::Sender<Option<String>>>) {
     let ttl = bucket.ttl();
     loop {
-        let wait = if bucket.lease_valid() {
+        let active = bucket.active();
+        let wait = if bucket.lease_valid() || !active {
             ttl / 3
         } else {
             Duration::from_millis(500)
         };
         tokio::time::sleep(wait).await;
-        match bucket.renew().await {
+        let result = if bucket.active() {
+            bucket.renew().await
+        } else {
+            bucket.check().await
+        };
+        match result {
             Ok(()) => {}
             Err(Error::Fenced(why)) => {
                 tracing::error!("placement fenced in the bucket: {why}");

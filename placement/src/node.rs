@@ -55,8 +55,12 @@ pub struct BucketConfig {
     /// Names this node in the lease; keep it across restarts (with the data
     /// dir) so a crashed node takes its own lease back without waiting.
     pub holder: String,
-    /// How long the bucket lease lasts without renewal (renewed every third).
+    /// How long the bucket lease lasts without renewal (renewed every third
+    /// while the node writes; an idle node lets it lapse).
     pub lease_ttl: Duration,
+    /// Base URL of this node's HTTP API (serving [`crate::router`]), named
+    /// in the lease so another node sees that an idle holder is alive.
+    pub contact: Option<String>,
     /// Write a full snapshot every this many commands.
     pub snapshot_every: u64,
 }
@@ -67,6 +71,7 @@ impl BucketConfig {
             store,
             holder: holder.into(),
             lease_ttl: Duration::from_secs(10),
+            contact: None,
             snapshot_every: 1000,
         }
     }
@@ -207,7 +212,13 @@ impl PlacementNode {
         // Fence first: a second node on the same bucket must not even start.
         let bucket = match &cfg.bucket {
             Some(b) if standalone => Some(Arc::new(
-                Bucket::acquire(b.store.clone(), b.lease_ttl, &b.holder).await?,
+                Bucket::acquire(
+                    b.store.clone(),
+                    b.lease_ttl,
+                    &b.holder,
+                    b.contact.as_deref(),
+                )
+                .await?,
             )),
             Some(_) => {
                 return Err(Error::Config(
@@ -300,6 +311,12 @@ impl PlacementNode {
             fenced,
             tasks: parking_lot::Mutex::new(tasks),
         })
+    }
+
+    /// The name this node holds the bucket lease under, if it keeps its
+    /// state in a bucket.
+    pub fn bucket_holder(&self) -> Option<&str> {
+        self.mirror.as_ref().map(|m| m.bucket.holder())
     }
 
     /// Resolves with the reason once this node lost the bucket to another.

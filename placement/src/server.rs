@@ -31,6 +31,15 @@ const API_BODY_LIMIT: usize = 16 << 20;
 /// Snapshots hold the whole state machine in one request.
 const RAFT_BODY_LIMIT: usize = 256 << 20;
 
+/// GET the name this node holds the bucket lease under (404 without one):
+/// a node about to take a lapsed lease asks whether its holder still runs.
+async fn bucket_holder(State(node): State<Arc<PlacementNode>>) -> Response {
+    match node.bucket_holder() {
+        Some(h) => h.to_string().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 /// The JSON body of every error answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ErrorBody {
@@ -63,6 +72,7 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
         .route(WRITE_PATH, post(write))
         .route(QUERY_PATH, post(query))
         .route(STATUS_PATH, get(status))
+        .route(crate::bucket::HOLDER_PATH, get(bucket_holder))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT));
     let raft = Router::new()
         .route(APPEND_PATH, post(append))

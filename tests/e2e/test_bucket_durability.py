@@ -3,8 +3,10 @@ that matters: the binary on the moto S3 emulator that tests/run.sh starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 import urllib.parse
 
 import pytest
@@ -125,7 +127,7 @@ def test_lost_local_disk_recovers_from_the_bucket(shoal_factory):
 
 
 def test_second_node_on_the_same_bucket_is_fenced(shoal_factory):
-    store, _bucket, _prefix = fresh_store()
+    store, bucket, prefix = fresh_store()
     ttl = ["--bucket-lease-ttl", "2s"]
     first = shoal_factory(name="first", object_store=store, extra_args=ttl)
     first.start()
@@ -139,12 +141,43 @@ def test_second_node_on_the_same_bucket_is_fenced(shoal_factory):
     assert "in use" in str(refused.value), str(refused.value)
     assert first.is_running() and first.health_status() == 200
 
+    # Idle, the first makes no PUTs and lets its lease lapse; it still
+    # answers at the contact URL the lease names, so it keeps the bucket.
+    wait_for(lambda: lease_expired(bucket, prefix), 30, "the idle node's lease to lapse", interval=0.5)
+    puts = put_count(first)
+    with pytest.raises(ShoalStartError) as refused:
+        second.start()
+    assert "still answers" in str(refused.value), str(refused.value)
+    assert put_count(first) == puts
+    # Writing again renews it.
+    produce(first.bootstrap, topic, [b"three"], 1)
+
     # Once the first stops renewing, its lease runs out and the second may take over.
     first.kill9()
 
     wait_for(lambda: start_ok(second), 30, "the second node to take the expired bucket lease", interval=0.5)
     got = ck_consume_all(second.bootstrap, topic, [0])
-    assert [m.value() for m in got[0]] == [b"one", b"two"]
+    assert [m.value() for m in got[0]] == [b"one", b"two", b"three"]
+
+
+def put_count(shoal) -> float:
+    sample = 'shoal_object_store_requests_total{kind="put"}'
+    for line in shoal.metrics_text().splitlines():
+        if line.startswith(sample):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {sample} in the metrics")
+
+
+def lease_expired(bucket: str, prefix: str) -> bool:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+    )
+    body = s3.get_object(Bucket=bucket, Key=f"{prefix}/placement/lease.json")["Body"].read()
+    return json.loads(body)["expires_ms"] < time.time() * 1000
 
 
 def test_faults_in_the_object_store_lose_nothing(shoal_factory):
