@@ -167,7 +167,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
     ];
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-        b.metrics.render(&extra),
+        b.metrics
+            .render(&extra, &crate::metrics::object_store_latencies(&b.store)),
     )
         .into_response()
 }

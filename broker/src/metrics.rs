@@ -90,7 +90,9 @@ impl Metrics {
     }
 
     /// Render the registry plus externally kept gauges.
-    pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
+    /// The registry, then `extra` samples (name, type, help, value) and
+    /// `families`: whole metric families already in the text format.
+    pub fn render(&self, extra: &[(&str, &str, &str, f64)], families: &str) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -108,7 +110,35 @@ impl Metrics {
             }
             out.push_str(&format!("{name} {value}\n"));
         }
+        out.push_str(families);
         out.push_str("# EOF\n");
         out
     }
+}
+
+/// Object-store request latencies by kind as one Prometheus histogram
+/// family, `shoal_object_store_request_duration_seconds{kind}`.
+pub fn object_store_latencies(store: &shoal_storage::ObjectStorage) -> String {
+    let name = "shoal_object_store_request_duration_seconds";
+    let mut out = format!(
+        "# HELP {name} Object store request latency by kind (every attempt)\n\
+         # TYPE {name} histogram\n"
+    );
+    for (kind, snap) in store.latencies() {
+        let kind = kind.as_str();
+        for (i, count) in snap.cumulative.iter().enumerate() {
+            let le = shoal_storage::LATENCY_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            out.push_str(&format!(
+                "{name}_bucket{{kind=\"{kind}\",le=\"{le}\"}} {count}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "{name}_sum{{kind=\"{kind}\"}} {}\n",
+            snap.sum_seconds
+        ));
+        out.push_str(&format!("{name}_count{{kind=\"{kind}\"}} {}\n", snap.count));
+    }
+    out
 }

@@ -3,7 +3,8 @@
 //! This crate owns:
 //! - **object-store backends chosen by URL** ([`ObjectStorage`]:
 //!   `memory://`, `file:///dir`, `s3://bucket/prefix`), with create-only
-//!   writes, range reads and per-kind request counters ([`StoreStats`]);
+//!   writes (multipart above a size), range reads, per-kind request
+//!   counters ([`StoreStats`]) and latencies ([`LatencySnapshot`]);
 //! - **the Parquet segment codec**: [`encode_segment`] turns per-shard
 //!   [`ShardRows`] into one Parquet object plus the [`ShardRange`]s that
 //!   say which row group holds which offsets; [`fetch_footer`],
@@ -20,11 +21,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod latency;
 mod record;
 mod segment;
 mod store;
 
 pub use error::{Error, Result};
+pub use latency::{LATENCY_BUCKETS, LatencySnapshot, RequestKind};
 pub use record::{Header, Record};
 pub use segment::{
     EncodedSegment, FORMAT_VERSION, SegmentOptions, ShardRange, ShardRows, compacted_key,

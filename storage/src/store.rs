@@ -9,14 +9,16 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut, S3CopyIfNotExists};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientConfigKey, RetryConfig};
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+use object_store::{MultipartUpload, WriteMultipart};
 
 use crate::error::{Error, Result};
+use crate::latency::{Latencies, LatencySnapshot, RequestKind};
 
 /// How long one operation keeps retrying transient failures.
 const RETRY_FOR: Duration = Duration::from_secs(30);
@@ -31,7 +33,29 @@ pub struct ObjectStorage {
     prefix: Path,
     url: Arc<str>,
     counters: Arc<Counters>,
+    latencies: Arc<Latencies>,
+    multipart: Multipart,
 }
+
+/// When a create-only PUT becomes a multipart upload, and in what parts.
+#[derive(Debug, Clone, Copy)]
+struct Multipart {
+    threshold: usize,
+    part_size: usize,
+}
+
+/// Objects from this size go up as multipart uploads. Above the flusher's
+/// largest object (4 × an 8 MiB flush) so that ingest costs one PUT per
+/// object; the compactor's large files use it.
+pub const DEFAULT_MULTIPART_THRESHOLD: usize = 64 << 20;
+/// S3 needs parts of at least 5 MiB (but the last).
+pub const DEFAULT_PART_SIZE: usize = 16 << 20;
+/// Parts of one upload in flight at once.
+const PART_CONCURRENCY: usize = 4;
+/// Where multipart uploads are assembled before the create-only copy to
+/// their key. A crash can leave objects here; nothing ever references them
+/// (a lifecycle rule on this prefix may expire them).
+pub const STAGING_PREFIX: &str = "staging";
 
 /// Request counters since the store was opened (shared by all clones).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -154,6 +178,10 @@ impl ObjectStorage {
                     .with_bucket_name(bucket)
                     // If-None-Match / If-Match on PUT: needed for PutMode::Create.
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
+                    // Create-only copy as a multipart copy whose completion
+                    // carries If-None-Match: how multipart uploads stay
+                    // write-once (see put_create_multipart_once).
+                    .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
                 (Arc::new(s3), prefix)
@@ -165,7 +193,22 @@ impl ObjectStorage {
             prefix,
             url: Arc::from(url),
             counters: Arc::default(),
+            latencies: Arc::default(),
+            multipart: Multipart {
+                threshold: DEFAULT_MULTIPART_THRESHOLD,
+                part_size: DEFAULT_PART_SIZE,
+            },
         })
+    }
+
+    /// Upload create-only writes of `threshold` bytes or more as multipart
+    /// uploads in parts of `part_size` (at least 5 MiB on S3).
+    pub fn with_multipart(mut self, threshold: usize, part_size: usize) -> Self {
+        self.multipart = Multipart {
+            threshold: threshold.max(1),
+            part_size: part_size.max(1),
+        };
+        self
     }
 
     // Public operations: each attempt goes through `retry`, so a transient
@@ -176,51 +219,71 @@ impl ObjectStorage {
 
     /// Create-only PUT (`If-None-Match: *`). [`Error::AlreadyExists`] if the
     /// key exists, which after a retry may be this call's own first attempt.
+    ///
+    /// From the multipart threshold on, the object goes up in parts.
     pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<()> {
-        self.retry(|| self.put_create_once(key, bytes.clone()))
-            .await
+        if bytes.len() >= self.multipart.threshold {
+            return self
+                .retry(RequestKind::Put, || {
+                    self.put_create_multipart_once(key, bytes.clone())
+                })
+                .await;
+        }
+        self.retry(RequestKind::Put, || {
+            self.put_create_once(key, bytes.clone())
+        })
+        .await
     }
 
     /// Read a whole object with its version tag (ETag), for a later
     /// [`put_replace`](Self::put_replace).
     pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>)> {
-        self.retry(|| self.get_versioned_once(key)).await
+        self.retry(RequestKind::Get, || self.get_versioned_once(key))
+            .await
     }
 
     /// Replace an object only if it still has version `etag` (If-Match).
     /// Returns the new version. [`Error::Changed`] if another writer got
     /// there first (or a retried attempt of this call did).
     pub async fn put_replace(&self, key: &str, bytes: Bytes, etag: &str) -> Result<Option<String>> {
-        self.retry(|| self.put_replace_once(key, bytes.clone(), etag))
-            .await
+        self.retry(RequestKind::Put, || {
+            self.put_replace_once(key, bytes.clone(), etag)
+        })
+        .await
     }
 
     /// Read a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        self.retry(|| self.get_once(key)).await
+        self.retry(RequestKind::Get, || self.get_once(key)).await
     }
 
     /// Read `range` of an object ([`Error::ShortRead`] past its end).
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        self.retry(|| self.get_range_once(key, range.clone())).await
+        self.retry(RequestKind::Get, || self.get_range_once(key, range.clone()))
+            .await
     }
 
     /// Size of an object.
     pub async fn head(&self, key: &str) -> Result<u64> {
-        self.retry(|| self.head_once(key)).await
+        self.retry(RequestKind::Head, || self.head_once(key)).await
     }
 
     /// Delete an object; deleting a missing one succeeds.
     pub async fn delete(&self, key: &str) -> Result<()> {
-        self.retry(|| self.delete_once(key)).await
+        self.retry(RequestKind::Delete, || self.delete_once(key))
+            .await
     }
 
     /// Keys under `prefix` (whole path segments), with sizes, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        self.retry(|| self.list_once(prefix)).await
+        self.retry(RequestKind::List, || self.list_once(prefix))
+            .await
     }
 
-    async fn retry<T, F, Fut>(&self, mut attempt: F) -> Result<T>
+    /// Run `attempt` until it succeeds, fails for good, or transient
+    /// failures have gone on for [`RETRY_FOR`]; every attempt's latency is
+    /// recorded under `kind`.
+    async fn retry<T, F, Fut>(&self, kind: RequestKind, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -228,7 +291,10 @@ impl ObjectStorage {
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match attempt().await {
+            let started = tokio::time::Instant::now();
+            let result = attempt().await;
+            self.latencies.of(kind).record(started.elapsed());
+            match result {
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                     bump(&self.counters.retries, 1);
                     // Full jitter: spread retries of many callers apart.
@@ -246,6 +312,14 @@ impl ObjectStorage {
     /// The URL this store was opened with.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Latency of every attempt by request kind, failed ones included.
+    pub fn latencies(&self) -> Vec<(RequestKind, LatencySnapshot)> {
+        RequestKind::ALL
+            .iter()
+            .map(|k| (*k, self.latencies.of(*k).snapshot()))
+            .collect()
     }
 
     /// A snapshot of the request counters.
@@ -281,6 +355,55 @@ impl ObjectStorage {
                 Ok(())
             }
             // S3 reports a lost create race as a failed precondition.
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(Error::AlreadyExists {
+                key: key.to_owned(),
+            }),
+            Err(e) => Err(self.fail("put", key, e)),
+        }
+    }
+
+    /// Create-only multipart upload. object_store's multipart completion
+    /// cannot carry If-None-Match, so the parts are assembled under a unique
+    /// staging key and then copied to `key` with a create-only copy (on S3 a
+    /// multipart copy completed with If-None-Match: server-side, no second
+    /// transfer of the bytes). The staging object is deleted either way.
+    async fn put_create_multipart_once(&self, key: &str, bytes: Bytes) -> Result<()> {
+        let path = self.path(key)?;
+        let staging_key = format!("{STAGING_PREFIX}/{key}.{:016x}", rand::random::<u64>());
+        let staging = self.path(&staging_key)?;
+        let len = bytes.len();
+        let parts = len.div_ceil(self.multipart.part_size) as u64;
+        // Create, the parts and complete, then the copy: create, one part
+        // copy and complete. All PUT-class requests in S3's price list.
+        bump(&self.counters.puts, parts + 5);
+        let uploaded = async {
+            let upload: Box<dyn MultipartUpload> = self.inner.put_multipart(&staging).await?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, self.multipart.part_size);
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                writer.wait_for_capacity(PART_CONCURRENCY).await?;
+                let part = rest.split_to(rest.len().min(self.multipart.part_size));
+                writer.put(part);
+            }
+            writer.finish().await
+        }
+        .await;
+        if let Err(e) = uploaded {
+            // An incomplete upload was aborted by `finish`; a completed
+            // staging object (a failure after completion) is removed below.
+            let _ = self.delete_once(&staging_key).await;
+            return Err(self.fail("put", key, e));
+        }
+        let copied = self.inner.copy_if_not_exists(&staging, &path).await;
+        let _ = self.delete_once(&staging_key).await;
+        match copied {
+            Ok(()) => {
+                bump(&self.counters.bytes_written, len as u64);
+                Ok(())
+            }
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
@@ -380,6 +503,11 @@ impl ObjectStorage {
     /// Read the last `len` bytes of an object (all of it if it is shorter)
     /// in one request, returning them with the object's size.
     pub(crate) async fn get_suffix(&self, key: &str, len: u64) -> Result<(Bytes, u64)> {
+        self.retry(RequestKind::Get, || self.get_suffix_once(key, len))
+            .await
+    }
+
+    async fn get_suffix_once(&self, key: &str, len: u64) -> Result<(Bytes, u64)> {
         let path = self.path(key)?;
         bump(&self.counters.gets, 1);
         let res = async {

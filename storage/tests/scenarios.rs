@@ -43,6 +43,36 @@ async fn put_create_twice_is_rejected(store: &ObjectStorage) {
     );
 }
 
+async fn multipart_upload_is_write_once(store: &ObjectStorage) {
+    // 11 MiB in 5 MiB parts (S3's smallest): three parts.
+    let store = store.clone().with_multipart(6 << 20, 5 << 20);
+    let first: Bytes = (0..11u32 << 20).map(|i| (i % 251) as u8).collect();
+    let before = store.stats().puts;
+    store.put_create("big/object", first.clone()).await.unwrap();
+    assert_eq!(store.stats().puts - before, 3 + 5);
+    assert_eq!(store.get("big/object").await.unwrap(), first);
+    let second = Bytes::from(vec![7u8; 7 << 20]);
+    let err = store.put_create("big/object", second).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    assert_eq!(store.get("big/object").await.unwrap(), first);
+    // Small objects still go up in one PUT; no staging object is left.
+    store
+        .put_create("small", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["big/object", "small"]);
+    let put = &store.latencies()[0];
+    assert_eq!(put.0.as_str(), "put");
+    assert!(put.1.count >= 3);
+}
+
 async fn get_missing_is_not_found(store: &ObjectStorage) {
     let err = store.get("nope/missing").await.unwrap_err();
     assert!(
@@ -329,6 +359,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     put_create_then_get,
     put_create_twice_is_rejected,
+    multipart_upload_is_write_once,
     get_missing_is_not_found,
     get_range,
     head,

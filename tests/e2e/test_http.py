@@ -9,6 +9,8 @@ REQUIRED_METRICS = [
     "shoal_wal_fsyncs_total",
     "shoal_flush_total",
     "shoal_object_store_requests_total",
+    # a histogram per request kind: puts of the flush, gets of the reads
+    "shoal_object_store_request_duration_seconds_count",
 ]
 #: At least one of these counts produce requests.
 PRODUCE_METRICS = ["shoal_produce_requests_total", "shoal_produce_latency_seconds_count"]
@@ -55,6 +57,9 @@ def test_metrics_exposes_shoal_counters(shoal):
         return (all(s.get(m, 0) > 0 for m in REQUIRED_METRICS)
                 and sum(s.get(m, 0) for m in PRODUCE_METRICS) > 0 and s)
     wait_for(counted, 30, f"{REQUIRED_METRICS} and produce requests all > 0")
+    put_count = [line for line in shoal.metrics_text().splitlines()
+                 if line.startswith('shoal_object_store_request_duration_seconds_count{kind="put"}')]
+    assert put_count and float(put_count[0].split()[-1]) > 0, put_count
 
 
 def test_streams_api_lists_topic_and_segments(shoal):
