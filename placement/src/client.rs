@@ -13,7 +13,8 @@ use crate::command::{Command, Query, QueryReply, Reply};
 use crate::error::{Error, Result};
 use crate::model::{GroupOffset, Stream};
 use crate::node::PlacementNode;
-use crate::server::{ErrorBody, QUERY_PATH, WRITE_PATH};
+use crate::controller::{Heartbeat, HeartbeatReply};
+use crate::server::{ErrorBody, HEARTBEAT_PATH, QUERY_PATH, WRITE_PATH};
 
 /// How long a call keeps retrying (leader election, a node restarting).
 const RETRY_FOR: Duration = Duration::from_secs(10);
@@ -85,6 +86,21 @@ impl PlacementClient {
             Inner::Local(node) => retry_local(|| node.query(q.clone())).await,
             Inner::Remote(r) => r.call(QUERY_PATH, &q, true).await,
         }
+    }
+
+    /// Tell the leader this broker is alive; get the assignment back. Tried
+    /// once per address (the caller heartbeats again soon anyway).
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatReply> {
+        match &self.inner {
+            Inner::Local(node) => node.heartbeat(hb.clone()).await,
+            Inner::Remote(r) => r.call(HEARTBEAT_PATH, hb, true).await,
+        }
+    }
+
+    /// Is this a client of a multi-node Placement Center (brokers then
+    /// follow the controller's assignment instead of taking every shard)?
+    pub fn is_remote(&self) -> bool {
+        matches!(self.inner, Inner::Remote(_))
     }
 
     pub async fn list_streams(&self) -> Result<Vec<Stream>> {

@@ -42,6 +42,23 @@ pub enum Command {
         shard: i32,
         broker: BrokerId,
     },
+    /// The controller's (or a handing-off owner's) move of a shard to
+    /// `broker` with a new epoch; applied only while the shard still has
+    /// `expected_epoch`, so a decision made on an old view is refused.
+    AssignShard {
+        stream: String,
+        shard: i32,
+        broker: BrokerId,
+        expected_epoch: u64,
+    },
+    /// Ask the owner to hand the shard to `to` once everything it accepted
+    /// is committed (a rebalance that loses nothing).
+    RequestHandoff {
+        stream: String,
+        shard: i32,
+        to: BrokerId,
+        expected_epoch: u64,
+    },
     /// Register one flushed object holding ranges of many shards.
     CommitSegment(SegmentCommit),
     CommitOffsets {

@@ -15,10 +15,13 @@
 //! - [`router`]: the node's HTTP API (brokers' API and Raft RPCs, axum).
 //! - [`PlacementClient`]: in process to a standalone node, or over HTTP to a
 //!   cluster, following the leader and retrying across leader changes.
+//! - [`controller`]: broker heartbeats and liveness on the leader, and the
+//!   controller that gives every shard a live owner and spreads them.
 
 pub mod bucket;
 pub mod client;
 pub mod command;
+pub mod controller;
 pub mod error;
 mod mirror;
 pub mod model;
@@ -36,6 +39,7 @@ pub use error::{Error, Result};
 pub use model::{
     BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, Stream,
 };
-pub use node::{BucketConfig, NodeConfig, NodeStatus, PlacementNode};
+pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
+pub use node::{BrokerView, BucketConfig, ClusterView, NodeConfig, NodeStatus, PlacementNode};
 pub use server::router;
 pub use state::State;

@@ -44,6 +44,9 @@ pub struct Shard {
     pub segments: Vec<SegmentRef>,
     /// Idempotent-producer state as of the last commit.
     pub producers: BTreeMap<i64, ProducerState>,
+    /// A rebalance asked the owner to hand the shard to this broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_to: Option<BrokerId>,
 }
 
 /// Where a contiguous offset range of a shard lives.

@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub snapshot_logs: u64,
     /// Keep a copy of the state in object storage (standalone on a bucket).
     pub bucket: Option<BucketConfig>,
+    /// A broker that has not heartbeated for this long loses its shards.
+    pub session_timeout: Duration,
 }
 
 /// Where and how a standalone node mirrors its state into the bucket.
@@ -92,6 +94,7 @@ impl NodeConfig {
             advertise_addr,
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
             bucket: None,
+            session_timeout: crate::controller::DEFAULT_SESSION_TIMEOUT,
         }
     }
 
@@ -109,6 +112,7 @@ impl NodeConfig {
             peers,
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
             bucket: None,
+            session_timeout: crate::controller::DEFAULT_SESSION_TIMEOUT,
         }
     }
 
@@ -154,6 +158,28 @@ impl NodeConfig {
     }
 }
 
+/// GET /placement/v1/cluster: everything an operator asks first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub status: NodeStatus,
+    pub brokers: Vec<BrokerView>,
+    pub streams: Vec<crate::controller::StreamAssignment>,
+    /// Raft writes made through this node, and their summed latency.
+    pub raft_writes: u64,
+    pub raft_write_seconds: f64,
+    /// Shard moves made by this node's controller, and how many of them
+    /// took a shard from a broker that was no longer alive.
+    pub lease_changes: u64,
+    pub failovers: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerView {
+    pub info: crate::model::BrokerInfo,
+    /// Alive in the leader's view; `None` when this node is not the leader.
+    pub live: Option<bool>,
+}
+
 /// What a node knows about itself and the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -179,6 +205,10 @@ pub struct PlacementNode {
     metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
     db: Database,
     mirror: Option<Mirror>,
+    liveness: crate::controller::Liveness,
+    /// Raft writes applied through this node and their total latency.
+    raft_writes: std::sync::atomic::AtomicU64,
+    raft_write_nanos: std::sync::atomic::AtomicU64,
 }
 
 /// The bucket copy: commands are written there, in version order, before
@@ -251,6 +281,9 @@ impl PlacementNode {
             version,
             db,
             mirror: None,
+            liveness: crate::controller::Liveness::new(cfg.session_timeout),
+            raft_writes: Default::default(),
+            raft_write_nanos: Default::default(),
         };
         let started = async {
             node.join(&voters, standalone).await?;
@@ -399,8 +432,15 @@ impl PlacementNode {
     }
 
     async fn write_raft(&self, cmd: Command) -> Result<Reply> {
+        let started = Instant::now();
         match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
+            Ok(resp) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.raft_writes.fetch_add(1, Relaxed);
+                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.raft_write_nanos.fetch_add(nanos, Relaxed);
+                Ok(resp.data)
+            }
             Err(e) => Err(match e.forward_to_leader() {
                 Some(f) => self.not_leader(f),
                 None => Error::Raft(e.to_string()),
@@ -422,6 +462,76 @@ impl PlacementNode {
 
     /// Answers from this node's state machine without asking the leader:
     /// possibly stale (a follower may lag), but never blocks.
+    /// A broker's heartbeat, answered by the leader only: records it as
+    /// alive (registering it when new or moved) and returns the assignment.
+    pub async fn heartbeat(
+        &self,
+        hb: crate::controller::Heartbeat,
+    ) -> Result<crate::controller::HeartbeatReply> {
+        if let Err(e) = self.raft.ensure_linearizable().await {
+            return Err(match e.forward_to_leader() {
+                Some(f) => self.not_leader(f),
+                None => Error::Raft(e.to_string()),
+            });
+        }
+        let known = state_machine::read(&self.state)
+            .state
+            .brokers
+            .get(&hb.info.id)
+            .map(|b| (b.kafka_addr.clone(), b.http_addr.clone()));
+        if known != Some((hb.info.kafka_addr.clone(), hb.info.http_addr.clone())) {
+            self.write(Command::RegisterBroker {
+                info: hb.info.clone(),
+            })
+            .await?;
+        }
+        self.liveness.saw(hb.info.id);
+        let st = state_machine::read(&self.state);
+        let (live, streams) = crate::controller::assignment(&st.state, &self.liveness);
+        Ok(crate::controller::HeartbeatReply {
+            session_timeout_ms: self.liveness.session_timeout.as_millis() as u64,
+            live,
+            streams,
+            version: st.state.version,
+        })
+    }
+
+    pub(crate) fn liveness(&self) -> &crate::controller::Liveness {
+        &self.liveness
+    }
+
+    /// A copy of the whole state as this node has applied it.
+    pub fn state_snapshot(&self) -> crate::state::State {
+        state_machine::read(&self.state).state.clone()
+    }
+
+    /// The cluster as this node sees it: Raft status, brokers with their
+    /// liveness (as far as this node, if leader, knows) and shard owners.
+    pub fn cluster_view(&self) -> ClusterView {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = state_machine::read(&self.state);
+        let status = self.status();
+        let brokers = st
+            .state
+            .brokers
+            .values()
+            .map(|b| BrokerView {
+                info: b.clone(),
+                live: status.is_leader.then(|| self.liveness.is_live(b.id)),
+            })
+            .collect();
+        let (_, streams) = crate::controller::assignment(&st.state, &self.liveness);
+        ClusterView {
+            status,
+            brokers,
+            streams,
+            raft_writes: self.raft_writes.load(Relaxed),
+            raft_write_seconds: self.raft_write_nanos.load(Relaxed) as f64 / 1e9,
+            lease_changes: self.liveness.lease_changes.load(Relaxed),
+            failovers: self.liveness.failovers.load(Relaxed),
+        }
+    }
+
     pub fn query_local(&self, q: &Query) -> QueryReply {
         state_machine::read(&self.state).state.query(q)
     }

@@ -24,6 +24,8 @@ use crate::raft::{NodeId, TypeConfig};
 pub const WRITE_PATH: &str = "/placement/v1/write";
 pub const QUERY_PATH: &str = "/placement/v1/query";
 pub const STATUS_PATH: &str = "/placement/v1/status";
+pub const HEARTBEAT_PATH: &str = "/placement/v1/heartbeat";
+pub const CLUSTER_PATH: &str = "/placement/v1/cluster";
 
 /// A segment commit carries a range per shard the broker owns; leave room
 /// for thousands of shards.
@@ -33,11 +35,25 @@ const RAFT_BODY_LIMIT: usize = 256 << 20;
 
 /// GET the name this node holds the bucket lease under (404 without one):
 /// a node about to take a lapsed lease asks whether its holder still runs.
-async fn bucket_holder(State(node): State<Arc<PlacementNode>>) -> Response {
+async fn bucket_holder(State(node): Node) -> Response {
     match node.bucket_holder() {
         Some(h) => h.to_string().into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+async fn heartbeat(
+    State(node): Node,
+    body: Result<Json<crate::controller::Heartbeat>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(hb)) => answer(node.heartbeat(hb).await),
+        Err(rejection) => bad_request(rejection),
+    }
+}
+
+async fn cluster(State(node): Node) -> Response {
+    Json(node.cluster_view()).into_response()
 }
 
 /// The JSON body of every error answer.
@@ -73,6 +89,8 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
         .route(QUERY_PATH, post(query))
         .route(STATUS_PATH, get(status))
         .route(crate::bucket::HOLDER_PATH, get(bucket_holder))
+        .route(HEARTBEAT_PATH, post(heartbeat))
+        .route(CLUSTER_PATH, get(cluster))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT));
     let raft = Router::new()
         .route(APPEND_PATH, post(append))

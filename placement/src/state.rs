@@ -70,8 +70,47 @@ impl State {
                 Ok(s) => {
                     s.epoch += 1;
                     s.owner = Some(broker);
+                    s.handoff_to = None;
                     Reply::Lease { epoch: s.epoch }
                 }
+                Err(r) => rejected(r),
+            },
+            Command::AssignShard {
+                stream,
+                shard,
+                broker,
+                expected_epoch,
+            } => match self.shard_mut(&stream, shard) {
+                Ok(s) if s.epoch == expected_epoch => {
+                    s.epoch += 1;
+                    s.owner = Some(broker);
+                    s.handoff_to = None;
+                    Reply::Lease { epoch: s.epoch }
+                }
+                Ok(s) => rejected(Rejection::StaleEpoch {
+                    stream,
+                    shard,
+                    epoch: expected_epoch,
+                    current: s.epoch,
+                }),
+                Err(r) => rejected(r),
+            },
+            Command::RequestHandoff {
+                stream,
+                shard,
+                to,
+                expected_epoch,
+            } => match self.shard_mut(&stream, shard) {
+                Ok(s) if s.epoch == expected_epoch => {
+                    s.handoff_to = Some(to);
+                    Reply::Done
+                }
+                Ok(s) => rejected(Rejection::StaleEpoch {
+                    stream,
+                    shard,
+                    epoch: expected_epoch,
+                    current: s.epoch,
+                }),
                 Err(r) => rejected(r),
             },
             Command::CommitSegment(commit) => self.commit_segment(commit),
@@ -200,6 +239,16 @@ impl State {
         let mut rejected_shards = Vec::new();
         for sc in commit.shards {
             let check = self.shard_mut(&sc.stream, sc.shard).and_then(|shard| {
+                // The same range of the same object again: a retry of a
+                // commit whose answer was lost. It is already registered.
+                if shard.segments.iter().rev().take(64).any(|r| {
+                    r.object == commit.object
+                        && r.row_group == sc.row_group
+                        && r.first_offset == sc.first_offset
+                        && r.last_offset == sc.last_offset
+                }) {
+                    return Ok(());
+                }
                 if shard.epoch != sc.epoch || shard.owner != Some(commit.broker) {
                     return Err(Rejection::StaleEpoch {
                         stream: sc.stream.clone(),

@@ -1,0 +1,414 @@
+//! Broker liveness and shard assignment, run by the Raft leader.
+//!
+//! Brokers heartbeat to the leader (an RPC, not a Raft write: liveness is
+//! the leader's view and costs no log entry). The controller task on the
+//! leader gives every shard without a live owner to the least-loaded live
+//! broker with a new epoch ([`Command::AssignShard`]), and spreads shards
+//! when a broker joins by asking an owner to hand a shard over
+//! ([`Command::RequestHandoff`]): the owner stops accepting writes for it,
+//! commits what it holds and then assigns it to the new broker itself, so a
+//! rebalance loses nothing even for `local` durability. An owner that does
+//! not finish a handoff in time loses the shard anyway.
+//!
+//! A leader that was just elected has not heard from anyone yet: brokers it
+//! has not seen count as alive for one session timeout from its election.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::command::{Command, Reply};
+use crate::model::{BrokerId, BrokerInfo};
+use crate::node::PlacementNode;
+use crate::state::State;
+
+/// How long a broker stays alive without a heartbeat (Kafka's
+/// `broker.session.timeout.ms` is 9 s; 6 s keeps failover short).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long an owner has to hand a shard over before it is moved anyway.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(300);
+
+/// A broker's heartbeat: who it is and where clients reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub info: BrokerInfo,
+}
+
+/// What a broker needs to serve: the live brokers and every shard's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The broker's lease on its shards lasts this long from the moment it
+    /// sent this heartbeat.
+    pub session_timeout_ms: u64,
+    pub live: Vec<BrokerInfo>,
+    pub streams: Vec<StreamAssignment>,
+    /// State version the assignment was read at.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamAssignment {
+    pub name: String,
+    #[serde(with = "crate::model::id_u128")]
+    pub id: u128,
+    pub config: BTreeMap<String, String>,
+    pub shards: Vec<ShardAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardAssignment {
+    pub shard: i32,
+    pub owner: Option<BrokerId>,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_to: Option<BrokerId>,
+}
+
+/// The leader's view of which brokers are alive.
+pub struct Liveness {
+    pub session_timeout: Duration,
+    seen: parking_lot::Mutex<HashMap<BrokerId, Instant>>,
+    /// (term, when this node became leader in it)
+    leading: parking_lot::Mutex<Option<(u64, Instant)>>,
+    pub lease_changes: AtomicU64,
+    pub failovers: AtomicU64,
+}
+
+impl Liveness {
+    pub fn new(session_timeout: Duration) -> Self {
+        Liveness {
+            session_timeout,
+            seen: parking_lot::Mutex::new(HashMap::new()),
+            leading: parking_lot::Mutex::new(None),
+            lease_changes: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+        }
+    }
+
+    pub fn saw(&self, id: BrokerId) {
+        self.seen.lock().insert(id, Instant::now());
+    }
+
+    /// Note the term this node leads in; a new term restarts the grace.
+    pub fn leading(&self, term: u64) {
+        let mut l = self.leading.lock();
+        if l.map(|(t, _)| t) != Some(term) {
+            *l = Some((term, Instant::now()));
+        }
+    }
+
+    pub fn not_leading(&self) {
+        *self.leading.lock() = None;
+    }
+
+    pub fn is_live(&self, id: BrokerId) -> bool {
+        let now = Instant::now();
+        match self.seen.lock().get(&id) {
+            Some(t) => now.duration_since(*t) < self.session_timeout,
+            None => self
+                .leading
+                .lock()
+                .is_some_and(|(_, since)| now.duration_since(since) < self.session_timeout),
+        }
+    }
+
+    /// Has every registered broker had a chance to heartbeat since this node
+    /// became leader? Before that, shards are not moved for lack of news.
+    fn settled(&self) -> bool {
+        self.leading
+            .lock()
+            .is_some_and(|(_, since)| since.elapsed() >= self.session_timeout)
+    }
+}
+
+/// The live brokers (sorted by id) and every shard's assignment.
+pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<StreamAssignment>) {
+    let brokers = state
+        .brokers
+        .values()
+        .filter(|b| live.is_live(b.id))
+        .cloned()
+        .collect();
+    let streams = state
+        .streams
+        .values()
+        .map(|s| StreamAssignment {
+            name: s.name.clone(),
+            id: s.id,
+            config: s.config.clone(),
+            shards: s
+                .shards
+                .iter()
+                .map(|sh| ShardAssignment {
+                    shard: sh.shard,
+                    owner: sh.owner,
+                    epoch: sh.epoch,
+                    handoff_to: sh.handoff_to,
+                })
+                .collect(),
+        })
+        .collect();
+    (brokers, streams)
+}
+
+/// One decision of the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Move {
+    Assign(Command),
+    Handoff(Command),
+}
+
+/// What the controller would do now: a pure function of the state, the
+/// live set and the handoffs that ran out of time, so it is unit-tested.
+pub fn plan(state: &State, live: &[BrokerId], expired_handoffs: &[(String, i32)]) -> Vec<Move> {
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let mut load: BTreeMap<BrokerId, usize> = live.iter().map(|b| (*b, 0)).collect();
+    for s in state.streams.values() {
+        for sh in &s.shards {
+            if let Some(o) = sh.owner
+                && let Some(n) = load.get_mut(&o)
+            {
+                *n += 1;
+            }
+        }
+    }
+    let least = |load: &BTreeMap<BrokerId, usize>| {
+        load.iter()
+            .min_by_key(|(id, n)| (**n, **id))
+            .map(|(id, _)| *id)
+    };
+    let mut moves = Vec::new();
+    for s in state.streams.values() {
+        for sh in &s.shards {
+            let orphan = sh.owner.is_none_or(|o| !load.contains_key(&o));
+            let expired = expired_handoffs
+                .iter()
+                .any(|(n, i)| *n == s.name && *i == sh.shard);
+            let target = if expired {
+                sh.handoff_to.filter(|t| load.contains_key(t))
+            } else {
+                None
+            };
+            if !orphan && target.is_none() {
+                continue;
+            }
+            let Some(to) = target.or_else(|| least(&load)) else {
+                continue;
+            };
+            if let Some(o) = sh.owner
+                && let Some(n) = load.get_mut(&o)
+            {
+                *n -= 1;
+            }
+            *load.entry(to).or_default() += 1;
+            moves.push(Move::Assign(Command::AssignShard {
+                stream: s.name.clone(),
+                shard: sh.shard,
+                broker: to,
+                expected_epoch: sh.epoch,
+            }));
+        }
+    }
+    if !moves.is_empty() {
+        return moves;
+    }
+    // Spread: while the busiest live broker has two more shards than the
+    // idlest, hand one of its shards over (one pending handoff per owner).
+    let pending: Vec<BrokerId> = state
+        .streams
+        .values()
+        .flat_map(|s| s.shards.iter())
+        .filter(|sh| sh.handoff_to.is_some())
+        .filter_map(|sh| sh.owner)
+        .collect();
+    let (Some((&busiest, &most)), Some(idlest)) = (
+        load.iter()
+            .filter(|(id, _)| !pending.contains(id))
+            .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id))),
+        least(&load),
+    ) else {
+        return moves;
+    };
+    if most < load[&idlest] + 2 {
+        return moves;
+    }
+    let candidate = state.streams.values().find_map(|s| {
+        s.shards
+            .iter()
+            .find(|sh| sh.owner == Some(busiest) && sh.handoff_to.is_none())
+            .map(|sh| (s.name.clone(), sh.shard, sh.epoch))
+    });
+    if let Some((stream, shard, epoch)) = candidate {
+        moves.push(Move::Handoff(Command::RequestHandoff {
+            stream,
+            shard,
+            to: idlest,
+            expected_epoch: epoch,
+        }));
+    }
+    moves
+}
+
+/// The controller: runs on every node, acts while it is the leader.
+pub async fn run(node: Arc<PlacementNode>) {
+    // When each pending handoff was first seen: (stream, shard, epoch).
+    let mut handoffs: HashMap<(String, i32, u64), Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(TICK).await;
+        let status = node.status();
+        let live = node.liveness();
+        if !status.is_leader {
+            live.not_leading();
+            handoffs.clear();
+            continue;
+        }
+        live.leading(status.term);
+        if !live.settled() {
+            continue;
+        }
+        let state = node.state_snapshot();
+        let live_ids: Vec<BrokerId> = state
+            .brokers
+            .keys()
+            .copied()
+            .filter(|id| live.is_live(*id))
+            .collect();
+        let mut current = Vec::new();
+        for s in state.streams.values() {
+            for sh in &s.shards {
+                if sh.handoff_to.is_some() {
+                    current.push((s.name.clone(), sh.shard, sh.epoch));
+                }
+            }
+        }
+        handoffs.retain(|k, _| current.contains(k));
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for k in current {
+            let since = *handoffs.entry(k.clone()).or_insert(now);
+            if now.duration_since(since) >= HANDOFF_TIMEOUT {
+                expired.push((k.0, k.1));
+            }
+        }
+        for m in plan(&state, &live_ids, &expired) {
+            let (cmd, failover) = match m {
+                Move::Assign(cmd) => {
+                    let failover = matches!(&cmd, Command::AssignShard { stream, shard, .. }
+                        if state.streams.get(stream)
+                            .and_then(|s| usize::try_from(*shard).ok().and_then(|i| s.shards.get(i)))
+                            .is_some_and(|sh| sh.owner.is_some()));
+                    (cmd, failover)
+                }
+                Move::Handoff(cmd) => (cmd, false),
+            };
+            tracing::info!(?cmd, "controller");
+            match node.write(cmd).await {
+                Ok(Reply::Lease { .. }) => {
+                    live.lease_changes.fetch_add(1, Ordering::Relaxed);
+                    if failover {
+                        live.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("controller write failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(owners: &[Option<BrokerId>], brokers: &[BrokerId]) -> State {
+        let mut st = State::default();
+        st.apply(Command::CreateStream {
+            name: "t".into(),
+            partitions: owners.len() as i32,
+            config: BTreeMap::new(),
+            id: 1,
+            now_ms: 0,
+        });
+        for b in brokers {
+            st.apply(Command::RegisterBroker {
+                info: BrokerInfo {
+                    id: *b,
+                    kafka_addr: String::new(),
+                    http_addr: String::new(),
+                    registered_ms: 0,
+                },
+            });
+        }
+        for (i, o) in owners.iter().enumerate() {
+            if let Some(b) = o {
+                st.apply(Command::AcquireLease {
+                    stream: "t".into(),
+                    shard: i as i32,
+                    broker: *b,
+                });
+            }
+        }
+        st
+    }
+
+    fn assigned(moves: &[Move]) -> Vec<(i32, BrokerId)> {
+        moves
+            .iter()
+            .filter_map(|m| match m {
+                Move::Assign(Command::AssignShard { shard, broker, .. }) => Some((*shard, *broker)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_shards_are_spread_over_live_brokers() {
+        let st = state(&[None; 6], &[1, 2, 3]);
+        let got = assigned(&plan(&st, &[1, 2, 3], &[]));
+        assert_eq!(got, [(0, 1), (1, 2), (2, 3), (3, 1), (4, 2), (5, 3)]);
+    }
+
+    #[test]
+    fn a_dead_brokers_shards_move_to_the_others() {
+        let st = state(&[Some(1), Some(2), Some(3), Some(1)], &[1, 2, 3]);
+        let got = assigned(&plan(&st, &[2, 3], &[]));
+        assert_eq!(got, [(0, 2), (3, 3)]);
+        // The epoch a move expects is the current one: a stale plan is refused.
+        let mut st2 = st.clone();
+        let Move::Assign(cmd) = plan(&st, &[2, 3], &[]).remove(0) else {
+            panic!("not an assignment")
+        };
+        assert!(matches!(st2.apply(cmd.clone()), Reply::Lease { epoch: 2 }));
+        assert!(matches!(st2.apply(cmd), Reply::Rejected { .. }));
+    }
+
+    #[test]
+    fn a_joining_broker_gets_shards_by_handoff() {
+        let mut st = state(&[Some(1), Some(1), Some(2), Some(2)], &[1, 2, 3]);
+        let moves = plan(&st, &[1, 2, 3], &[]);
+        assert_eq!(moves.len(), 1);
+        let Move::Handoff(cmd) = moves[0].clone() else {
+            panic!("expected a handoff, got {moves:?}")
+        };
+        assert_eq!(st.apply(cmd), Reply::Done);
+        // While it is pending nothing else moves from that owner.
+        let again = plan(&st, &[1, 2, 3], &[]);
+        assert!(
+            again.iter().all(|m| !matches!(m, Move::Handoff(Command::RequestHandoff { stream, shard: 0, .. }) if stream == "t")),
+            "{again:?}"
+        );
+        // Past its time the controller moves it itself.
+        let forced = assigned(&plan(&st, &[1, 2, 3], &[("t".into(), 0)]));
+        assert_eq!(forced, [(0, 3)]);
+    }
+}
