@@ -103,7 +103,7 @@ pub struct Standalone {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn err(msg: impl Into<String>) -> ConfigError {
+pub(crate) fn err(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
@@ -126,7 +126,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| err(format!("byte size {s:?} too large")))
 }
 
-fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     s.to_socket_addrs()
         .ok()

@@ -1,6 +1,7 @@
 //! The `shoal` binary: CLI, configuration and wiring of the crates.
 
 mod config;
+mod roles;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +30,10 @@ struct Cli {
 enum Cmd {
     /// Placement Center, broker and local storage in one process.
     Standalone(StandaloneArgs),
+    /// One node of a Placement Center cluster (three or five of them).
+    Placement(roles::PlacementArgs),
+    /// A stateless broker of a cluster.
+    Broker(roles::BrokerArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +60,8 @@ fn main() -> ExitCode {
             Ok(cfg) => runtime.block_on(standalone(cfg)),
             Err(e) => Err(e.to_string()),
         },
+        Cmd::Placement(args) => runtime.block_on(roles::placement(args)),
+        Cmd::Broker(args) => runtime.block_on(roles::broker(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,7 +72,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+pub(crate) async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => format!("{what} address {addr} is already in use"),
         _ => format!("cannot listen on {what} address {addr}: {e}"),
@@ -107,6 +114,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.max_unflushed_bytes = cfg.max_unflushed_bytes;
     bc.default_partitions = cfg.default_partitions;
     bc.default_durability = cfg.default_durability;
+    bc.http_addr = cfg.http_addr.to_string();
     let broker = Broker::start(bc, PlacementClient::local(node.clone()), store)
         .await
         .map_err(|e| format!("broker: {e}"))?;
@@ -194,7 +202,7 @@ fn node_identity(data_dir: &std::path::Path) -> Result<String, String> {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -8,7 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use shoal_placement::{BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream};
+use shoal_placement::{
+    BrokerId, BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream,
+};
 use shoal_storage::ObjectStorage;
 use shoal_wal_cache::{Cache, CacheOptions, Wal, WalOptions};
 use tokio::sync::Notify;
@@ -26,12 +28,50 @@ pub struct StreamHandle {
     pub name: String,
     pub id: u128,
     pub config: BTreeMap<String, String>,
-    pub shards: Vec<Arc<ShardLog>>,
+    pub partitions: Vec<Partition>,
+}
+
+/// One shard of a stream: who leads it, and its log if that is this broker.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub leader: Option<BrokerId>,
+    /// The leader's lease epoch (Kafka's leader epoch).
+    pub epoch: u64,
+    pub log: Option<Arc<ShardLog>>,
 }
 
 impl StreamHandle {
+    /// The shard's log, if this broker owns it.
     pub fn shard(&self, i: i32) -> Option<&Arc<ShardLog>> {
-        usize::try_from(i).ok().and_then(|i| self.shards.get(i))
+        self.partition(i).and_then(|p| p.log.as_ref())
+    }
+
+    pub fn partition(&self, i: i32) -> Option<&Partition> {
+        usize::try_from(i).ok().and_then(|i| self.partitions.get(i))
+    }
+
+    pub fn partition_count(&self) -> i32 {
+        i32::try_from(self.partitions.len()).unwrap_or(i32::MAX)
+    }
+
+    /// The logs of the shards this broker owns.
+    pub fn owned(&self) -> impl Iterator<Item = &Arc<ShardLog>> {
+        self.partitions.iter().filter_map(|p| p.log.as_ref())
+    }
+
+    /// The error for a partition this broker cannot serve: another leads
+    /// it (clients refresh metadata), or it does not exist.
+    pub fn not_here(&self, i: i32) -> Error {
+        match self.partition(i) {
+            Some(_) => Error::NotLeader {
+                stream: self.name.clone(),
+                shard: i,
+            },
+            None => Error::UnknownShard {
+                stream: self.name.clone(),
+                shard: i,
+            },
+        }
     }
 }
 
@@ -50,6 +90,8 @@ pub struct Broker {
     pub(crate) flush_now: Notify,
     /// Segment ranges being read ahead, so one is fetched once.
     prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Set in a cluster: the live brokers and this broker's lease.
+    pub cluster: Option<crate::cluster::ClusterState>,
 }
 
 /// Size of the batches cold reads are re-encoded into (Kafka's default
@@ -91,17 +133,26 @@ impl Broker {
         cache_opts.memory_bytes = config.cache_memory_bytes;
         cache_opts.disk_bytes = config.cache_disk_bytes;
         let cache = Cache::open(cache_opts).await?;
-        placement
-            .write(Command::RegisterBroker {
-                info: BrokerInfo {
-                    id: config.broker_id,
-                    kafka_addr: format!("{}:{}", config.advertised_host, config.advertised_port),
-                    http_addr: String::new(),
-                    registered_ms: now_ms(),
-                },
-            })
-            .await?;
+        if !config.cluster {
+            placement
+                .write(Command::RegisterBroker {
+                    info: BrokerInfo {
+                        id: config.broker_id,
+                        kafka_addr: format!(
+                            "{}:{}",
+                            config.advertised_host, config.advertised_port
+                        ),
+                        http_addr: config.http_addr.clone(),
+                        registered_ms: now_ms(),
+                    },
+                })
+                .await?;
+        }
+        let cluster = config
+            .cluster
+            .then(crate::cluster::ClusterState::default);
         let broker = Arc::new(Broker {
+            cluster,
             groups: Coordinator::new(),
             config,
             placement,
@@ -115,11 +166,72 @@ impl Broker {
             flush_now: Notify::new(),
             prefetching: parking_lot::Mutex::new(std::collections::HashSet::new()),
         });
-        for stream in broker.placement.list_streams().await? {
-            broker.adopt(stream).await?;
+        if broker.cluster.is_some() {
+            // The first heartbeat takes back, with new epochs, the shards
+            // still assigned to this broker; placement may be electing.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match crate::cluster::heartbeat(&broker, true).await {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::warn!("first heartbeat to placement: {e}; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            for stream in broker.placement.list_streams().await? {
+                broker.adopt(stream).await?;
+            }
         }
         broker.replay()?;
         Ok(broker)
+    }
+
+    /// Put a stream view in place (the cluster's assignment changed).
+    pub(crate) fn install(&self, handle: StreamHandle) {
+        self.streams
+            .write()
+            .insert(handle.name.clone(), Arc::new(handle));
+    }
+
+    pub(crate) fn uninstall(&self, name: &str) {
+        self.streams.write().remove(name);
+    }
+
+    /// May this broker write the shards it holds right now? In a cluster,
+    /// only while its last heartbeat is recent enough.
+    pub fn lease_valid(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.lease_valid())
+    }
+
+    /// Brokers to list in Metadata: the live ones in a cluster, else this one.
+    pub fn live_brokers(&self) -> Vec<BrokerInfo> {
+        match &self.cluster {
+            Some(c) => c.live(),
+            None => vec![BrokerInfo {
+                id: self.config.broker_id,
+                kafka_addr: format!(
+                    "{}:{}",
+                    self.config.advertised_host, self.config.advertised_port
+                ),
+                http_addr: self.config.http_addr.clone(),
+                registered_ms: 0,
+            }],
+        }
+    }
+
+    /// The broker coordinating `group` (this one when standalone).
+    pub fn coordinator(&self, group: &str) -> Option<BrokerInfo> {
+        crate::cluster::coordinator_for(group, &self.live_brokers())
+    }
+
+    pub fn is_coordinator(&self, group: &str) -> bool {
+        self.cluster.is_none()
+            || self
+                .coordinator(group)
+                .is_some_and(|b| b.id == self.config.broker_id)
     }
 
     fn replay(&self) -> Result<()> {
@@ -140,9 +252,18 @@ impl Broker {
                 continue; // the stream was deleted
             };
             let len = rec.batch.len() as u64;
-            if shard.replay(rec.batch, entry.seq)? {
-                self.unflushed_bytes.fetch_add(len, Ordering::Relaxed);
-                replayed += 1;
+            match shard.replay(rec.batch, entry.seq) {
+                Ok(true) => {
+                    self.unflushed_bytes.fetch_add(len, Ordering::Relaxed);
+                    replayed += 1;
+                }
+                Ok(false) => {}
+                // In a cluster another broker may have written the shard
+                // since: what this WAL holds beyond its commits is stale.
+                Err(e) if self.cluster.is_some() => {
+                    tracing::warn!("dropping a WAL entry another owner superseded: {e}");
+                }
+                Err(e) => return Err(e),
             }
         }
         if replayed > 0 {
@@ -155,13 +276,29 @@ impl Broker {
         Ok(())
     }
 
+    /// After a stream changed in placement: standalone, take the leases of
+    /// its new shards; in a cluster, wait for the controller to place them.
+    async fn follow(self: &Arc<Self>, stream: Stream) -> Result<Arc<StreamHandle>> {
+        if self.cluster.is_none() {
+            return self.adopt(stream).await;
+        }
+        crate::cluster::wait_for_leaders(self, &stream.name, std::time::Duration::from_secs(10))
+            .await;
+        self.stream(&stream.name)
+            .ok_or_else(|| Error::UnknownStream(stream.name.clone()))
+    }
+
     /// Take the leases of a stream's shards and start serving them.
     async fn adopt(&self, stream: Stream) -> Result<Arc<StreamHandle>> {
         let existing = self.stream(&stream.name);
         let mut shards = Vec::with_capacity(stream.shards.len());
         for s in &stream.shards {
             if let Some(sh) = existing.as_ref().and_then(|e| e.shard(s.shard)) {
-                shards.push(sh.clone());
+                shards.push(Partition {
+                    leader: Some(self.config.broker_id),
+                    epoch: sh.epoch(),
+                    log: Some(sh.clone()),
+                });
                 continue;
             }
             let epoch = match self
@@ -177,24 +314,28 @@ impl Broker {
                 Reply::Rejected { rejection } => return Err(Error::Rejected(rejection)),
                 other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
             };
-            shards.push(Arc::new(ShardLog::new(
-                &stream.name,
-                s.shard,
-                ShardInit {
-                    epoch,
-                    log_start_offset: s.log_start_offset,
-                    committed_offset: s.committed_offset,
-                    segments: s.segments.clone(),
-                    producers: s.producers.clone(),
-                },
-                self.config.tail_keep_bytes,
-            )));
+            shards.push(Partition {
+                leader: Some(self.config.broker_id),
+                epoch,
+                log: Some(Arc::new(ShardLog::new(
+                    &stream.name,
+                    s.shard,
+                    ShardInit {
+                        epoch,
+                        log_start_offset: s.log_start_offset,
+                        committed_offset: s.committed_offset,
+                        segments: s.segments.clone(),
+                        producers: s.producers.clone(),
+                    },
+                    self.config.tail_keep_bytes,
+                ))),
+            });
         }
         let handle = Arc::new(StreamHandle {
             name: stream.name.clone(),
             id: stream.id,
             config: stream.config,
-            shards,
+            partitions: shards,
         });
         self.streams.write().insert(stream.name, handle.clone());
         Ok(handle)
@@ -220,7 +361,7 @@ impl Broker {
 
     /// Create a stream (or find it if it already exists when `or_existing`).
     pub async fn create_stream(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         partitions: i32,
         mut config: BTreeMap<String, String>,
@@ -263,7 +404,7 @@ impl Broker {
             })
             .await?;
         match reply {
-            Reply::Stream { stream } => self.adopt(stream).await,
+            Reply::Stream { stream } => self.follow(stream).await,
             Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
             other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
         }
@@ -271,7 +412,7 @@ impl Broker {
 
     /// The stream, auto-creating it with the default partitions if allowed.
     pub async fn stream_or_create(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         allow_create: bool,
     ) -> Result<Arc<StreamHandle>> {
@@ -292,7 +433,7 @@ impl Broker {
         }
     }
 
-    pub async fn delete_stream(&self, name: &str) -> Result<()> {
+    pub async fn delete_stream(self: &Arc<Self>, name: &str) -> Result<()> {
         let _guard = self.admin.lock().await;
         if let Reply::Rejected { rejection } = self
             .placement
@@ -303,11 +444,15 @@ impl Broker {
         {
             return Err(Error::Rejected(rejection));
         }
-        self.streams.write().remove(name);
+        if let Some(gone) = self.streams.write().remove(name) {
+            for log in gone.owned() {
+                log.fence();
+            }
+        }
         Ok(())
     }
 
-    pub async fn create_partitions(&self, name: &str, count: i32) -> Result<()> {
+    pub async fn create_partitions(self: &Arc<Self>, name: &str, count: i32) -> Result<()> {
         let _guard = self.admin.lock().await;
         match self
             .placement
@@ -318,7 +463,7 @@ impl Broker {
             .await?
         {
             Reply::Stream { stream } => {
-                self.adopt(stream).await?;
+                self.follow(stream).await?;
                 Ok(())
             }
             Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
@@ -327,7 +472,7 @@ impl Broker {
     }
 
     pub async fn alter_config(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         set: BTreeMap<String, String>,
         remove: Vec<String>,
@@ -351,7 +496,7 @@ impl Broker {
             .await?
         {
             Reply::Stream { stream } => {
-                self.adopt(stream).await?;
+                self.follow(stream).await?;
                 Ok(())
             }
             Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),

@@ -55,6 +55,11 @@ pub struct BrokerConfig {
     /// and the tails). Past it, produces get a retriable error instead of
     /// growing memory and disk while object storage is unreachable.
     pub max_unflushed_bytes: u64,
+    /// In a cluster: follow the controller's assignment (heartbeating to
+    /// placement) instead of taking every shard's lease.
+    pub cluster: bool,
+    /// host:port of this broker's HTTP API, published to placement.
+    pub http_addr: String,
 }
 
 impl BrokerConfig {
@@ -75,6 +80,8 @@ impl BrokerConfig {
             cluster_id: "shoal".into(),
             max_request_bytes: 100 << 20,
             max_unflushed_bytes: 1 << 30,
+            cluster: false,
+            http_addr: String::new(),
         }
     }
 }

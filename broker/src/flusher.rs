@@ -58,7 +58,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
     let mut more = false;
     let mut taken = Vec::new();
     for stream in broker.streams() {
-        for shard in &stream.shards {
+        for shard in stream.owned() {
             let Some(mut slice) = shard.flush_slice() else {
                 continue;
             };
@@ -202,7 +202,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
     // holds an older un-flushed entry.
     let mut safe = max_seq;
     for stream in broker.streams() {
-        for shard in &stream.shards {
+        for shard in stream.owned() {
             if let Some(seq) = shard.min_unflushed_seq() {
                 safe = safe.min(seq.saturating_sub(1));
             }

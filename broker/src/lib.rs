@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod decompress;
 pub mod error;

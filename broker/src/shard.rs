@@ -81,6 +81,12 @@ pub struct ShardLog {
     high_watermark: watch::Sender<i64>,
     committed: watch::Sender<i64>,
     tail_keep_bytes: usize,
+    /// The lease moved away: nothing more is accepted or committed, and
+    /// waiting producers are answered NOT_LEADER_OR_FOLLOWER.
+    fenced: watch::Sender<bool>,
+    /// A handoff is under way: new writes go elsewhere, what is held is
+    /// still committed.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 pub struct ShardInit {
@@ -112,7 +118,38 @@ impl ShardLog {
             committed: watch::channel(init.committed_offset).0,
             state: Mutex::new(state),
             tail_keep_bytes,
+            fenced: watch::channel(false).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// This broker no longer owns the shard.
+    pub fn fence(&self) {
+        self.fenced.send_replace(true);
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        *self.fenced.borrow()
+    }
+
+    pub fn watch_fenced(&self) -> watch::Receiver<bool> {
+        self.fenced.subscribe()
+    }
+
+    /// Stop taking writes ahead of a handoff.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Is everything ever appended here committed to placement?
+    pub fn all_committed(&self) -> bool {
+        let st = self.state.lock();
+        st.committed_offset == st.next_offset
     }
 
     /// Re-add a batch found in the WAL at start-up. Batches already in a
@@ -150,6 +187,12 @@ impl ShardLog {
     /// section so that WAL order is offset order.
     pub fn append(&self, batch: &Bytes, info: BatchInfo, wal: &Wal) -> Result<Appended> {
         let mut st = self.state.lock();
+        if self.is_fenced() || self.is_draining() {
+            return Err(Error::NotLeader {
+                stream: self.stream.clone(),
+                shard: self.shard,
+            });
+        }
         match producer::check(&st.producers, &info) {
             SeqCheck::Accept => {}
             SeqCheck::Duplicate { base_offset } => return Ok(Appended::Duplicate { base_offset }),
@@ -267,6 +310,9 @@ impl ShardLog {
 
     /// Durable batches not yet in a committed segment.
     pub fn flush_slice(&self) -> Option<FlushSlice> {
+        if self.is_fenced() {
+            return None;
+        }
         let st = self.state.lock();
         let batches: Vec<TailBatch> = st
             .tail

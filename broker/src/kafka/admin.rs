@@ -195,10 +195,10 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest) -> Pendi
     for t in req.topics {
         let outcome = match b.stream(t.name.as_str()) {
             None => Err(Error::UnknownStream(t.name.to_string())),
-            Some(stream) if t.count <= stream.shards.len() as i32 => {
+            Some(stream) if t.count <= stream.partition_count() => {
                 Err(Error::InvalidPartitions(format!(
                     "topic has {} partitions, cannot go to {}",
-                    stream.shards.len(),
+                    stream.partition_count(),
                     t.count
                 )))
             }
@@ -379,7 +379,13 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
                 .with_timestamp(-1)
                 .with_offset(-1);
             match stream.as_ref().and_then(|s| s.shard(p.partition_index)) {
-                None => r = r.with_error_code(ResponseError::UnknownTopicOrPartition.code()),
+                None => {
+                    let code = stream.as_ref().map_or(
+                        ResponseError::UnknownTopicOrPartition.code(),
+                        |s| s.not_here(p.partition_index).code(),
+                    );
+                    r = r.with_error_code(code)
+                }
                 Some(shard) => match p.timestamp {
                     -2 => r = r.with_offset(shard.log_start_offset()),
                     -1 | -3 => r = r.with_offset(shard.high_watermark()),

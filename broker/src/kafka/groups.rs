@@ -36,6 +36,11 @@ fn s(v: impl Into<String>) -> StrBytes {
 }
 
 pub fn join_group(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Pending {
+    if !ctx.broker.is_coordinator(req.group_id.as_str()) {
+        return ready(ResponseKind::JoinGroup(
+            JoinGroupResponse::default().with_error_code(ResponseError::NotCoordinator.code()),
+        ));
+    }
     let params = JoinParams {
         group_id: req.group_id.to_string(),
         member_id: req.member_id.to_string(),
@@ -91,6 +96,11 @@ pub fn join_group(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Pending {
 }
 
 pub fn sync_group(ctx: &Ctx, req: SyncGroupRequest) -> Pending {
+    if !ctx.broker.is_coordinator(req.group_id.as_str()) {
+        return ready(ResponseKind::SyncGroup(
+            SyncGroupResponse::default().with_error_code(ResponseError::NotCoordinator.code()),
+        ));
+    }
     let waiting = ctx.broker.groups.sync(
         req.group_id.as_str(),
         req.generation_id,
@@ -120,6 +130,11 @@ pub fn sync_group(ctx: &Ctx, req: SyncGroupRequest) -> Pending {
 }
 
 pub fn heartbeat(ctx: &Ctx, req: HeartbeatRequest) -> Pending {
+    if !ctx.broker.is_coordinator(req.group_id.as_str()) {
+        return ready(ResponseKind::Heartbeat(
+            HeartbeatResponse::default().with_error_code(ResponseError::NotCoordinator.code()),
+        ));
+    }
     let code = ctx.broker.groups.heartbeat(
         req.group_id.as_str(),
         req.generation_id,
@@ -132,6 +147,11 @@ pub fn heartbeat(ctx: &Ctx, req: HeartbeatRequest) -> Pending {
 }
 
 pub fn leave_group(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Pending {
+    if !ctx.broker.is_coordinator(req.group_id.as_str()) {
+        return ready(ResponseKind::LeaveGroup(
+            LeaveGroupResponse::default().with_error_code(ResponseError::NotCoordinator.code()),
+        ));
+    }
     let ids: Vec<String> = if version >= 3 {
         req.members
             .iter()
@@ -166,11 +186,15 @@ pub fn leave_group(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Pending {
 
 pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
     let b = &ctx.broker;
-    let mut code = b.groups.check_commit(
-        req.group_id.as_str(),
-        req.generation_id_or_member_epoch,
-        req.member_id.as_str(),
-    );
+    let mut code = if b.is_coordinator(req.group_id.as_str()) {
+        b.groups.check_commit(
+            req.group_id.as_str(),
+            req.generation_id_or_member_epoch,
+            req.member_id.as_str(),
+        )
+    } else {
+        ResponseError::NotCoordinator.code()
+    };
     if code == 0 {
         let offsets: Vec<OffsetCommit> = req
             .topics

@@ -41,23 +41,49 @@ pub fn uuid(id: u128) -> uuid::Uuid {
     uuid::Uuid::from_u128(id)
 }
 
-fn topic_metadata(b: &Broker, s: &StreamHandle) -> MetadataResponseTopic {
+fn topic_metadata(s: &StreamHandle) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(StrBytes::from_string(s.name.clone()))))
         .with_topic_id(uuid(s.id))
         .with_partitions(
-            s.shards
-                .iter()
-                .map(|sh| {
-                    MetadataResponsePartition::default()
-                        .with_partition_index(sh.shard)
-                        .with_leader_id(broker_id(b))
-                        .with_leader_epoch(sh.epoch() as i32)
-                        .with_replica_nodes(vec![broker_id(b)])
-                        .with_isr_nodes(vec![broker_id(b)])
+            (0..s.partition_count())
+                .filter_map(|i| s.partition(i).map(|p| (i, p)))
+                .map(|(i, p)| {
+                    let part = MetadataResponsePartition::default()
+                        .with_partition_index(i)
+                        .with_leader_epoch(i32::try_from(p.epoch).unwrap_or(i32::MAX));
+                    match p.leader {
+                        Some(l) => {
+                            let id = BrokerId(l as i32);
+                            part.with_leader_id(id)
+                                .with_replica_nodes(vec![id])
+                                .with_isr_nodes(vec![id])
+                        }
+                        // Being moved to a live broker: clients retry.
+                        None => part
+                            .with_leader_id(BrokerId(-1))
+                            .with_error_code(ResponseError::LeaderNotAvailable.code()),
+                    }
                 })
                 .collect(),
         )
+}
+
+fn host_port(addr: &str) -> (StrBytes, i32) {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "9092"));
+    (
+        StrBytes::from_string(host.to_string()),
+        port.parse().unwrap_or(9092),
+    )
+}
+
+/// The controller id clients are told: the lowest live broker.
+fn controller_id(b: &Broker) -> BrokerId {
+    b.live_brokers()
+        .iter()
+        .map(|x| BrokerId(x.id as i32))
+        .min_by_key(|x| x.0)
+        .unwrap_or(broker_id(b))
 }
 
 pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending {
@@ -69,7 +95,7 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
         _ => None,
     };
     match requested {
-        None => topics.extend(b.streams().iter().map(|s| topic_metadata(b, s))),
+        None => topics.extend(b.streams().iter().map(|s| topic_metadata(s))),
         Some(list) => {
             // Kafka v4+ lets the client forbid auto-creation; before, it is on.
             let allow = version < 4 || req.allow_auto_topic_creation;
@@ -83,7 +109,7 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
                     continue;
                 };
                 match b.stream_or_create(name.as_str(), allow).await {
-                    Ok(s) => topics.push(topic_metadata(b, &s)),
+                    Ok(s) => topics.push(topic_metadata(&s)),
                     Err(e) => {
                         let code = match e {
                             Error::StreamExists(_) => 0,
@@ -99,15 +125,21 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
             }
         }
     }
-    let resp = MetadataResponse::default()
-        .with_brokers(vec![
+    let brokers = b
+        .live_brokers()
+        .iter()
+        .map(|x| {
+            let (host, port) = host_port(&x.kafka_addr);
             MetadataResponseBroker::default()
-                .with_node_id(broker_id(b))
-                .with_host(StrBytes::from_string(b.config.advertised_host.clone()))
-                .with_port(b.config.advertised_port),
-        ])
+                .with_node_id(BrokerId(x.id as i32))
+                .with_host(host)
+                .with_port(port)
+        })
+        .collect();
+    let resp = MetadataResponse::default()
+        .with_brokers(brokers)
         .with_cluster_id(Some(StrBytes::from_string(b.config.cluster_id.clone())))
-        .with_controller_id(broker_id(b))
+        .with_controller_id(controller_id(b))
         .with_topics(topics);
     ready(ResponseKind::Metadata(resp))
 }
@@ -117,44 +149,63 @@ pub fn describe_cluster(ctx: &Ctx, _req: DescribeClusterRequest) -> Pending {
     ready(ResponseKind::DescribeCluster(
         DescribeClusterResponse::default()
             .with_cluster_id(StrBytes::from_string(b.config.cluster_id.clone()))
-            .with_controller_id(broker_id(b))
-            .with_brokers(vec![
-                DescribeClusterBroker::default()
-                    .with_broker_id(broker_id(b))
-                    .with_host(StrBytes::from_string(b.config.advertised_host.clone()))
-                    .with_port(b.config.advertised_port),
-            ]),
+            .with_controller_id(controller_id(b))
+            .with_brokers(
+                b.live_brokers()
+                    .iter()
+                    .map(|x| {
+                        let (host, port) = host_port(&x.kafka_addr);
+                        DescribeClusterBroker::default()
+                            .with_broker_id(BrokerId(x.id as i32))
+                            .with_host(host)
+                            .with_port(port)
+                    })
+                    .collect(),
+            ),
     ))
 }
 
 pub fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i16) -> Pending {
     let b = &ctx.broker;
-    let host = StrBytes::from_string(b.config.advertised_host.clone());
-    let port = b.config.advertised_port;
     // key_type 0 = group, 1 = transaction; transactions are not served.
-    let code = if req.key_type == 0 {
-        0
-    } else {
-        ResponseError::CoordinatorNotAvailable.code()
+    let answer = |key: &str| -> (i16, BrokerId, StrBytes, i32) {
+        if req.key_type != 0 {
+            let code = ResponseError::CoordinatorNotAvailable.code();
+            return (code, BrokerId(-1), StrBytes::default(), -1);
+        }
+        match b.coordinator(key) {
+            Some(c) => {
+                let (host, port) = host_port(&c.kafka_addr);
+                (0, BrokerId(c.id as i32), host, port)
+            }
+            None => (
+                ResponseError::CoordinatorNotAvailable.code(),
+                BrokerId(-1),
+                StrBytes::default(),
+                -1,
+            ),
+        }
     };
     let resp = if version >= 4 {
         FindCoordinatorResponse::default().with_coordinators(
             req.coordinator_keys
-                .into_iter()
+                .iter()
                 .map(|key| {
+                    let (code, id, host, port) = answer(key.as_str());
                     Coordinator::default()
-                        .with_key(key)
-                        .with_node_id(broker_id(b))
-                        .with_host(host.clone())
+                        .with_key(key.clone())
+                        .with_node_id(id)
+                        .with_host(host)
                         .with_port(port)
                         .with_error_code(code)
                 })
                 .collect(),
         )
     } else {
+        let (code, id, host, port) = answer(req.key.as_str());
         FindCoordinatorResponse::default()
             .with_error_code(code)
-            .with_node_id(broker_id(b))
+            .with_node_id(id)
             .with_host(host)
             .with_port(port)
     };

@@ -46,7 +46,10 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
             let outcome = match &stream {
                 Err(e) => Outcome::Done(Err(e.code())),
                 Ok(s) => match s.shard(p.index) {
-                    None => Outcome::Done(Err(Error::UnknownShard {
+                    None => Outcome::Done(Err(s.not_here(p.index).code())),
+                    // A cluster broker out of touch with placement may have
+                    // lost its shards already: clients go and ask again.
+                    Some(_) if !b.lease_valid() => Outcome::Done(Err(Error::NotLeader {
                         stream: s.name.clone(),
                         shard: p.index,
                     }
@@ -242,19 +245,30 @@ async fn wait(
         Ok(Err(e)) => return Err(Error::Internal(format!("WAL fsync failed: {e}"))),
         Err(_) => return Err(Error::Internal("WAL append abandoned".into())),
     }
+    let not_leader = || Error::NotLeader {
+        stream: shard.stream.clone(),
+        shard: shard.shard,
+    };
     if durability == Durability::Object {
         let mut rx = shard.watch_committed();
-        let reached = tokio::time::timeout(timeout, rx.wait_for(|c| *c > last_offset)).await;
-        match reached {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => {
-                return Err(Error::NotLeader {
-                    stream: shard.stream.clone(),
-                    shard: shard.shard,
-                });
+        let mut fenced = shard.watch_fenced();
+        let reached = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                biased;
+                r = rx.wait_for(|c| *c > last_offset) => r.is_ok(),
+                // The lease moved before the commit: the new owner may not
+                // have these records, so they are not acknowledged.
+                _ = fenced.wait_for(|f| *f) => false,
             }
+        })
+        .await;
+        match reached {
+            Ok(true) => {}
+            Ok(false) => return Err(not_leader()),
             Err(_) => return Err(Error::Timeout),
         }
+    } else if shard.is_fenced() && shard.committed_offset() <= last_offset {
+        return Err(not_leader());
     }
     Ok(base_offset)
 }

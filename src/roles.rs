@@ -1,0 +1,352 @@
+//! The cluster roles: `shoal placement` (one Placement Center node) and
+//! `shoal broker` (a stateless broker following the placement controller).
+//! Settings come from flags or the matching `SHOAL_*` variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::Args;
+use shoal_broker::{Broker, BrokerConfig, Durability};
+use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
+use shoal_storage::ObjectStorage;
+
+use crate::config::{ConfigError, err, parse_addr, parse_bytes};
+use crate::{bind, wait_for_signal};
+
+#[derive(Debug, Args)]
+pub struct PlacementArgs {
+    /// This node's id, one of the ids in --peers.
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    pub node_id: u64,
+    /// HTTP address to listen on, as the peers and brokers reach it.
+    #[arg(long, env = "SHOAL_ADDR")]
+    pub addr: String,
+    /// Every voter of a new cluster: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT.
+    /// The lowest id initialises the cluster on its first start.
+    #[arg(long, env = "SHOAL_PEERS")]
+    pub peers: String,
+    /// Raft log, votes, snapshots and state machine.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// A broker that has not heartbeated for this long loses its shards.
+    #[arg(long, env = "SHOAL_SESSION_TIMEOUT", default_value = "6s")]
+    pub session_timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// This broker's id (stable across restarts).
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    pub node_id: u64,
+    /// Placement nodes: HOST:PORT[,HOST:PORT...]; any of them will do.
+    #[arg(long, env = "SHOAL_PLACEMENT")]
+    pub placement: String,
+    #[arg(long, env = "SHOAL_KAFKA_ADDR", default_value = "127.0.0.1:9092")]
+    pub kafka_addr: String,
+    /// Address given to Kafka clients (defaults to the listener address).
+    #[arg(long, env = "SHOAL_ADVERTISED_KAFKA_ADDR")]
+    pub advertised_kafka_addr: Option<String>,
+    #[arg(long, env = "SHOAL_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    /// Object store shared by every broker: s3://bucket/prefix or file:///dir.
+    #[arg(long, env = "SHOAL_OBJECT_STORE")]
+    pub object_store: String,
+    /// WAL and cache.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long, env = "SHOAL_FLUSH_INTERVAL", default_value = "250ms")]
+    pub flush_interval: String,
+    #[arg(long, env = "SHOAL_FLUSH_BYTES", default_value = "8MiB")]
+    pub flush_bytes: String,
+    #[arg(long, env = "SHOAL_MAX_UNFLUSHED_BYTES", default_value = "1GiB")]
+    pub max_unflushed_bytes: String,
+    #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS", default_value_t = 1)]
+    pub default_partitions: i32,
+    /// Durability of new topics; `object` by default in a cluster, where a
+    /// broker's disk is not meant to matter.
+    #[arg(long, env = "SHOAL_DEFAULT_DURABILITY", default_value = "object")]
+    pub default_durability: String,
+}
+
+fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| err(format!("invalid {flag} {s:?}: {e}")))
+}
+
+/// `1=HOST:PORT,2=HOST:PORT` into a map.
+fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("invalid --peers entry {part:?}: expected ID=HOST:PORT")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("invalid node id in --peers entry {part:?}")))?;
+        parse_addr("--peers address", addr.trim())?;
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(err(format!("node {id} appears twice in --peers")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(err("--peers is empty"));
+    }
+    Ok(peers)
+}
+
+pub async fn placement(args: PlacementArgs) -> Result<(), String> {
+    let peers = parse_peers(&args.peers).map_err(|e| e.to_string())?;
+    if !peers.contains_key(&args.node_id) {
+        return Err(format!("--node-id {} is not in --peers", args.node_id));
+    }
+    let listen = parse_addr("--addr", &args.addr).map_err(|e| e.to_string())?;
+    let session_timeout =
+        duration("--session-timeout", &args.session_timeout).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot use data dir {}: {e}", args.data_dir.display()))?;
+    let listener = bind("placement", listen).await?;
+    let mut cfg = NodeConfig::cluster(args.node_id, &args.data_dir, args.addr.clone(), peers);
+    cfg.session_timeout = session_timeout;
+    let node = PlacementNode::start(cfg)
+        .await
+        .map_err(|e| format!("placement: {e}"))?;
+    let app = shoal_placement::router(node.clone()).merge(
+        Router::new()
+            .route("/health", get(placement_health))
+            .route("/metrics", get(placement_metrics))
+            .with_state(node.clone()),
+    );
+    let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.changed().await;
+            })
+            .await
+    });
+    let controller = tokio::spawn(shoal_placement::controller::run(node.clone()));
+    tracing::info!(node = args.node_id, addr = %args.addr, "shoal placement is running");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    controller.abort();
+    let _ = shutdown_tx.send(true);
+    let _ = http.await;
+    node.shutdown()
+        .await
+        .map_err(|e| format!("placement shutdown: {e}"))
+}
+
+/// 200 once the node knows a leader (itself or another).
+async fn placement_health(State(node): State<Arc<PlacementNode>>) -> Response {
+    match node.status().leader_id {
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n").into_response(),
+    }
+}
+
+async fn placement_metrics(State(node): State<Arc<PlacementNode>>) -> Response {
+    let v = node.cluster_view();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "shoal_placement_is_leader",
+        "gauge",
+        "1 on the Raft leader",
+        f64::from(u8::from(v.status.is_leader)),
+    );
+    metric(
+        "shoal_placement_term",
+        "gauge",
+        "Current Raft term",
+        v.status.term as f64,
+    );
+    metric(
+        "shoal_placement_raft_write_seconds_count",
+        "counter",
+        "Raft writes committed through this node",
+        v.raft_writes as f64,
+    );
+    metric(
+        "shoal_placement_raft_write_seconds_sum",
+        "counter",
+        "Total latency of those writes (commit and apply)",
+        v.raft_write_seconds,
+    );
+    metric(
+        "shoal_placement_lease_changes_total",
+        "counter",
+        "Shard leases moved by this node's controller",
+        v.lease_changes as f64,
+    );
+    metric(
+        "shoal_placement_failovers_total",
+        "counter",
+        "Shards moved off a broker that stopped heartbeating",
+        v.failovers as f64,
+    );
+    let live = v.brokers.iter().filter(|b| b.live == Some(true)).count();
+    metric(
+        "shoal_placement_live_brokers",
+        "gauge",
+        "Live brokers (leader only)",
+        live as f64,
+    );
+    out.push_str("# EOF\n");
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+struct BrokerSettings {
+    kafka_addr: SocketAddr,
+    http_addr: SocketAddr,
+    config: BrokerConfig,
+}
+
+fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
+    let kafka_addr = parse_addr("--kafka-addr", &args.kafka_addr)?;
+    let http_addr = parse_addr("--http-addr", &args.http_addr)?;
+    let mut c = BrokerConfig::new(&args.data_dir);
+    c.broker_id = args.node_id;
+    c.cluster = true;
+    let (host, port) = match &args.advertised_kafka_addr {
+        Some(a) => {
+            let (h, p) = a
+                .rsplit_once(':')
+                .ok_or_else(|| err(format!("invalid --advertised-kafka-addr {a:?}")))?;
+            let p: i32 = p
+                .parse()
+                .map_err(|_| err(format!("invalid port in --advertised-kafka-addr {a:?}")))?;
+            (h.to_string(), p)
+        }
+        None if kafka_addr.ip().is_unspecified() => {
+            ("127.0.0.1".to_string(), i32::from(kafka_addr.port()))
+        }
+        None => (kafka_addr.ip().to_string(), i32::from(kafka_addr.port())),
+    };
+    c.advertised_host = host.clone();
+    c.advertised_port = port;
+    c.http_addr = if http_addr.ip().is_unspecified() {
+        format!("{host}:{}", http_addr.port())
+    } else {
+        http_addr.to_string()
+    };
+    c.flush_interval = duration("--flush-interval", &args.flush_interval)?;
+    if c.flush_interval.is_zero() {
+        return Err(err("--flush-interval must be greater than zero"));
+    }
+    c.flush_bytes = parse_bytes(&args.flush_bytes)?;
+    c.max_unflushed_bytes = parse_bytes(&args.max_unflushed_bytes)?;
+    if !(1..=10_000).contains(&args.default_partitions) {
+        return Err(err("--default-partitions must be between 1 and 10000"));
+    }
+    c.default_partitions = args.default_partitions;
+    c.default_durability = Durability::parse(&args.default_durability).ok_or_else(|| {
+        err(format!(
+            "invalid --default-durability {:?}: expected local or object",
+            args.default_durability
+        ))
+    })?;
+    Ok(BrokerSettings {
+        kafka_addr,
+        http_addr,
+        config: c,
+    })
+}
+
+pub async fn broker(args: BrokerArgs) -> Result<(), String> {
+    let s = broker_settings(&args).map_err(|e| e.to_string())?;
+    let placement_addrs: Vec<String> = args
+        .placement
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if placement_addrs.is_empty() {
+        return Err("--placement is empty".into());
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot use data dir {}: {e}", args.data_dir.display()))?;
+    let kafka_listener = bind("Kafka", s.kafka_addr).await?;
+    let http_listener = bind("HTTP", s.http_addr).await?;
+    let store = ObjectStorage::from_url(&args.object_store)
+        .map_err(|e| format!("object store {}: {e}", args.object_store))?;
+    let broker = Broker::start(s.config, PlacementClient::remote(placement_addrs), store)
+        .await
+        .map_err(|e| format!("broker: {e}"))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = shoal_broker::http::router(broker.clone(), ready.clone());
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            })
+            .await
+    });
+    tokio::spawn(shoal_broker::cluster::run(
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    let flusher = tokio::spawn(shoal_broker::flusher::run(
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(shoal_broker::run_group_ticker(
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    let kafka = tokio::spawn(shoal_broker::kafka::serve(
+        kafka_listener,
+        broker.clone(),
+        shutdown_rx.clone(),
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = args.node_id,
+        kafka = %s.kafka_addr,
+        http = %s.http_addr,
+        objects = %args.object_store,
+        "shoal broker is ready"
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    let _ = kafka.await;
+    let _ = flusher.await;
+    let _ = http.await;
+    broker.cache.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse() {
+        let p = parse_peers("1=127.0.0.1:1,2=127.0.0.1:2, 3=127.0.0.1:3").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&2], "127.0.0.1:2");
+        assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+        assert!(parse_peers("x=127.0.0.1:1").is_err());
+        assert!(parse_peers("").is_err());
+    }
+}
