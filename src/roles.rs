@@ -85,9 +85,11 @@ fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| err(format!("invalid --peers entry {part:?}: expected ID=HOST:PORT")))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            err(format!(
+                "invalid --peers entry {part:?}: expected ID=HOST:PORT"
+            ))
+        })?;
         let id: u64 = id
             .trim()
             .parse()

@@ -8,9 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use shoal_placement::{
-    BrokerId, BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream,
-};
+use shoal_placement::{BrokerId, BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream};
 use shoal_storage::ObjectStorage;
 use shoal_wal_cache::{Cache, CacheOptions, Wal, WalOptions};
 use tokio::sync::Notify;
@@ -148,9 +146,7 @@ impl Broker {
                 })
                 .await?;
         }
-        let cluster = config
-            .cluster
-            .then(crate::cluster::ClusterState::default);
+        let cluster = config.cluster.then(crate::cluster::ClusterState::default);
         let broker = Arc::new(Broker {
             cluster,
             groups: Coordinator::new(),
@@ -419,6 +415,13 @@ impl Broker {
         if let Some(s) = self.stream(name) {
             return Ok(s);
         }
+        // Another broker may have created it since our last heartbeat.
+        if self.cluster.is_some() {
+            crate::cluster::heartbeat(self, false).await?;
+            if let Some(s) = self.stream(name) {
+                return Ok(s);
+            }
+        }
         if !(allow_create && self.config.auto_create_topics) {
             return Err(Error::UnknownStream(name.to_string()));
         }
@@ -426,9 +429,19 @@ impl Broker {
             .create_stream(name, self.config.default_partitions, BTreeMap::new(), false)
             .await
         {
-            Err(Error::StreamExists(_)) => self
-                .stream(name)
-                .ok_or_else(|| Error::UnknownStream(name.to_string())),
+            Err(Error::StreamExists(_))
+            | Err(Error::Rejected(shoal_placement::Rejection::StreamExists { .. })) => {
+                if self.cluster.is_some() {
+                    crate::cluster::wait_for_leaders(
+                        self,
+                        name,
+                        std::time::Duration::from_secs(10),
+                    )
+                    .await;
+                }
+                self.stream(name)
+                    .ok_or_else(|| Error::UnknownStream(name.to_string()))
+            }
             other => other,
         }
     }

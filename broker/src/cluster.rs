@@ -72,9 +72,7 @@ pub async fn heartbeat(broker: &Arc<Broker>, first: bool) -> Result<()> {
     let sent = Instant::now();
     let reply = broker
         .placement
-        .heartbeat(&Heartbeat {
-            info: info(broker),
-        })
+        .heartbeat(&Heartbeat { info: info(broker) })
         .await?;
     let lease = Duration::from_millis(reply.session_timeout_ms).saturating_sub(LEASE_MARGIN);
     *cluster.lease_until.lock() = Some(sent + lease);

@@ -283,7 +283,7 @@ async fn flushed_data_is_served_from_parquet() {
     let mut id = 0;
     let flushed = flusher::flush_once(&h.broker, &mut id).await.unwrap();
     assert_eq!(flushed, 4);
-    let shard = h.broker.stream("cold").unwrap().shards[0].clone();
+    let shard = h.broker.stream("cold").unwrap().shard(0).unwrap().clone();
     assert_eq!(shard.committed_offset(), 4);
     let (code, got) = fetched_values(call(&mut c, ApiKey::Fetch, 11, fetch("cold", 0)).await);
     assert_eq!(code, 0);

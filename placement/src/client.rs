@@ -10,10 +10,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::command::{Command, Query, QueryReply, Reply};
+use crate::controller::{Heartbeat, HeartbeatReply};
 use crate::error::{Error, Result};
 use crate::model::{GroupOffset, Stream};
 use crate::node::PlacementNode;
-use crate::controller::{Heartbeat, HeartbeatReply};
 use crate::server::{ErrorBody, HEARTBEAT_PATH, QUERY_PATH, WRITE_PATH};
 
 /// How long a call keeps retrying (leader election, a node restarting).

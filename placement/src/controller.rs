@@ -165,7 +165,15 @@ pub enum Move {
 
 /// What the controller would do now: a pure function of the state, the
 /// live set and the handoffs that ran out of time, so it is unit-tested.
-pub fn plan(state: &State, live: &[BrokerId], expired_handoffs: &[(String, i32)]) -> Vec<Move> {
+///
+/// Until `settled` (a new leader has not yet heard from every broker) only
+/// shards without any owner are placed.
+pub fn plan(
+    state: &State,
+    live: &[BrokerId],
+    expired_handoffs: &[(String, i32)],
+    settled: bool,
+) -> Vec<Move> {
     if live.is_empty() {
         return Vec::new();
     }
@@ -187,7 +195,10 @@ pub fn plan(state: &State, live: &[BrokerId], expired_handoffs: &[(String, i32)]
     let mut moves = Vec::new();
     for s in state.streams.values() {
         for sh in &s.shards {
-            let orphan = sh.owner.is_none_or(|o| !load.contains_key(&o));
+            let orphan = match sh.owner {
+                None => true,
+                Some(o) => settled && !load.contains_key(&o),
+            };
             let expired = expired_handoffs
                 .iter()
                 .any(|(n, i)| *n == s.name && *i == sh.shard);
@@ -216,7 +227,7 @@ pub fn plan(state: &State, live: &[BrokerId], expired_handoffs: &[(String, i32)]
             }));
         }
     }
-    if !moves.is_empty() {
+    if !moves.is_empty() || !settled {
         return moves;
     }
     // Spread: while the busiest live broker has two more shards than the
@@ -270,9 +281,7 @@ pub async fn run(node: Arc<PlacementNode>) {
             continue;
         }
         live.leading(status.term);
-        if !live.settled() {
-            continue;
-        }
+        let settled = live.settled();
         let state = node.state_snapshot();
         let live_ids: Vec<BrokerId> = state
             .brokers
@@ -297,7 +306,7 @@ pub async fn run(node: Arc<PlacementNode>) {
                 expired.push((k.0, k.1));
             }
         }
-        for m in plan(&state, &live_ids, &expired) {
+        for m in plan(&state, &live_ids, &expired, settled) {
             let (cmd, failover) = match m {
                 Move::Assign(cmd) => {
                     let failover = matches!(&cmd, Command::AssignShard { stream, shard, .. }
@@ -374,18 +383,25 @@ mod tests {
     #[test]
     fn new_shards_are_spread_over_live_brokers() {
         let st = state(&[None; 6], &[1, 2, 3]);
-        let got = assigned(&plan(&st, &[1, 2, 3], &[]));
+        let got = assigned(&plan(&st, &[1, 2, 3], &[], true));
         assert_eq!(got, [(0, 1), (1, 2), (2, 3), (3, 1), (4, 2), (5, 3)]);
+    }
+
+    #[test]
+    fn a_new_leader_places_only_ownerless_shards_until_settled() {
+        let st = state(&[Some(1), None], &[1, 2]);
+        let got = assigned(&plan(&st, &[2], &[], false));
+        assert_eq!(got, [(1, 2)]);
     }
 
     #[test]
     fn a_dead_brokers_shards_move_to_the_others() {
         let st = state(&[Some(1), Some(2), Some(3), Some(1)], &[1, 2, 3]);
-        let got = assigned(&plan(&st, &[2, 3], &[]));
+        let got = assigned(&plan(&st, &[2, 3], &[], true));
         assert_eq!(got, [(0, 2), (3, 3)]);
         // The epoch a move expects is the current one: a stale plan is refused.
         let mut st2 = st.clone();
-        let Move::Assign(cmd) = plan(&st, &[2, 3], &[]).remove(0) else {
+        let Move::Assign(cmd) = plan(&st, &[2, 3], &[], true).remove(0) else {
             panic!("not an assignment")
         };
         assert!(matches!(st2.apply(cmd.clone()), Reply::Lease { epoch: 2 }));
@@ -395,20 +411,20 @@ mod tests {
     #[test]
     fn a_joining_broker_gets_shards_by_handoff() {
         let mut st = state(&[Some(1), Some(1), Some(2), Some(2)], &[1, 2, 3]);
-        let moves = plan(&st, &[1, 2, 3], &[]);
+        let moves = plan(&st, &[1, 2, 3], &[], true);
         assert_eq!(moves.len(), 1);
         let Move::Handoff(cmd) = moves[0].clone() else {
             panic!("expected a handoff, got {moves:?}")
         };
         assert_eq!(st.apply(cmd), Reply::Done);
         // While it is pending nothing else moves from that owner.
-        let again = plan(&st, &[1, 2, 3], &[]);
+        let again = plan(&st, &[1, 2, 3], &[], true);
         assert!(
             again.iter().all(|m| !matches!(m, Move::Handoff(Command::RequestHandoff { stream, shard: 0, .. }) if stream == "t")),
             "{again:?}"
         );
         // Past its time the controller moves it itself.
-        let forced = assigned(&plan(&st, &[1, 2, 3], &[("t".into(), 0)]));
+        let forced = assigned(&plan(&st, &[1, 2, 3], &[("t".into(), 0)], true));
         assert_eq!(forced, [(0, 3)]);
     }
 }

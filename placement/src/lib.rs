@@ -35,11 +35,11 @@ pub use command::{
     Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardCommit,
     ShardRejection,
 };
+pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
 pub use error::{Error, Result};
 pub use model::{
     BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, Stream,
 };
-pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
 pub use node::{BrokerView, BucketConfig, ClusterView, NodeConfig, NodeStatus, PlacementNode};
 pub use server::router;
 pub use state::State;

@@ -404,3 +404,22 @@ def pick_produce_version(versions: dict[int, tuple[int, int]]) -> int:
     candidates = [v for v in range(3, 13) if lo <= v <= hi]
     assert candidates, f"broker supports Produce v{lo}..v{hi}, none of v3..v12"
     return max(candidates)
+
+
+API_FIND_COORDINATOR = 10
+
+
+def find_coordinator(bootstrap: str, group: str) -> int:
+    """Node id of the coordinator of `group` (FindCoordinator v0)."""
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    with RawConnection(host, int(port)) as conn:
+        cid = conn.next_cid()
+        conn.sock.sendall(frame(request_header(API_FIND_COORDINATOR, 0, cid) + string(group)))
+        r = Reader(recv_frame(conn.sock))
+        if r.i32() != cid:
+            raise ValueError("correlation id mismatch")
+        error = r.i16()
+        node = r.i32()
+        if error != 0:
+            raise ValueError(f"FindCoordinator error {error}")
+        return node

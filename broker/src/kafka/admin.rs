@@ -380,10 +380,11 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
                 .with_offset(-1);
             match stream.as_ref().and_then(|s| s.shard(p.partition_index)) {
                 None => {
-                    let code = stream.as_ref().map_or(
-                        ResponseError::UnknownTopicOrPartition.code(),
-                        |s| s.not_here(p.partition_index).code(),
-                    );
+                    let code = stream
+                        .as_ref()
+                        .map_or(ResponseError::UnknownTopicOrPartition.code(), |s| {
+                            s.not_here(p.partition_index).code()
+                        });
                     r = r.with_error_code(code)
                 }
                 Some(shard) => match p.timestamp {

@@ -80,10 +80,11 @@ async fn read_all(
                 .with_aborted_transactions(Some(Vec::new()));
             let Some(shard) = stream.as_ref().and_then(|s| s.shard(p.partition)) else {
                 errors = true;
-                let code = stream.as_ref().map_or(
-                    ResponseError::UnknownTopicOrPartition.code(),
-                    |s| s.not_here(p.partition).code(),
-                );
+                let code = stream
+                    .as_ref()
+                    .map_or(ResponseError::UnknownTopicOrPartition.code(), |s| {
+                        s.not_here(p.partition).code()
+                    });
                 parts.push(
                     pd.with_error_code(code)
                         .with_high_watermark(-1)

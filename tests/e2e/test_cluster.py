@@ -1,0 +1,314 @@
+"""The distributed Shoal: three placement nodes and three brokers as separate
+processes (cluster.py), real Kafka clients, kill -9 and SIGSTOP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from cluster import Cluster
+from harness import unique_name, wait_for
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    c = Cluster(tmp_path)
+    request.node._shoal_instances = c.processes
+    try:
+        c.start()
+        yield c
+    finally:
+        c.cleanup()
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int, durability: str = "object") -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                        config={"shoal.durability": durability})],
+                              request_timeout=30)
+    fut[topic].result(timeout=60)
+
+
+class Acked:
+    """Delivery reports of an idempotent producer, per partition in order."""
+
+    def __init__(self):
+        self.by_partition: dict[int, list[tuple[int, bytes]]] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, err, msg):
+        with self.lock:
+            if err is not None:
+                self.errors.append(str(err))
+            else:
+                self.by_partition.setdefault(msg.partition(), []).append((msg.offset(), msg.value()))
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.by_partition.values())
+
+
+def producer(bootstrap: str) -> Producer:
+    return Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                     "linger.ms": 5, "message.timeout.ms": 120000})
+
+
+def produce_for(p: Producer, topic: str, partitions: int, acked: Acked, stop: threading.Event,
+                sent: list[int]) -> None:
+    i = 0
+    while not stop.is_set():
+        p.produce(topic, value=f"r{i}".encode(), partition=i % partitions, on_delivery=acked)
+        i += 1
+        p.poll(0)
+        time.sleep(0.002)
+    sent.append(i)
+
+
+def read_all(bootstrap: str, topic: str, partitions: int, expected: int,
+             timeout: float = 90) -> dict[int, list[tuple[int, bytes]]]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("check"),
+                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got: dict[int, list[tuple[int, bytes]]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and sum(len(v) for v in got.values()) < expected:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            got.setdefault(m.partition(), []).append((m.offset(), m.value()))
+    finally:
+        c.close()
+    return got
+
+
+def assert_exactly_once_in_order(acked: Acked, got: dict[int, list[tuple[int, bytes]]]) -> None:
+    for part, records in got.items():
+        offsets = [o for o, _ in records]
+        assert offsets == list(range(len(offsets))), f"partition {part}: offsets not dense from 0"
+        values = [v for _, v in records]
+        assert len(values) == len(set(values)), f"partition {part}: a record appears twice"
+        seq = [int(v[1:]) for v in values]
+        assert seq == sorted(seq), f"partition {part}: records out of order"
+    for part, records in acked.by_partition.items():
+        have = dict(got.get(part, []))
+        for off, val in records:
+            assert have.get(off) == val, f"acknowledged {val!r} at {part}/{off} is missing"
+
+
+def index_is_clean(c: Cluster, topic: str) -> None:
+    """No duplicate or conflicting offset in placement's segment index."""
+    for sh in c.stream_index(topic)["shards"]:
+        expected = 0
+        last_epoch = 0
+        for seg in sh["segments"]:
+            assert seg["first_offset"] == expected, f"shard {sh['shard']}: gap or overlap at {seg}"
+            assert seg["epoch"] >= last_epoch, f"shard {sh['shard']}: epoch went back at {seg}"
+            expected = seg["last_offset"] + 1
+            last_epoch = seg["epoch"]
+        assert expected == sh["committed_offset"]
+
+
+def test_metadata_lists_every_broker_and_leader(cluster):
+    topic = unique_name("meta")
+    create_topic(cluster.brokers[0].bootstrap, topic, 6)
+    for b in cluster.brokers:
+        admin = AdminClient({"bootstrap.servers": b.bootstrap})
+
+        def leaders():
+            md = admin.list_topics(topic, timeout=10)
+            assert sorted(md.brokers) == [1, 2, 3]
+            got = {p.id: p.leader for p in md.topics[topic].partitions.values()}
+            assert sorted(got) == list(range(6))
+            return got if -1 not in got.values() else None
+        # Each broker learns the assignment at its next heartbeat.
+        got = wait_for(leaders, 10, f"{b.name} to know every partition's leader")
+        assert set(got.values()) == {1, 2, 3}, got
+    # A produce sent to a broker that does not lead the partition is refused
+    # with NOT_LEADER_OR_FOLLOWER (librdkafka routes by leader, so use a
+    # one-broker bootstrap and a partition led elsewhere: the client follows).
+    p = producer(cluster.brokers[0].bootstrap)
+    acked = Acked()
+    for i in range(60):
+        p.produce(topic, value=f"r{i}".encode(), partition=i % 6, on_delivery=acked)
+    assert p.flush(60) == 0
+    assert acked.count() == 60 and not acked.errors
+
+
+def test_broker_kill_fails_over_without_loss(cluster):
+    topic = unique_name("failover")
+    create_topic(cluster.bootstrap(), topic, 6)
+    leader0 = cluster.owners(topic)[0]
+    victim = cluster.broker(leader0)
+    others = [b.bootstrap for b in cluster.brokers if b is not victim]
+
+    acked, stop, sent = Acked(), threading.Event(), []
+    p = producer(",".join(others))
+    t = threading.Thread(target=produce_for, args=(p, topic, 6, acked, stop, sent))
+    t.start()
+    try:
+        wait_for(lambda: acked.count() > 500, 60, "records acknowledged before the kill")
+        before = acked.count()
+        victim.kill9()
+        # Partition 0 moves to a live broker and producing goes on.
+        wait_for(lambda: cluster.owners(topic)[0] not in (None, leader0), 30,
+                 "partition 0 to get a new leader")
+        wait_for(lambda: len(acked.by_partition.get(0, [])) > before // 6 + 100, 60,
+                 "partition 0 to take writes again after the failover")
+    finally:
+        stop.set()
+        t.join()
+    assert p.flush(120) == 0
+    assert not acked.errors, acked.errors[:5]
+    assert acked.count() == sent[0]
+    got = read_all(",".join(others), topic, 6, acked.count())
+    assert_exactly_once_in_order(acked, got)
+    index_is_clean(cluster, topic)
+
+
+def test_placement_leader_kill_elects_a_new_one(cluster):
+    topic = unique_name("before")
+    bootstrap = cluster.bootstrap()
+    create_topic(bootstrap, topic, 3)
+    group = unique_name("g")
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    c.commit(offsets=[TopicPartition(topic, 0, 7)], asynchronous=False)
+
+    old = cluster.leader()
+    old_term = old.status()["term"]
+    old.kill9()
+    new = wait_for(lambda: (lambda l: l if l is not old else None)(cluster.leader()), 30,
+                   "a new placement leader")
+    assert new.status()["term"] > old_term
+
+    # Writes work again within seconds: a topic creation and an offset commit.
+    started = time.monotonic()
+    after = unique_name("after")
+    wait_for(lambda: create_topic(bootstrap, after, 2) is None, 30, "a topic creation",
+             ignore=(KafkaException, Exception))
+    c.commit(offsets=[TopicPartition(topic, 1, 9)], asynchronous=False)
+    assert time.monotonic() - started < 20
+    committed = c.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=30)
+    assert [tp.offset for tp in committed] == [7, 9]
+    c.close()
+    # Nothing committed before the election was lost.
+    names = {s["name"] for s in new.cluster()["streams"]}
+    assert {topic, after} <= names
+
+    # The old leader rejoins as a follower and catches up.
+    old.spawn()
+    wait_for(lambda: old.status()["leader_id"] == new.node_id, 60, "the old leader to rejoin")
+    wait_for(lambda: {topic, after} <= {s["name"] for s in old.cluster()["streams"]}, 30,
+             "the old leader to catch up")
+
+
+def test_paused_broker_writes_nothing_after_its_lease_moved(cluster):
+    topic = unique_name("paused")
+    create_topic(cluster.bootstrap(), topic, 6)
+    owner0 = cluster.owners(topic)[0]
+    paused = cluster.broker(owner0)
+    others = [b.bootstrap for b in cluster.brokers if b is not paused]
+
+    acked, stop, sent = Acked(), threading.Event(), []
+    # The producer knows every broker, the paused one included.
+    p = producer(cluster.bootstrap())
+    t = threading.Thread(target=produce_for, args=(p, topic, 6, acked, stop, sent))
+    t.start()
+    try:
+        wait_for(lambda: acked.count() > 300, 60, "records acknowledged before the pause")
+        paused.pause()
+        wait_for(lambda: owner0 not in cluster.live_brokers(), 30,
+                 "the paused broker to miss its session timeout")
+        wait_for(lambda: owner0 not in cluster.owners(topic).values(), 30,
+                 "its shards to move")
+        moved = acked.count()
+        wait_for(lambda: acked.count() > moved + 300, 60, "writes to the new owners")
+        paused.resume()
+        # Give the woken broker the chance to do the wrong thing: it flushes
+        # what it held, and must be refused.
+        wait_for(lambda: paused.health_status() == 200, 30, "the paused broker to answer")
+        resumed = acked.count()
+        wait_for(lambda: acked.count() > resumed + 300, 60, "writes after the resume")
+    finally:
+        stop.set()
+        t.join()
+    assert p.flush(120) == 0
+    assert not acked.errors, acked.errors[:5]
+    index_is_clean(cluster, topic)
+    got = read_all(",".join(others), topic, 6, acked.count())
+    assert_exactly_once_in_order(acked, got)
+
+
+def test_consumer_group_survives_a_broker_failure(cluster):
+    topic = unique_name("group")
+    create_topic(cluster.bootstrap(), topic, 6)
+    group = unique_name("g")
+    total = 3000
+    p = producer(cluster.bootstrap())
+    for i in range(total // 2):
+        p.produce(topic, value=f"r{i}".encode(), partition=i % 6)
+    assert p.flush(60) == 0
+
+    seen: set[bytes] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def member(bootstrap: str):
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                      "auto.offset.reset": "earliest", "enable.auto.commit": True,
+                      "auto.commit.interval.ms": 200, "session.timeout.ms": 10000,
+                      "heartbeat.interval.ms": 500})
+        c.subscribe([topic])
+        try:
+            while not stop.is_set():
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                if m.error():
+                    continue
+                with lock:
+                    seen.add(m.value())
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # Each member bootstraps from a different broker.
+    threads = [threading.Thread(target=member, args=(b.bootstrap,)) for b in cluster.brokers]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(seen) >= total // 2, 90, "the group to consume the first half")
+        # Kill the broker coordinating the group (or any, if that is unclear).
+        coord = group_coordinator(cluster, group)
+        victim = cluster.broker(coord) if coord else cluster.brokers[-1]
+        victim.kill9()
+        live = [b for b in cluster.brokers if b is not victim]
+        p2 = producer(",".join(b.bootstrap for b in live))
+        for i in range(total // 2, total):
+            p2.produce(topic, value=f"r{i}".encode(), partition=i % 6)
+        assert p2.flush(120) == 0
+        wait_for(lambda: len(seen) >= total, 120, "the group to consume everything")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert seen == {f"r{i}".encode() for i in range(total)}
+
+
+def group_coordinator(cluster: Cluster, group: str) -> int | None:
+    from kafka_wire import find_coordinator  # the raw wire helper of the bad-input tests
+    try:
+        return find_coordinator(cluster.brokers[0].bootstrap, group)
+    except Exception:  # noqa: BLE001
+        return None
