@@ -500,6 +500,55 @@ impl PlacementNode {
         &self.liveness
     }
 
+    /// Add a voter: it joins as a learner, catches up, then votes. Run on
+    /// the leader; start the new node first (with the full --peers list).
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<NodeStatus> {
+        let raft_err = |e: RaftError<NodeId, _>| match e.forward_to_leader() {
+            Some(f) => self.not_leader(f),
+            None => Error::Raft(e.to_string()),
+        };
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(raft_err)?;
+        let mut voters: std::collections::BTreeSet<NodeId> = self
+            .metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(raft_err)?;
+        Ok(self.status())
+    }
+
+    /// Remove a voter (it may then be stopped). Run on the leader.
+    pub async fn remove_node(&self, id: NodeId) -> Result<NodeStatus> {
+        let voters: std::collections::BTreeSet<NodeId> = self
+            .metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != id)
+            .collect();
+        if voters.is_empty() {
+            return Err(Error::Config("cannot remove the last voter".into()));
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| match e.forward_to_leader() {
+                Some(f) => self.not_leader(f),
+                None => Error::Raft(e.to_string()),
+            })?;
+        Ok(self.status())
+    }
+
     /// A copy of the whole state as this node has applied it.
     pub fn state_snapshot(&self) -> crate::state::State {
         state_machine::read(&self.state).state.clone()

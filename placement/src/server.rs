@@ -26,6 +26,7 @@ pub const QUERY_PATH: &str = "/placement/v1/query";
 pub const STATUS_PATH: &str = "/placement/v1/status";
 pub const HEARTBEAT_PATH: &str = "/placement/v1/heartbeat";
 pub const CLUSTER_PATH: &str = "/placement/v1/cluster";
+pub const MEMBERS_PATH: &str = "/placement/v1/members";
 
 /// A segment commit carries a range per shard the broker owns; leave room
 /// for thousands of shards.
@@ -48,6 +49,23 @@ async fn heartbeat(
 ) -> Response {
     match body {
         Ok(Json(hb)) => answer(node.heartbeat(hb).await),
+        Err(rejection) => bad_request(rejection),
+    }
+}
+
+/// A membership change: `{"add": {"id": 4, "addr": "host:port"}}` or
+/// `{"remove": 4}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MemberChange {
+    Add { id: NodeId, addr: String },
+    Remove(NodeId),
+}
+
+async fn members(State(node): Node, body: Result<Json<MemberChange>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(MemberChange::Add { id, addr })) => answer(node.add_node(id, addr).await),
+        Ok(Json(MemberChange::Remove(id))) => answer(node.remove_node(id).await),
         Err(rejection) => bad_request(rejection),
     }
 }
@@ -91,6 +109,7 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
         .route(crate::bucket::HOLDER_PATH, get(bucket_holder))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(CLUSTER_PATH, get(cluster))
+        .route(MEMBERS_PATH, post(members))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT));
     let raft = Router::new()
         .route(APPEND_PATH, post(append))

@@ -143,6 +143,8 @@ class HttpResponse:
 def http_request(url: str, method: str = "GET", body: Optional[bytes] = None,
                  timeout: float = 10.0) -> HttpResponse:
     req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return HttpResponse(resp.status, _lower(resp.headers), resp.read())

@@ -312,3 +312,34 @@ def group_coordinator(cluster: Cluster, group: str) -> int | None:
         return find_coordinator(cluster.brokers[0].bootstrap, group)
     except Exception:  # noqa: BLE001
         return None
+
+
+def test_placement_nodes_are_added_and_removed(cluster, tmp_path):
+    from cluster import PlacementNode
+    from harness import free_port, http_request
+    import json
+
+    peers = {p.node_id: p.http_port for p in cluster.placements}
+    peers[4] = free_port()
+    fourth = PlacementNode(tmp_path / "p4", node_id=4, peers=peers)
+    cluster.placements.append(fourth)
+    fourth.spawn()
+    topic = unique_name("members")
+    create_topic(cluster.bootstrap(), topic, 1)
+
+    def change(body: dict) -> dict:
+        leader = cluster.leader()
+        resp = http_request(f"{leader.http_base}/placement/v1/members", method="POST",
+                            body=json.dumps(body).encode(), timeout=30)
+        assert resp.status == 200, resp.text
+        return resp.json()
+
+    status = change({"add": {"id": 4, "addr": fourth.http_addr}})
+    assert sorted(int(k) for k in status["membership"]) == [1, 2, 3, 4]
+    # The new voter has the whole state.
+    wait_for(lambda: topic in {s["name"] for s in fourth.cluster()["streams"]}, 30,
+             "the new node to catch up")
+    status = change({"remove": 4})
+    assert sorted(int(k) for k in status["membership"]) == [1, 2, 3]
+    # Writes go on without it.
+    create_topic(cluster.bootstrap(), unique_name("after"), 1)
