@@ -137,6 +137,30 @@ pub(crate) fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError>
         .ok_or_else(|| err(format!("invalid {what} {s:?}: expected HOST:PORT")))
 }
 
+/// The host and port Kafka clients are told: `--advertised-kafka-addr`,
+/// else the listener address (127.0.0.1 for a wildcard bind, which clients
+/// cannot dial).
+pub(crate) fn advertised(
+    flag: Option<&str>,
+    listen: SocketAddr,
+) -> Result<(String, i32), ConfigError> {
+    match flag {
+        Some(a) => {
+            let (h, p) = a
+                .rsplit_once(':')
+                .ok_or_else(|| err(format!("invalid --advertised-kafka-addr {a:?}")))?;
+            let p: i32 = p
+                .parse()
+                .map_err(|_| err(format!("invalid port in --advertised-kafka-addr {a:?}")))?;
+            Ok((h.to_string(), p))
+        }
+        None if listen.ip().is_unspecified() => {
+            Ok(("127.0.0.1".to_string(), i32::from(listen.port())))
+        }
+        None => Ok((listen.ip().to_string(), i32::from(listen.port()))),
+    }
+}
+
 impl StandaloneArgs {
     pub fn resolve(self) -> Result<Standalone, ConfigError> {
         let file: FileConfig = match &self.config {
@@ -159,27 +183,12 @@ impl StandaloneArgs {
                 .or(file.http_addr)
                 .unwrap_or_else(|| "127.0.0.1:8080".into()),
         )?;
-        let advertised = self.advertised_kafka_addr.or(file.advertised_kafka_addr);
-        let (advertised_host, advertised_port) = match advertised {
-            Some(a) => {
-                let (h, p) = a
-                    .rsplit_once(':')
-                    .ok_or_else(|| err(format!("invalid --advertised-kafka-addr {a:?}")))?;
-                let p: i32 = p
-                    .parse()
-                    .map_err(|_| err(format!("invalid port in --advertised-kafka-addr {a:?}")))?;
-                (h.to_string(), p)
-            }
-            None => {
-                // An unspecified listen address is not something clients can dial.
-                let ip = if kafka_addr.ip().is_unspecified() {
-                    "127.0.0.1".to_string()
-                } else {
-                    kafka_addr.ip().to_string()
-                };
-                (ip, i32::from(kafka_addr.port()))
-            }
-        };
+        let (advertised_host, advertised_port) = advertised(
+            self.advertised_kafka_addr
+                .or(file.advertised_kafka_addr)
+                .as_deref(),
+            kafka_addr,
+        )?;
         let object_store = match self.object_store.or(file.object_store) {
             Some(u) => u,
             None => {

@@ -2,10 +2,9 @@
 
 mod config;
 mod roles;
+mod serving;
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use shoal_broker::{Broker, BrokerConfig};
@@ -119,32 +118,12 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         .await
         .map_err(|e| format!("broker: {e}"))?;
 
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(false));
-    let app = shoal_broker::http::router(broker.clone(), ready.clone())
-        .merge(shoal_placement::router(node.clone()));
-    let mut http_shutdown = shutdown_rx.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.changed().await;
-            })
-            .await
-    });
-    let flusher = tokio::spawn(shoal_broker::flusher::run(
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(shoal_broker::run_group_ticker(
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    let kafka = tokio::spawn(shoal_broker::kafka::serve(
+    let serving = serving::serve(
+        broker,
         kafka_listener,
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    ready.store(true, Ordering::Release);
+        http_listener,
+        shoal_placement::router(node.clone()),
+    );
     tracing::info!(
         kafka = %cfg.kafka_addr,
         http = %cfg.http_addr,
@@ -158,12 +137,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         why = node.fenced() => Some(why),
     };
     tracing::info!("shutting down");
-    ready.store(false, Ordering::Release);
-    let _ = shutdown_tx.send(true);
-    let _ = kafka.await;
-    let _ = flusher.await;
-    let _ = http.await;
-    broker.cache.close().await;
+    serving.stop().await;
     node.shutdown()
         .await
         .map_err(|e| format!("placement shutdown: {e}"))?;

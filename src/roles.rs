@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,7 +18,7 @@ use shoal_broker::{Broker, BrokerConfig, Durability};
 use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
 use shoal_storage::ObjectStorage;
 
-use crate::config::{ConfigError, err, parse_addr, parse_bytes};
+use crate::config::{ConfigError, advertised, err, parse_addr, parse_bytes};
 use crate::{bind, wait_for_signal};
 
 #[derive(Debug, Args)]
@@ -226,21 +225,7 @@ fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
     let mut c = BrokerConfig::new(&args.data_dir);
     c.broker_id = args.node_id;
     c.cluster = true;
-    let (host, port) = match &args.advertised_kafka_addr {
-        Some(a) => {
-            let (h, p) = a
-                .rsplit_once(':')
-                .ok_or_else(|| err(format!("invalid --advertised-kafka-addr {a:?}")))?;
-            let p: i32 = p
-                .parse()
-                .map_err(|_| err(format!("invalid port in --advertised-kafka-addr {a:?}")))?;
-            (h.to_string(), p)
-        }
-        None if kafka_addr.ip().is_unspecified() => {
-            ("127.0.0.1".to_string(), i32::from(kafka_addr.port()))
-        }
-        None => (kafka_addr.ip().to_string(), i32::from(kafka_addr.port())),
-    };
+    let (host, port) = advertised(args.advertised_kafka_addr.as_deref(), kafka_addr)?;
     c.advertised_host = host.clone();
     c.advertised_port = port;
     c.http_addr = if http_addr.ip().is_unspecified() {
@@ -291,35 +276,7 @@ pub async fn broker(args: BrokerArgs) -> Result<(), String> {
     let broker = Broker::start(s.config, PlacementClient::remote(placement_addrs), store)
         .await
         .map_err(|e| format!("broker: {e}"))?;
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(false));
-    let app = shoal_broker::http::router(broker.clone(), ready.clone());
-    let mut http_shutdown = shutdown_rx.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.changed().await;
-            })
-            .await
-    });
-    tokio::spawn(shoal_broker::cluster::run(
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    let flusher = tokio::spawn(shoal_broker::flusher::run(
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(shoal_broker::run_group_ticker(
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    let kafka = tokio::spawn(shoal_broker::kafka::serve(
-        kafka_listener,
-        broker.clone(),
-        shutdown_rx.clone(),
-    ));
-    ready.store(true, Ordering::Release);
+    let serving = crate::serving::serve(broker, kafka_listener, http_listener, Router::new());
     tracing::info!(
         node = args.node_id,
         kafka = %s.kafka_addr,
@@ -329,12 +286,7 @@ pub async fn broker(args: BrokerArgs) -> Result<(), String> {
     );
     wait_for_signal().await;
     tracing::info!("shutting down");
-    ready.store(false, Ordering::Release);
-    let _ = shutdown_tx.send(true);
-    let _ = kafka.await;
-    let _ = flusher.await;
-    let _ = http.await;
-    broker.cache.close().await;
+    serving.stop().await;
     Ok(())
 }
 

@@ -316,13 +316,7 @@ impl Broker {
                 log: Some(Arc::new(ShardLog::new(
                     &stream.name,
                     s.shard,
-                    ShardInit {
-                        epoch,
-                        log_start_offset: s.log_start_offset,
-                        committed_offset: s.committed_offset,
-                        segments: s.segments.clone(),
-                        producers: s.producers.clone(),
-                    },
+                    ShardInit::committed(s, epoch),
                     self.config.tail_keep_bytes,
                 ))),
             });

@@ -228,13 +228,7 @@ async fn adopt(
     Ok(Arc::new(ShardLog::new(
         &sa.name,
         shard,
-        ShardInit {
-            epoch,
-            log_start_offset: s.log_start_offset,
-            committed_offset: s.committed_offset,
-            segments: s.segments.clone(),
-            producers: s.producers.clone(),
-        },
+        ShardInit::committed(s, epoch),
         broker.config.tail_keep_bytes,
     )))
 }

@@ -170,21 +170,44 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             },
         ));
     }
-    let reply = broker
-        .placement
-        .write(Command::CommitSegment(SegmentCommit {
-            broker: broker.config.broker_id,
-            object: key.clone(),
-            object_size: size,
-            shards: shard_commits,
-        }))
-        .await?;
+    let commit = Command::CommitSegment(SegmentCommit {
+        broker: broker.config.broker_id,
+        object: key.clone(),
+        object_size: size,
+        shards: shard_commits,
+    });
+    // The same commit again is recognised by placement, so an answer lost
+    // on the way (a leader change, a timeout) is retried with this object
+    // rather than with a new one that would look like a conflict.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let mut backoff = std::time::Duration::from_millis(100);
+    let reply = loop {
+        match broker.placement.write(commit.clone()).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(object = %key, "segment commit failed, retrying: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let rejected = match reply {
         Reply::SegmentCommitted { rejected } => rejected,
         other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
     };
     for r in &rejected {
         tracing::error!(stream = %r.stream, shard = r.shard, "segment commit refused: {}", r.rejection);
+        // In a cluster a refused commit means placement moved on without
+        // this copy of the shard (a new owner, or a commit it has not seen):
+        // stop serving it; the assignment brings it back from the index.
+        if broker.cluster.is_some()
+            && let Some(t) = taken
+                .iter()
+                .find(|t| t.shard.stream == r.stream && t.shard.shard == r.shard)
+        {
+            t.shard.fence();
+        }
     }
     let mut records = 0;
     for (i, producers, seg) in after {

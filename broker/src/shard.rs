@@ -97,6 +97,19 @@ pub struct ShardInit {
     pub producers: Producers,
 }
 
+impl ShardInit {
+    /// Start from what placement has committed, under lease `epoch`.
+    pub fn committed(shard: &shoal_placement::Shard, epoch: u64) -> Self {
+        ShardInit {
+            epoch,
+            log_start_offset: shard.log_start_offset,
+            committed_offset: shard.committed_offset,
+            segments: shard.segments.clone(),
+            producers: shard.producers.clone(),
+        }
+    }
+}
+
 impl ShardLog {
     pub fn new(stream: &str, shard: i32, init: ShardInit, tail_keep_bytes: usize) -> Self {
         let state = State {

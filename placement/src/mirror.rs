@@ -36,11 +36,7 @@ pub(crate) async fn mirror_loop(
                 }
                 match bucket.renew().await {
                     Ok(()) => {}
-                    Err(Error::Fenced(why)) => {
-                        tracing::error!("placement fenced in the bucket: {why}");
-                        fenced.send_replace(Some(why));
-                        return;
-                    }
+                    Err(Error::Fenced(why)) => return fence(&fenced, why),
                     Err(e) => {
                         tracing::warn!("renewing the bucket lease before a write: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -49,11 +45,7 @@ pub(crate) async fn mirror_loop(
             }
             match bucket.write_log(&group).await {
                 Ok(()) => break,
-                Err(Error::Fenced(why)) => {
-                    tracing::error!("placement fenced in the bucket: {why}");
-                    fenced.send_replace(Some(why));
-                    return;
-                }
+                Err(Error::Fenced(why)) => return fence(&fenced, why),
                 Err(e) => {
                     // Writes wait meanwhile; the lease loop fences us if
                     // this lasts past the lease.
@@ -102,11 +94,7 @@ pub(crate) async fn renew_loop(bucket: Arc<Bucket>, fenced: Arc<watch::Sender<Op
         };
         match result {
             Ok(()) => {}
-            Err(Error::Fenced(why)) => {
-                tracing::error!("placement fenced in the bucket: {why}");
-                fenced.send_replace(Some(why));
-                return;
-            }
+            Err(Error::Fenced(why)) => return fence(&fenced, why),
             Err(e) => {
                 if bucket.lease_valid() {
                     tracing::warn!("renewing the bucket lease: {e}");
@@ -116,4 +104,10 @@ pub(crate) async fn renew_loop(bucket: Arc<Bucket>, fenced: Arc<watch::Sender<Op
             }
         }
     }
+}
+
+/// Another node holds the bucket: say so and stop every bucket write.
+fn fence(fenced: &watch::Sender<Option<String>>, why: String) {
+    tracing::error!("placement fenced in the bucket: {why}");
+    fenced.send_replace(Some(why));
 }

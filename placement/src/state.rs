@@ -80,19 +80,13 @@ impl State {
                 shard,
                 broker,
                 expected_epoch,
-            } => match self.shard_mut(&stream, shard) {
-                Ok(s) if s.epoch == expected_epoch => {
+            } => match self.shard_at(&stream, shard, expected_epoch) {
+                Ok(s) => {
                     s.epoch += 1;
                     s.owner = Some(broker);
                     s.handoff_to = None;
                     Reply::Lease { epoch: s.epoch }
                 }
-                Ok(s) => rejected(Rejection::StaleEpoch {
-                    stream,
-                    shard,
-                    epoch: expected_epoch,
-                    current: s.epoch,
-                }),
                 Err(r) => rejected(r),
             },
             Command::RequestHandoff {
@@ -100,17 +94,11 @@ impl State {
                 shard,
                 to,
                 expected_epoch,
-            } => match self.shard_mut(&stream, shard) {
-                Ok(s) if s.epoch == expected_epoch => {
+            } => match self.shard_at(&stream, shard, expected_epoch) {
+                Ok(s) => {
                     s.handoff_to = Some(to);
                     Reply::Done
                 }
-                Ok(s) => rejected(Rejection::StaleEpoch {
-                    stream,
-                    shard,
-                    epoch: expected_epoch,
-                    current: s.epoch,
-                }),
                 Err(r) => rejected(r),
             },
             Command::CommitSegment(commit) => self.commit_segment(commit),
@@ -233,6 +221,20 @@ impl State {
                 stream: stream.to_string(),
                 shard,
             })
+    }
+
+    /// The shard, if it still has lease `epoch`.
+    fn shard_at(&mut self, stream: &str, shard: i32, epoch: u64) -> Result<&mut Shard, Rejection> {
+        let s = self.shard_mut(stream, shard)?;
+        if s.epoch != epoch {
+            return Err(Rejection::StaleEpoch {
+                stream: stream.to_string(),
+                shard,
+                epoch,
+                current: s.epoch,
+            });
+        }
+        Ok(s)
     }
 
     fn commit_segment(&mut self, commit: SegmentCommit) -> Reply {

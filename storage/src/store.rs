@@ -354,14 +354,19 @@ impl ObjectStorage {
                 bump(&self.counters.bytes_written, len);
                 Ok(())
             }
-            // S3 reports a lost create race as a failed precondition.
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Err(Error::AlreadyExists {
+            Err(e) => Err(self.create_failed(key, e)),
+        }
+    }
+
+    /// A create-only write that failed: S3 reports a lost create race as
+    /// a failed precondition, the other stores as AlreadyExists.
+    fn create_failed(&self, key: &str, err: object_store::Error) -> Error {
+        match err {
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => Error::AlreadyExists {
                 key: key.to_owned(),
-            }),
-            Err(e) => Err(self.fail("put", key, e)),
+            },
+            e => self.fail("put", key, e),
         }
     }
 
@@ -404,13 +409,7 @@ impl ObjectStorage {
                 bump(&self.counters.bytes_written, len as u64);
                 Ok(())
             }
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Err(Error::AlreadyExists {
-                key: key.to_owned(),
-            }),
-            Err(e) => Err(self.fail("put", key, e)),
+            Err(e) => Err(self.create_failed(key, e)),
         }
     }
 
