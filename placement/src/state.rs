@@ -67,12 +67,7 @@ impl State {
                 shard,
                 broker,
             } => match self.shard_mut(&stream, shard) {
-                Ok(s) => {
-                    s.epoch += 1;
-                    s.owner = Some(broker);
-                    s.handoff_to = None;
-                    Reply::Lease { epoch: s.epoch }
-                }
+                Ok(s) => grant(s, broker),
                 Err(r) => rejected(r),
             },
             Command::AssignShard {
@@ -81,12 +76,7 @@ impl State {
                 broker,
                 expected_epoch,
             } => match self.shard_at(&stream, shard, expected_epoch) {
-                Ok(s) => {
-                    s.epoch += 1;
-                    s.owner = Some(broker);
-                    s.handoff_to = None;
-                    Reply::Lease { epoch: s.epoch }
-                }
+                Ok(s) => grant(s, broker),
                 Err(r) => rejected(r),
             },
             Command::RequestHandoff {
@@ -316,6 +306,14 @@ impl State {
         }
         Reply::Done
     }
+}
+
+/// A new lease on `s` for `broker`: the next epoch, any handoff cleared.
+fn grant(s: &mut Shard, broker: BrokerId) -> Reply {
+    s.epoch += 1;
+    s.owner = Some(broker);
+    s.handoff_to = None;
+    Reply::Lease { epoch: s.epoch }
 }
 
 fn rejected(rejection: Rejection) -> Reply {

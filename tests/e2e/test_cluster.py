@@ -69,6 +69,16 @@ def produce_for(p: Producer, topic: str, partitions: int, acked: Acked, stop: th
     sent.append(i)
 
 
+def start_producing(bootstrap: str, topic: str):
+    """An idempotent producer writing to 6 partitions in a thread until
+    `stop` is set; `sent` gets the number of records produced."""
+    acked, stop, sent = Acked(), threading.Event(), []
+    p = producer(bootstrap)
+    t = threading.Thread(target=produce_for, args=(p, topic, 6, acked, stop, sent))
+    t.start()
+    return p, acked, stop, sent, t
+
+
 def read_all(bootstrap: str, topic: str, partitions: int, expected: int,
              timeout: float = 90) -> dict[int, list[tuple[int, bytes]]]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("check"),
@@ -147,10 +157,7 @@ def test_broker_kill_fails_over_without_loss(cluster):
     victim = cluster.broker(leader0)
     others = [b.bootstrap for b in cluster.brokers if b is not victim]
 
-    acked, stop, sent = Acked(), threading.Event(), []
-    p = producer(",".join(others))
-    t = threading.Thread(target=produce_for, args=(p, topic, 6, acked, stop, sent))
-    t.start()
+    p, acked, stop, sent, t = start_producing(",".join(others), topic)
     try:
         wait_for(lambda: acked.count() > 500, 60, "records acknowledged before the kill")
         before = acked.count()
@@ -214,11 +221,8 @@ def test_paused_broker_writes_nothing_after_its_lease_moved(cluster):
     paused = cluster.broker(owner0)
     others = [b.bootstrap for b in cluster.brokers if b is not paused]
 
-    acked, stop, sent = Acked(), threading.Event(), []
     # The producer knows every broker, the paused one included.
-    p = producer(cluster.bootstrap())
-    t = threading.Thread(target=produce_for, args=(p, topic, 6, acked, stop, sent))
-    t.start()
+    p, acked, stop, sent, t = start_producing(cluster.bootstrap(), topic)
     try:
         wait_for(lambda: acked.count() > 300, 60, "records acknowledged before the pause")
         paused.pause()
