@@ -282,41 +282,60 @@ pub async fn run(node: Arc<PlacementNode>) {
         }
         live.leading(status.term);
         let settled = live.settled();
-        let state = node.state_snapshot();
-        let live_ids: Vec<BrokerId> = state
-            .brokers
-            .keys()
-            .copied()
-            .filter(|id| live.is_live(*id))
-            .collect();
-        let mut current = Vec::new();
-        for s in state.streams.values() {
-            for sh in &s.shards {
-                if sh.handoff_to.is_some() {
-                    current.push((s.name.clone(), sh.shard, sh.epoch));
+        // Decide under the read lock, without copying the state (it holds
+        // the whole segment index).
+        let (handoff_keys, moves) = node.with_state(|state| {
+            let live_ids: Vec<BrokerId> = state
+                .brokers
+                .keys()
+                .copied()
+                .filter(|id| live.is_live(*id))
+                .collect();
+            let mut current = Vec::new();
+            for s in state.streams.values() {
+                for sh in &s.shards {
+                    if sh.handoff_to.is_some() {
+                        current.push((s.name.clone(), sh.shard, sh.epoch));
+                    }
                 }
             }
-        }
-        handoffs.retain(|k, _| current.contains(k));
+            let now = Instant::now();
+            let expired: Vec<(String, i32)> = current
+                .iter()
+                .filter(|k| {
+                    handoffs
+                        .get(*k)
+                        .is_some_and(|since| now.duration_since(*since) >= HANDOFF_TIMEOUT)
+                })
+                .map(|k| (k.0.clone(), k.1))
+                .collect();
+            let moves: Vec<(Command, bool)> = plan(state, &live_ids, &expired, settled)
+                .into_iter()
+                .map(|m| match m {
+                    Move::Assign(cmd) => {
+                        let failover = match &cmd {
+                            Command::AssignShard { stream, shard, .. } => state
+                                .streams
+                                .get(stream)
+                                .and_then(|s| {
+                                    usize::try_from(*shard).ok().and_then(|i| s.shards.get(i))
+                                })
+                                .is_some_and(|sh| sh.owner.is_some()),
+                            _ => false,
+                        };
+                        (cmd, failover)
+                    }
+                    Move::Handoff(cmd) => (cmd, false),
+                })
+                .collect();
+            (current, moves)
+        });
         let now = Instant::now();
-        let mut expired = Vec::new();
-        for k in current {
-            let since = *handoffs.entry(k.clone()).or_insert(now);
-            if now.duration_since(since) >= HANDOFF_TIMEOUT {
-                expired.push((k.0, k.1));
-            }
+        handoffs.retain(|k, _| handoff_keys.contains(k));
+        for k in handoff_keys {
+            handoffs.entry(k).or_insert(now);
         }
-        for m in plan(&state, &live_ids, &expired, settled) {
-            let (cmd, failover) = match m {
-                Move::Assign(cmd) => {
-                    let failover = matches!(&cmd, Command::AssignShard { stream, shard, .. }
-                        if state.streams.get(stream)
-                            .and_then(|s| usize::try_from(*shard).ok().and_then(|i| s.shards.get(i)))
-                            .is_some_and(|sh| sh.owner.is_some()));
-                    (cmd, failover)
-                }
-                Move::Handoff(cmd) => (cmd, false),
-            };
+        for (cmd, failover) in moves {
             tracing::info!(?cmd, "controller");
             match node.write(cmd).await {
                 Ok(Reply::Lease { .. }) => {

@@ -554,6 +554,12 @@ impl PlacementNode {
         state_machine::read(&self.state).state.clone()
     }
 
+    /// Look at the applied state without copying it (keep `f` short: it
+    /// holds the state machine's read lock).
+    pub fn with_state<R>(&self, f: impl FnOnce(&crate::state::State) -> R) -> R {
+        f(&state_machine::read(&self.state).state)
+    }
+
     /// The cluster as this node sees it: Raft status, brokers with their
     /// liveness (as far as this node, if leader, knows) and shard owners.
     pub fn cluster_view(&self) -> ClusterView {
