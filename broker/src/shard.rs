@@ -276,11 +276,33 @@ impl ShardLog {
 
     /// Find what serves `offset`, up to about `max_bytes` from the tail.
     pub fn read(&self, offset: i64, max_bytes: usize) -> Read {
+        self.read_visible(offset, max_bytes, false)
+    }
+
+    /// The end of what readers may see: the high watermark, or with
+    /// `committed_only` (streams with `object` durability) the end of what
+    /// is committed, so no reader sees a record a failover could lose.
+    pub fn visible_end(&self, committed_only: bool) -> i64 {
         let st = self.state.lock();
-        if offset < st.log_start_offset || offset > st.high_watermark {
+        if committed_only {
+            st.committed_offset
+        } else {
+            st.high_watermark
+        }
+    }
+
+    /// [`read`](Self::read) up to [`visible_end`](Self::visible_end).
+    pub fn read_visible(&self, offset: i64, max_bytes: usize, committed_only: bool) -> Read {
+        let st = self.state.lock();
+        let end = if committed_only {
+            st.committed_offset
+        } else {
+            st.high_watermark
+        };
+        if offset < st.log_start_offset || offset > end {
             return Read::OutOfRange;
         }
-        if offset == st.high_watermark {
+        if offset == end {
             return Read::AtEnd;
         }
         if let Some(front) = st.tail.front()
@@ -290,9 +312,7 @@ impl ShardLog {
             let mut out = Vec::new();
             let mut size = 0;
             for b in st.tail.iter().skip(start) {
-                if b.base_offset >= st.high_watermark
-                    || (!out.is_empty() && size + b.bytes.len() > max_bytes)
-                {
+                if b.base_offset >= end || (!out.is_empty() && size + b.bytes.len() > max_bytes) {
                     break;
                 }
                 size += b.bytes.len();

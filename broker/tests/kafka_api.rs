@@ -304,3 +304,46 @@ async fn flushed_data_is_served_from_parquet() {
     // Nothing to flush: no new object.
     assert_eq!(flusher::flush_once(&h.broker, &mut id).await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_streams_show_only_committed_records() {
+    let h = start(1 << 20).await;
+    let config =
+        std::collections::BTreeMap::from([("shoal.durability".to_string(), "object".to_string())]);
+    h.broker
+        .create_stream("obj", 1, config, false)
+        .await
+        .unwrap();
+    let addr = h.addr;
+    let producing = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        produced(
+            call(
+                &mut c,
+                ApiKey::Produce,
+                8,
+                produce("obj", records(&["x", "y"])),
+            )
+            .await,
+        )
+    });
+    let shard = h.broker.stream("obj").unwrap().shard(0).unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shard.high_watermark() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL never made it durable"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // In the WAL, not yet in an object: a consumer sees nothing yet.
+    let mut c = TcpStream::connect(h.addr).await.unwrap();
+    let (code, got) = fetched_values(call(&mut c, ApiKey::Fetch, 11, fetch("obj", 0)).await);
+    assert_eq!((code, got.len()), (0, 0));
+    let mut id = 0;
+    assert_eq!(flusher::flush_once(&h.broker, &mut id).await.unwrap(), 2);
+    assert_eq!(producing.await.unwrap(), (0, 0));
+    let (code, got) = fetched_values(call(&mut c, ApiKey::Fetch, 11, fetch("obj", 0)).await);
+    assert_eq!(code, 0);
+    assert_eq!(got, vec![(0, "x".into()), (1, "y".into())]);
+}

@@ -96,6 +96,12 @@ class Cluster:
             b.start()
         wait_for(lambda: len(self.live_brokers()) == len(self.brokers), 30,
                  "every broker to be live in the leader's view", interval=0.1)
+        # ... and in every broker's own view (its next heartbeat).
+        from confluent_kafka.admin import AdminClient
+        for b in self.brokers:
+            admin = AdminClient({"bootstrap.servers": b.bootstrap})
+            wait_for(lambda: len(admin.list_topics(timeout=5).brokers) == len(self.brokers), 30,
+                     f"{b.name} to list every broker", interval=0.1)
         return self
 
     def bootstrap(self) -> str:

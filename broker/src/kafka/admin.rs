@@ -372,6 +372,9 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let stream = b.stream(t.name.as_str());
+        let committed_only = stream
+            .as_ref()
+            .is_some_and(|s| b.durability(s) == crate::config::Durability::Object);
         let mut parts = Vec::with_capacity(t.partitions.len());
         for p in t.partitions {
             let mut r = ListOffsetsPartitionResponse::default()
@@ -389,7 +392,7 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
                 }
                 Some(shard) => match p.timestamp {
                     -2 => r = r.with_offset(shard.log_start_offset()),
-                    -1 | -3 => r = r.with_offset(shard.high_watermark()),
+                    -1 | -3 => r = r.with_offset(shard.visible_end(committed_only)),
                     ts if ts >= 0 => match offset_for_timestamp(b, shard, ts).await {
                         Ok(Some((offset, found_ts))) => {
                             r = r.with_offset(offset).with_timestamp(found_ts)

@@ -13,6 +13,7 @@ use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, ResponseKi
 use super::Pending;
 use super::conn::Ctx;
 use crate::broker::Broker;
+use crate::config::Durability;
 use crate::shard::Read;
 
 /// Cap on how long a client may make us hold a fetch.
@@ -35,9 +36,14 @@ pub fn fetch(ctx: &Ctx, req: FetchRequest, _version: i16) -> Pending {
         let mut watches = Vec::new();
         for t in &req.topics {
             if let Some(s) = b.stream(t.topic.as_str()) {
+                let committed_only = b.durability(&s) == Durability::Object;
                 for p in &t.partitions {
                     if let Some(sh) = s.shard(p.partition) {
-                        watches.push(sh.watch_high_watermark());
+                        watches.push(if committed_only {
+                            sh.watch_committed()
+                        } else {
+                            sh.watch_high_watermark()
+                        });
                     }
                 }
             }
@@ -72,6 +78,12 @@ async fn read_all(
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in &req.topics {
         let stream = b.stream(t.topic.as_str());
+        // `object` streams show only committed records: an acknowledged
+        // record is always committed, and nothing a failover could lose
+        // is ever read.
+        let committed_only = stream
+            .as_ref()
+            .is_some_and(|s| b.durability(s) == Durability::Object);
         let mut parts = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
             let mut pd = PartitionData::default()
@@ -93,7 +105,7 @@ async fn read_all(
                 );
                 continue;
             };
-            let hw = shard.high_watermark();
+            let hw = shard.visible_end(committed_only);
             pd = pd
                 .with_high_watermark(hw)
                 .with_last_stable_offset(hw)
@@ -106,31 +118,32 @@ async fn read_all(
                 parts.push(pd);
                 continue;
             }
-            let data: Option<Bytes> = match shard.read(p.fetch_offset, budget) {
-                Read::Tail(batches) => Some(concat(batches)),
-                Read::Segment(seg) => match b.read_segment(&seg).await {
-                    Ok(bytes) => {
-                        b.read_ahead(shard, &seg);
-                        Some(crate::batch::slice_for_fetch(
-                            &bytes,
-                            p.fetch_offset,
-                            budget,
-                        ))
-                    }
-                    Err(e) => {
-                        tracing::warn!(object = %seg.object, "cold read failed: {e}");
+            let data: Option<Bytes> =
+                match shard.read_visible(p.fetch_offset, budget, committed_only) {
+                    Read::Tail(batches) => Some(concat(batches)),
+                    Read::Segment(seg) => match b.read_segment(&seg).await {
+                        Ok(bytes) => {
+                            b.read_ahead(shard, &seg);
+                            Some(crate::batch::slice_for_fetch(
+                                &bytes,
+                                p.fetch_offset,
+                                budget,
+                            ))
+                        }
+                        Err(e) => {
+                            tracing::warn!(object = %seg.object, "cold read failed: {e}");
+                            errors = true;
+                            pd = pd.with_error_code(ResponseError::KafkaStorageError.code());
+                            None
+                        }
+                    },
+                    Read::AtEnd => None,
+                    Read::OutOfRange => {
                         errors = true;
-                        pd = pd.with_error_code(ResponseError::KafkaStorageError.code());
+                        pd = pd.with_error_code(ResponseError::OffsetOutOfRange.code());
                         None
                     }
-                },
-                Read::AtEnd => None,
-                Read::OutOfRange => {
-                    errors = true;
-                    pd = pd.with_error_code(ResponseError::OffsetOutOfRange.code());
-                    None
-                }
-            };
+                };
             if let Some(d) = data {
                 total += d.len();
                 pd = pd.with_records(Some(d));

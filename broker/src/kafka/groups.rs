@@ -186,7 +186,18 @@ pub fn leave_group(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Pending {
 
 pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
     let b = &ctx.broker;
-    let mut code = if b.is_coordinator(req.group_id.as_str()) {
+    let group = req.group_id.as_str();
+    // A commit outside group membership (generation -1, no member: manual
+    // assignment) touches no coordinator state; offsets live in placement,
+    // so any broker takes it. Otherwise a broker that thinks it is not the
+    // coordinator checks again with a fresh live list before saying so:
+    // brokers learn the live list at different heartbeats.
+    let standalone_commit =
+        req.generation_id_or_member_epoch < 0 && req.member_id.as_str().is_empty();
+    if !standalone_commit && !b.is_coordinator(group) && b.cluster.is_some() {
+        let _ = crate::cluster::heartbeat(b, false).await;
+    }
+    let mut code = if standalone_commit || b.is_coordinator(group) {
         b.groups.check_commit(
             req.group_id.as_str(),
             req.generation_id_or_member_epoch,
