@@ -347,3 +347,37 @@ def test_placement_nodes_are_added_and_removed(cluster, tmp_path):
     assert sorted(int(k) for k in status["membership"]) == [1, 2, 3]
     # Writes go on without it.
     create_topic(cluster.bootstrap(), unique_name("after"), 1)
+
+
+def test_broker_restarted_at_once_keeps_its_local_records(cluster):
+    """kill -9 and an immediate restart (inside the session timeout): the
+    broker takes its shards back with new epochs and replays its WAL, so a
+    `local` topic loses nothing it acknowledged."""
+    topic = unique_name("restart")
+    create_topic(cluster.bootstrap(), topic, 3, durability="local")
+    owner = cluster.owners(topic)[0]
+    victim = cluster.broker(owner)
+    # A long flush interval keeps the records in the WAL only.
+    victim.stop()
+    victim.flush_interval = "60s"
+    victim.start()
+    wait_for(lambda: cluster.owners(topic)[0] == owner, 30, "the broker to own partition 0")
+    epochs = {sh["shard"]: sh["epoch"] for sh in cluster.stream_index(topic)["shards"]}
+    p = Producer({"bootstrap.servers": victim.bootstrap, "acks": "all", "linger.ms": 0})
+    acked = Acked()
+    for i in range(300):
+        p.produce(topic, value=f"r{i}".encode(), partition=0, on_delivery=acked)
+    assert p.flush(60) == 0 and acked.count() == 300 and not acked.errors
+    assert next(sh for sh in cluster.stream_index(topic)["shards"]
+                if sh["shard"] == 0)["committed_offset"] == 0, "flushed already"
+    victim.kill9()
+    victim.start()
+    # Still the owner, under a new epoch.
+    shard0 = wait_for(lambda: next((sh for sh in cluster.stream_index(topic)["shards"]
+                                    if sh["shard"] == 0 and sh["owner"] == owner
+                                    and sh["epoch"] > epochs[0]), None), 30,
+                      "the restarted broker to take partition 0 back")
+    assert shard0["owner"] == owner
+    got = read_all(cluster.bootstrap(), topic, 1, 300)
+    assert_exactly_once_in_order(acked, got)
+    assert len(got[0]) == 300
