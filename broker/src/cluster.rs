@@ -77,7 +77,14 @@ pub async fn heartbeat(broker: &Arc<Broker>, first: bool) -> Result<()> {
     let lease = Duration::from_millis(reply.session_timeout_ms).saturating_sub(LEASE_MARGIN);
     *cluster.lease_until.lock() = Some(sent + lease);
     *cluster.live.lock() = reply.live.clone();
-    apply(broker, &reply, first).await;
+    let failed = apply(broker, &reply, first).await;
+    if first && failed > 0 {
+        // Before the WAL is replayed every shard still ours must be taken
+        // back, or its un-flushed records would be dropped: try again.
+        return Err(Error::Internal(format!(
+            "{failed} shard(s) could not be taken back yet"
+        )));
+    }
     Ok(())
 }
 
@@ -99,8 +106,10 @@ pub async fn run(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver
 /// Bring the broker's streams in line with the assignment. On the first
 /// heartbeat after a start, shards still assigned to this broker are taken
 /// with a new epoch, fencing whatever a previous run of it left behind.
-async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) {
+/// Returns how many shards assigned here could not be taken.
+async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usize {
     let me = broker.config.broker_id;
+    let mut failed = 0;
     let mut seen = HashSet::new();
     for sa in &reply.streams {
         seen.insert(sa.name.clone());
@@ -126,6 +135,7 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) {
                         match adopt(broker, sa, sh.shard, sh.epoch, first).await {
                             Ok(log) => Some(log),
                             Err(e) => {
+                                failed += 1;
                                 tracing::warn!(stream = %sa.name, shard = sh.shard, "taking the shard: {e}");
                                 None
                             }
@@ -177,6 +187,7 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) {
         }
         broker.uninstall(&gone.name);
     }
+    failed
 }
 
 /// Start serving a shard assigned to this broker, from the committed index.
