@@ -94,23 +94,37 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         .flat_map(|t| t.batches.iter().map(|b| b.wal_seq))
         .max()
         .unwrap_or(0);
-    let mut shard_rows = Vec::with_capacity(taken.len());
-    let mut flushed_bytes = 0u64;
-    for t in &taken {
-        let mut records = Vec::new();
-        for b in &t.batches {
-            flushed_bytes += b.bytes.len() as u64;
-            records.extend(batch::to_rows(&b.bytes)?);
+    let flushed_bytes: u64 = taken
+        .iter()
+        .flat_map(|t| t.batches.iter().map(|b| b.bytes.len() as u64))
+        .sum();
+    let inputs: Vec<(String, i32, Vec<bytes::Bytes>)> = taken
+        .iter()
+        .map(|t| {
+            let batches = t.batches.iter().map(|b| b.bytes.clone()).collect();
+            (t.shard.stream.clone(), t.shard.shard, batches)
+        })
+        .collect();
+    // Decoding the batches and encoding Parquet is CPU work of tens of
+    // milliseconds per flush: keep all of it off the reactor threads, which
+    // serve the producers meanwhile.
+    let encoded = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut shard_rows = Vec::with_capacity(inputs.len());
+        for (stream, shard, batches) in inputs {
+            let mut records = Vec::new();
+            for b in &batches {
+                records.extend(batch::to_rows(b)?);
+            }
+            shard_rows.push(ShardRows {
+                stream,
+                shard,
+                records,
+            });
         }
-        shard_rows.push(ShardRows {
-            stream: t.shard.stream.clone(),
-            shard: t.shard.shard,
-            records,
-        });
-    }
-    // Encoding is CPU work: keep it off the reactor threads.
-    let encoded = tokio::task::spawn_blocking(move || {
-        shoal_storage::encode_segment(shard_rows, &SegmentOptions::default())
+        Ok(shoal_storage::encode_segment(
+            shard_rows,
+            &SegmentOptions::default(),
+        )?)
     })
     .await
     .map_err(|e| Error::Internal(format!("segment encoder task: {e}")))??;
