@@ -411,7 +411,7 @@ impl Broker {
         }
         // Another broker may have created it since our last heartbeat.
         if self.cluster.is_some() {
-            crate::cluster::heartbeat(self, false).await?;
+            crate::cluster::refresh(self).await?;
             if let Some(s) = self.stream(name) {
                 return Ok(s);
             }

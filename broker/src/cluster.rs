@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use shoal_placement::{
-    BrokerId, BrokerInfo, Command, Heartbeat, HeartbeatReply, Reply, StreamAssignment,
-};
+use shoal_placement::{BrokerId, BrokerInfo, Command, Heartbeat, HeartbeatReply, Reply, Stream};
 use tokio::time::Instant;
 
 use crate::broker::{Broker, Partition, StreamHandle, now_ms};
@@ -37,8 +35,9 @@ pub struct ClusterState {
     lease_until: Mutex<Option<Instant>>,
     /// Shards with a handoff task running.
     handing_off: Mutex<HashSet<(String, i32)>>,
-    /// One heartbeat-and-apply at a time, so a shard is adopted once.
-    applying: tokio::sync::Mutex<()>,
+    /// One heartbeat-and-apply at a time, so a shard is adopted once; it
+    /// holds when the last one was sent.
+    applying: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl ClusterState {
@@ -63,12 +62,32 @@ fn info(broker: &Broker) -> BrokerInfo {
     }
 }
 
+/// How recent a view [`refresh`] accepts without asking placement again.
+const FRESH: Duration = Duration::from_millis(100);
+
 /// One heartbeat and the assignment it brings back.
 pub async fn heartbeat(broker: &Arc<Broker>, first: bool) -> Result<()> {
+    sync(broker, first, None).await
+}
+
+/// Bring the view up to date on demand (a topic this broker does not know
+/// yet, a group it may have just become coordinator of). Callers arriving
+/// together share one heartbeat: a client polling for a missing topic
+/// costs placement at most one call per [`FRESH`].
+pub async fn refresh(broker: &Arc<Broker>) -> Result<()> {
+    sync(broker, false, Some(FRESH)).await
+}
+
+async fn sync(broker: &Arc<Broker>, first: bool, fresh: Option<Duration>) -> Result<()> {
     let Some(cluster) = broker.cluster.as_ref() else {
         return Ok(());
     };
-    let _one = cluster.applying.lock().await;
+    let mut last = cluster.applying.lock().await;
+    if let (Some(fresh), Some(at)) = (fresh, *last)
+        && at.elapsed() < fresh
+    {
+        return Ok(());
+    }
     let sent = Instant::now();
     let reply = broker
         .placement
@@ -77,6 +96,7 @@ pub async fn heartbeat(broker: &Arc<Broker>, first: bool) -> Result<()> {
     let lease = Duration::from_millis(reply.session_timeout_ms).saturating_sub(LEASE_MARGIN);
     *cluster.lease_until.lock() = Some(sent + lease);
     *cluster.live.lock() = reply.live.clone();
+    *last = Some(sent);
     let failed = apply(broker, &reply, first).await;
     if first && failed > 0 {
         // Before the WAL is replayed every shard still ours must be taken
@@ -114,41 +134,84 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
     for sa in &reply.streams {
         seen.insert(sa.name.clone());
         let existing = broker.stream(&sa.name);
-        let mut partitions = Vec::with_capacity(sa.shards.len());
+        let current = |shard: i32| {
+            existing
+                .as_ref()
+                .and_then(|e| e.partition(shard))
+                .and_then(|p| p.log.clone())
+        };
+        // Which shards assigned here need a new log, and under which epoch.
+        let mut wanted: Vec<(i32, u64)> = Vec::new();
+        for sh in sa.shards.iter().filter(|sh| sh.owner == Some(me)) {
+            let old = current(sh.shard);
+            if let Some(log) = &old
+                && log.epoch() == sh.epoch
+                && !log.is_fenced()
+                && !first
+            {
+                continue;
+            }
+            if let Some(log) = old {
+                log.fence();
+            }
+            let epoch = if first {
+                match reclaim(broker, &sa.name, sh.shard, sh.epoch).await {
+                    Ok(epoch) => epoch,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(stream = %sa.name, shard = sh.shard, "taking the shard back: {e}");
+                        continue;
+                    }
+                }
+            } else {
+                sh.epoch
+            };
+            wanted.push((sh.shard, epoch));
+        }
+        // One read of the committed index serves every shard taken here.
+        let index = if wanted.is_empty() {
+            None
+        } else {
+            match broker.placement.get_stream(&sa.name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(stream = %sa.name, "reading the segment index: {e}");
+                    None
+                }
+            }
+        };
         let mut changed = existing.is_none()
             || existing
                 .as_ref()
                 .is_some_and(|e| e.config != sa.config || e.partitions.len() != sa.shards.len());
+        let mut partitions = Vec::with_capacity(sa.shards.len());
         for sh in &sa.shards {
-            let current = existing
-                .as_ref()
-                .and_then(|e| e.partition(sh.shard))
-                .and_then(|p| p.log.clone());
-            let log = if sh.owner == Some(me) {
-                match current {
-                    Some(log) if log.epoch() == sh.epoch && !log.is_fenced() && !first => Some(log),
-                    other => {
-                        if let Some(old) = other {
-                            old.fence();
-                        }
-                        changed = true;
-                        match adopt(broker, sa, sh.shard, sh.epoch, first).await {
-                            Ok(log) => Some(log),
-                            Err(e) => {
-                                failed += 1;
-                                tracing::warn!(stream = %sa.name, shard = sh.shard, "taking the shard: {e}");
-                                None
-                            }
-                        }
-                    }
-                }
-            } else {
-                if let Some(old) = current {
+            let log = if sh.owner != Some(me) {
+                if let Some(old) = current(sh.shard) {
                     tracing::info!(stream = %sa.name, shard = sh.shard, owner = ?sh.owner, "shard moved away");
                     old.fence();
                     changed = true;
                 }
                 None
+            } else if let Some(&(_, epoch)) = wanted.iter().find(|(i, _)| *i == sh.shard) {
+                changed = true;
+                match index
+                    .as_ref()
+                    .map(|s| log_from_index(broker, s, sh.shard, epoch))
+                {
+                    Some(Ok(log)) => Some(log),
+                    Some(Err(e)) => {
+                        failed += 1;
+                        tracing::warn!(stream = %sa.name, shard = sh.shard, "taking the shard: {e}");
+                        None
+                    }
+                    None => {
+                        failed += 1;
+                        None
+                    }
+                }
+            } else {
+                current(sh.shard)
             };
             if let (Some(log), Some(to)) = (&log, sh.handoff_to) {
                 hand_off(broker, log.clone(), to);
@@ -190,54 +253,47 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
     failed
 }
 
-/// Start serving a shard assigned to this broker, from the committed index.
-async fn adopt(
-    broker: &Arc<Broker>,
-    sa: &StreamAssignment,
+/// Take back, with a new epoch, a shard still assigned here after a start,
+/// fencing whatever an earlier run of this broker left behind.
+async fn reclaim(broker: &Broker, stream: &str, shard: i32, epoch: u64) -> Result<u64> {
+    let cmd = Command::AssignShard {
+        stream: stream.to_string(),
+        shard,
+        broker: broker.config.broker_id,
+        expected_epoch: epoch,
+    };
+    match broker.placement.write(cmd).await? {
+        Reply::Lease { epoch } => Ok(epoch),
+        Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+        other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// A log for a shard assigned here at `epoch`, from the committed index.
+fn log_from_index(
+    broker: &Broker,
+    stream: &Stream,
     shard: i32,
     epoch: u64,
-    reclaim: bool,
 ) -> Result<Arc<ShardLog>> {
-    let me = broker.config.broker_id;
-    let epoch = if reclaim {
-        match broker
-            .placement
-            .write(Command::AssignShard {
-                stream: sa.name.clone(),
-                shard,
-                broker: me,
-                expected_epoch: epoch,
-            })
-            .await?
-        {
-            Reply::Lease { epoch } => epoch,
-            Reply::Rejected { rejection } => return Err(Error::Rejected(rejection)),
-            other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
-        }
-    } else {
-        epoch
-    };
-    let stream = broker
-        .placement
-        .get_stream(&sa.name)
-        .await?
-        .ok_or_else(|| Error::UnknownStream(sa.name.clone()))?;
     let s = usize::try_from(shard)
         .ok()
         .and_then(|i| stream.shards.get(i))
         .ok_or_else(|| Error::UnknownShard {
-            stream: sa.name.clone(),
+            stream: stream.name.clone(),
             shard,
         })?;
-    if s.owner != Some(me) || s.epoch != epoch {
+    // The index was read after the assignment: a newer owner means the
+    // shard moved again meanwhile.
+    if s.owner != Some(broker.config.broker_id) || s.epoch != epoch {
         return Err(Error::NotLeader {
-            stream: sa.name.clone(),
+            stream: stream.name.clone(),
             shard,
         });
     }
-    tracing::info!(stream = %sa.name, shard, epoch, committed = s.committed_offset, "serving shard");
+    tracing::info!(stream = %stream.name, shard, epoch, committed = s.committed_offset, "serving shard");
     Ok(Arc::new(ShardLog::new(
-        &sa.name,
+        &stream.name,
         shard,
         ShardInit::committed(s, epoch),
         broker.config.tail_keep_bytes,

@@ -43,6 +43,16 @@ struct State {
     committed_producers: Producers,
 }
 
+impl State {
+    fn visible_end(&self, committed_only: bool) -> i64 {
+        if committed_only {
+            self.committed_offset
+        } else {
+            self.high_watermark
+        }
+    }
+}
+
 /// What a fetch at an offset finds.
 #[derive(Debug)]
 pub enum Read {
@@ -283,22 +293,13 @@ impl ShardLog {
     /// `committed_only` (streams with `object` durability) the end of what
     /// is committed, so no reader sees a record a failover could lose.
     pub fn visible_end(&self, committed_only: bool) -> i64 {
-        let st = self.state.lock();
-        if committed_only {
-            st.committed_offset
-        } else {
-            st.high_watermark
-        }
+        self.state.lock().visible_end(committed_only)
     }
 
     /// [`read`](Self::read) up to [`visible_end`](Self::visible_end).
     pub fn read_visible(&self, offset: i64, max_bytes: usize, committed_only: bool) -> Read {
         let st = self.state.lock();
-        let end = if committed_only {
-            st.committed_offset
-        } else {
-            st.high_watermark
-        };
+        let end = st.visible_end(committed_only);
         if offset < st.log_start_offset || offset > end {
             return Read::OutOfRange;
         }

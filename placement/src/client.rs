@@ -97,12 +97,6 @@ impl PlacementClient {
         }
     }
 
-    /// Is this a client of a multi-node Placement Center (brokers then
-    /// follow the controller's assignment instead of taking every shard)?
-    pub fn is_remote(&self) -> bool {
-        matches!(self.inner, Inner::Remote(_))
-    }
-
     pub async fn list_streams(&self) -> Result<Vec<Stream>> {
         match self.query(Query::ListStreams).await? {
             QueryReply::Streams { streams } => Ok(streams),

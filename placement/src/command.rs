@@ -76,6 +76,20 @@ pub enum Command {
     },
 }
 
+#[cfg(test)]
+impl Command {
+    /// A one-shard stream, for tests.
+    pub(crate) fn create_for_test(name: &str, partitions: i32) -> Command {
+        Command::CreateStream {
+            name: name.into(),
+            partitions,
+            config: BTreeMap::new(),
+            id: 1,
+            now_ms: 0,
+        }
+    }
+}
+
 /// One flush: one object, a range per shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentCommit {

@@ -360,13 +360,7 @@ mod tests {
 
     fn state(owners: &[Option<BrokerId>], brokers: &[BrokerId]) -> State {
         let mut st = State::default();
-        st.apply(Command::CreateStream {
-            name: "t".into(),
-            partitions: owners.len() as i32,
-            config: BTreeMap::new(),
-            id: 1,
-            now_ms: 0,
-        });
+        st.apply(Command::create_for_test("t", owners.len() as i32));
         for b in brokers {
             st.apply(Command::RegisterBroker {
                 info: BrokerInfo {

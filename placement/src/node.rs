@@ -549,11 +549,6 @@ impl PlacementNode {
         Ok(self.status())
     }
 
-    /// A copy of the whole state as this node has applied it.
-    pub fn state_snapshot(&self) -> crate::state::State {
-        state_machine::read(&self.state).state.clone()
-    }
-
     /// Look at the applied state without copying it (keep `f` short: it
     /// holds the state machine's read lock).
     pub fn with_state<R>(&self, f: impl FnOnce(&crate::state::State) -> R) -> R {
@@ -681,13 +676,7 @@ mod tests {
     use crate::raft::state_machine::StoredSnapshot;
 
     fn create(name: &str) -> Command {
-        Command::CreateStream {
-            name: name.into(),
-            partitions: 1,
-            config: BTreeMap::new(),
-            id: 1,
-            now_ms: 0,
-        }
+        Command::create_for_test(name, 1)
     }
 
     /// Entries applied but never snapshotted come back at start-up from the

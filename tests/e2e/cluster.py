@@ -9,14 +9,13 @@ kill -9, logs); only their command lines differ.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import urllib.parse
 from pathlib import Path
 from typing import Optional
 
-from harness import Shoal, free_port, http_request, shoal_bin, unique_name, wait_for
+from harness import Shoal, free_port, shoal_bin, unique_name, wait_for
 
 S3_URL = os.environ.get("SHOAL_TEST_S3_URL")
 
@@ -152,6 +151,3 @@ class Cluster:
                 p.proc.send_signal(signal.SIGCONT)
             p.cleanup()
 
-
-def placement_http(addr: str, path: str) -> dict:
-    return json.loads(http_request(f"http://{addr}{path}", timeout=3).body)

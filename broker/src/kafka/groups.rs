@@ -195,7 +195,7 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
     let standalone_commit =
         req.generation_id_or_member_epoch < 0 && req.member_id.as_str().is_empty();
     if !standalone_commit && !b.is_coordinator(group) && b.cluster.is_some() {
-        let _ = crate::cluster::heartbeat(b, false).await;
+        let _ = crate::cluster::refresh(b).await;
     }
     let mut code = if standalone_commit || b.is_coordinator(group) {
         b.groups.check_commit(
