@@ -50,6 +50,14 @@ pub struct StandaloneArgs {
     /// Durability of new topics: local or object.
     #[arg(long, env = "SHOAL_DEFAULT_DURABILITY")]
     pub default_durability: Option<String>,
+    /// Directory of the write-ahead log (default DATA_DIR/wal); a disk of
+    /// its own keeps its fsyncs clear of other writes.
+    #[arg(long, env = "SHOAL_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// Idle idempotent producers are forgotten after this (Kafka's
+    /// producer.id.expiration.ms; e.g. 1d, 15m).
+    #[arg(long, env = "SHOAL_PRODUCER_ID_EXPIRATION")]
+    pub producer_id_expiration: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +87,10 @@ struct FileConfig {
     placement_in_bucket: Option<bool>,
     #[serde(alias = "bucket_lease_ttl")]
     bucket_lease_ttl: Option<String>,
+    #[serde(alias = "wal_dir")]
+    wal_dir: Option<PathBuf>,
+    #[serde(alias = "producer_id_expiration")]
+    producer_id_expiration: Option<String>,
 }
 
 /// Resolved settings.
@@ -97,6 +109,8 @@ pub struct Standalone {
     pub default_durability: shoal_broker::Durability,
     pub placement_in_bucket: bool,
     pub bucket_lease_ttl: Duration,
+    pub wal_dir: Option<PathBuf>,
+    pub producer_id_expiration: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +258,14 @@ impl StandaloneArgs {
         if bucket_lease_ttl < Duration::from_secs(1) {
             return Err(err("--bucket-lease-ttl must be at least 1s"));
         }
+        let producer_id_expiration = producer_expiration(
+            self.producer_id_expiration
+                .or(file.producer_id_expiration)
+                .as_deref(),
+        )?;
         Ok(Standalone {
+            wal_dir: self.wal_dir.or(file.wal_dir),
+            producer_id_expiration,
             placement_in_bucket,
             bucket_lease_ttl,
             data_dir,
@@ -260,6 +281,19 @@ impl StandaloneArgs {
             default_durability,
         })
     }
+}
+
+/// `--producer-id-expiration`: Kafka's default is one day.
+pub(crate) fn producer_expiration(flag: Option<&str>) -> Result<Duration, ConfigError> {
+    let d = match flag {
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| err(format!("invalid --producer-id-expiration {s:?}: {e}")))?,
+        None => Duration::from_secs(24 * 3600),
+    };
+    if d.is_zero() {
+        return Err(err("--producer-id-expiration must be greater than zero"));
+    }
+    Ok(d)
 }
 
 /// A byte size from a flag/env string, else the file (integer or string).

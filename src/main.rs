@@ -114,6 +114,8 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.default_partitions = cfg.default_partitions;
     bc.default_durability = cfg.default_durability;
     bc.http_addr = cfg.http_addr.to_string();
+    bc.wal_dir = cfg.wal_dir.clone();
+    bc.producer_expiration = cfg.producer_id_expiration;
     let broker = Broker::start(bc, PlacementClient::local(node.clone()), store)
         .await
         .map_err(|e| format!("broker: {e}"))?;

@@ -74,6 +74,13 @@ pub struct BrokerArgs {
     /// broker's disk is not meant to matter.
     #[arg(long, env = "SHOAL_DEFAULT_DURABILITY", default_value = "object")]
     pub default_durability: String,
+    /// Directory of the write-ahead log (default DATA_DIR/wal).
+    #[arg(long, env = "SHOAL_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// Idle idempotent producers are forgotten after this (Kafka's
+    /// producer.id.expiration.ms).
+    #[arg(long, env = "SHOAL_PRODUCER_ID_EXPIRATION", default_value = "1d")]
+    pub producer_id_expiration: String,
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -146,11 +153,23 @@ pub async fn placement(args: PlacementArgs) -> Result<(), String> {
         .map_err(|e| format!("placement shutdown: {e}"))
 }
 
-/// 200 once the node knows a leader (itself or another).
+/// `{"status": "ok" | "starting", "checks": {"raft": ...}}`: 200 once the
+/// node knows a leader (itself or another), 503 until then.
 async fn placement_health(State(node): State<Arc<PlacementNode>>) -> Response {
     match node.status().leader_id {
-        Some(_) => (StatusCode::OK, "ok\n").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n").into_response(),
+        Some(leader) => axum::Json(serde_json::json!({
+            "status": "ok",
+            "checks": { "raft": format!("leader is node {leader}") },
+        }))
+        .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "starting",
+                "checks": { "raft": "no leader known" },
+            })),
+        )
+            .into_response(),
     }
 }
 
@@ -249,6 +268,8 @@ fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
             args.default_durability
         ))
     })?;
+    c.wal_dir = args.wal_dir.clone();
+    c.producer_expiration = crate::config::producer_expiration(Some(&args.producer_id_expiration))?;
     Ok(BrokerSettings {
         kafka_addr,
         http_addr,

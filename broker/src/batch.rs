@@ -291,42 +291,100 @@ pub fn slice_for_fetch(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
     }
 }
 
-/// A WAL entry: which shard, the offset assigned, and the batch as stored.
+/// A WAL entry: which shard, under which lease, and the batch as stored
+/// (its base offset written in).
+///
+/// ```text
+/// version u8 (2) | epoch u64 | shard i32 | base_offset i64 |
+/// last_offset i64 | stream length u16 | stream | crc32c u32 | batch
+/// ```
+///
+/// The header has its own checksum, so an entry whose batch bytes are
+/// damaged still names the shard and offsets it held.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalRecord {
     pub stream: String,
     pub shard: i32,
+    pub epoch: u64,
     pub batch: Bytes,
 }
 
+/// The header of a [`WalRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRecordHeader {
+    pub stream: String,
+    pub shard: i32,
+    pub epoch: u64,
+    pub base_offset: i64,
+    pub last_offset: i64,
+}
+
+const WAL_RECORD_VERSION: u8 = 2;
+/// Fixed part of the header before the stream name.
+const WAL_FIXED: usize = 1 + 8 + 4 + 8 + 8 + 2;
+
 impl WalRecord {
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(2 + self.stream.len() + 4 + self.batch.len());
-        b.put_u16(self.stream.len() as u16);
-        b.extend_from_slice(self.stream.as_bytes());
+        let base = base_offset(&self.batch);
+        let last = base + i64::from(info(&self.batch).record_count) - 1;
+        let name = &self.stream.as_bytes()[..self.stream.len().min(u16::MAX as usize)];
+        let mut b = BytesMut::with_capacity(WAL_FIXED + name.len() + 4 + self.batch.len());
+        b.put_u8(WAL_RECORD_VERSION);
+        b.put_u64(self.epoch);
         b.put_i32(self.shard);
+        b.put_i64(base);
+        b.put_i64(last);
+        b.put_u16(name.len() as u16);
+        b.extend_from_slice(name);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32(crc);
         b.extend_from_slice(&self.batch);
         b.freeze()
     }
 
-    pub fn decode(mut b: Bytes) -> Result<Self> {
-        let bad = || Error::Corrupt("malformed WAL entry".into());
-        if b.len() < 2 {
-            return Err(bad());
+    /// The header alone, if its checksum holds (the batch may be damaged).
+    pub fn decode_header(b: &[u8]) -> Option<(WalRecordHeader, usize)> {
+        let fixed = b.get(..WAL_FIXED)?;
+        if fixed[0] != WAL_RECORD_VERSION {
+            return None;
         }
-        let n = b.get_u16() as usize;
-        if b.len() < n + 4 {
-            return Err(bad());
+        let mut f = &fixed[1..];
+        let epoch = f.get_u64();
+        let shard = f.get_i32();
+        let base_offset = f.get_i64();
+        let last_offset = f.get_i64();
+        let n = f.get_u16() as usize;
+        let end = WAL_FIXED + n;
+        let crc = b.get(end..end + 4)?;
+        if crc32c::crc32c(&b[..end]).to_be_bytes() != crc {
+            return None;
         }
-        let stream = String::from_utf8(b.split_to(n).to_vec()).map_err(|_| bad())?;
-        let shard = b.get_i32();
-        if b.len() < HEADER_LEN {
-            return Err(bad());
-        }
-        Ok(WalRecord {
+        let stream = String::from_utf8(b[WAL_FIXED..end].to_vec()).ok()?;
+        let header = WalRecordHeader {
             stream,
             shard,
-            batch: b,
+            epoch,
+            base_offset,
+            last_offset,
+        };
+        Some((header, end + 4))
+    }
+
+    pub fn decode(b: Bytes) -> Result<Self> {
+        let bad = |what: &str| Error::Corrupt(format!("WAL entry: {what}"));
+        let (h, at) = Self::decode_header(&b).ok_or_else(|| bad("unreadable header"))?;
+        let batch = b.slice(at..);
+        if batch.len() < HEADER_LEN
+            || base_offset(&batch) != h.base_offset
+            || base_offset(&batch) + i64::from(info(&batch).record_count) - 1 != h.last_offset
+        {
+            return Err(bad("batch does not match its header"));
+        }
+        Ok(WalRecord {
+            stream: h.stream,
+            shard: h.shard,
+            epoch: h.epoch,
+            batch,
         })
     }
 }
@@ -388,6 +446,28 @@ mod tests {
     }
 
     #[test]
+    fn wal_records_round_trip_and_name_their_shard_when_damaged() {
+        let batch = with_base_offset(&from_rows(&rows(0, 3)).unwrap(), 40);
+        let rec = WalRecord {
+            stream: "orders".into(),
+            shard: 3,
+            epoch: 9,
+            batch,
+        };
+        let bytes = rec.encode();
+        assert_eq!(WalRecord::decode(bytes.clone()).unwrap(), rec);
+        let mut damaged = bytes.to_vec();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0xff;
+        let (h, _) = WalRecord::decode_header(&damaged).unwrap();
+        assert_eq!((h.stream.as_str(), h.shard, h.epoch), ("orders", 3, 9));
+        assert_eq!((h.base_offset, h.last_offset), (40, 42));
+        damaged[5] ^= 0xff;
+        assert!(WalRecord::decode_header(&damaged).is_none());
+        assert!(WalRecord::decode(Bytes::from(damaged)).is_err());
+    }
+
+    #[test]
     fn chunked_rows_are_sliced_by_offset_and_budget() {
         let input = rows(100, 50);
         let all = from_rows_chunked(&input, 64).unwrap();
@@ -415,16 +495,5 @@ mod tests {
             150 - got[0].offset
         );
         assert!(slice_for_fetch(&all, 1000, usize::MAX).is_empty());
-    }
-
-    #[test]
-    fn wal_record_round_trip() {
-        let batch = from_rows(&rows(0, 2)).unwrap();
-        let r = WalRecord {
-            stream: "s".into(),
-            shard: 3,
-            batch,
-        };
-        assert_eq!(WalRecord::decode(r.encode()).unwrap(), r);
     }
 }

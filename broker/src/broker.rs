@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -18,7 +19,8 @@ use crate::config::{BrokerConfig, Durability};
 use crate::error::{Error, Result};
 use crate::group::Coordinator;
 use crate::metrics::Metrics;
-use crate::shard::{ShardInit, ShardLog};
+use crate::shard::{Replayed, ShardEnv, ShardInit, ShardLog};
+use shoal_wal_cache::{Damage, WalHealth};
 
 /// A stream as this broker sees it. Replaced whole when it changes.
 #[derive(Debug)]
@@ -84,8 +86,13 @@ pub struct Broker {
     streams: RwLock<HashMap<String, Arc<StreamHandle>>>,
     /// Serialises stream creation/deletion so concurrent auto-creates agree.
     admin: tokio::sync::Mutex<()>,
-    pub(crate) unflushed_bytes: AtomicU64,
+    /// Bytes accepted and not yet committed: the sum of every shard's own
+    /// count (see [`ShardEnv`]).
+    unflushed_bytes: Arc<AtomicU64>,
     pub(crate) flush_now: Notify,
+    /// The last flush failure and when the failures began, while flushes
+    /// fail; cleared by a successful flush.
+    pub(crate) flush_failing: parking_lot::Mutex<Option<(Instant, String)>>,
     /// Segment ranges being read ahead, so one is fetched once.
     prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Set in a cluster: the live brokers and this broker's lease.
@@ -126,7 +133,7 @@ impl Broker {
         placement: PlacementClient,
         store: ObjectStorage,
     ) -> Result<Arc<Broker>> {
-        let wal = Wal::open(WalOptions::new(config.data_dir.join("wal")))?;
+        let wal = Wal::open(WalOptions::new(config.wal_dir()))?;
         let mut cache_opts = CacheOptions::new(config.data_dir.join("cache"));
         cache_opts.memory_bytes = config.cache_memory_bytes;
         cache_opts.disk_bytes = config.cache_disk_bytes;
@@ -158,8 +165,9 @@ impl Broker {
             metrics: Metrics::new(),
             streams: RwLock::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
-            unflushed_bytes: AtomicU64::new(0),
+            unflushed_bytes: Arc::new(AtomicU64::new(0)),
             flush_now: Notify::new(),
+            flush_failing: parking_lot::Mutex::new(None),
             prefetching: parking_lot::Mutex::new(std::collections::HashSet::new()),
         });
         if broker.cluster.is_some() {
@@ -181,8 +189,24 @@ impl Broker {
                 broker.adopt(stream).await?;
             }
         }
-        broker.replay()?;
+        broker.replay().await?;
         Ok(broker)
+    }
+
+    /// Settings and counters for a new shard log.
+    pub(crate) fn shard_env(&self) -> ShardEnv {
+        ShardEnv {
+            tail_keep_bytes: self.config.tail_keep_bytes,
+            producer_expiration_ms: i64::try_from(self.config.producer_expiration.as_millis())
+                .unwrap_or(i64::MAX),
+            unflushed_bytes: self.unflushed_bytes.clone(),
+            cluster: self.cluster.is_some(),
+        }
+    }
+
+    /// A log for a shard this broker now owns.
+    pub(crate) fn new_log(&self, stream: &str, shard: i32, init: ShardInit) -> Arc<ShardLog> {
+        Arc::new(ShardLog::new(stream, shard, init, self.shard_env()))
     }
 
     /// Put a stream view in place (the cluster's assignment changed).
@@ -230,37 +254,108 @@ impl Broker {
                 .is_some_and(|b| b.id == self.config.broker_id)
     }
 
-    fn replay(&self) -> Result<()> {
+    /// Replay the WAL into the shards' tails. Records are never dropped
+    /// silently: a shard whose replay shows missing records (a gap in its
+    /// offsets, an unreadable entry of its own) is stopped, in placement
+    /// too, and says why in `/health`, the metrics and the log. Damage that
+    /// names no shard stops every shard this broker owns.
+    async fn replay(&self) -> Result<()> {
         let entries = self.wal.replay()?;
+        let mut stops: BTreeMap<(String, i32), String> = BTreeMap::new();
+        let mut unattributed: Vec<String> = Vec::new();
         let mut replayed = 0u64;
         for entry in entries {
             let rec = match WalRecord::decode(entry.payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(seq = entry.seq, "skipping unreadable WAL entry: {e}");
+                    unattributed.push(format!("write-ahead log entry {}: {e}", entry.seq));
                     continue;
                 }
             };
+            let key = (rec.stream.clone(), rec.shard);
             let Some(shard) = self
                 .stream(&rec.stream)
                 .and_then(|s| s.shard(rec.shard).cloned())
             else {
-                continue; // the stream was deleted
+                continue; // the stream was deleted, or the shard is elsewhere
             };
-            let len = rec.batch.len() as u64;
-            match shard.replay(rec.batch, entry.seq) {
-                Ok(true) => {
-                    self.unflushed_bytes.fetch_add(len, Ordering::Relaxed);
-                    replayed += 1;
-                }
-                Ok(false) => {}
-                // In a cluster another broker may have written the shard
-                // since: what this WAL holds beyond its commits is stale.
-                Err(e) if self.cluster.is_some() => {
-                    tracing::warn!("dropping a WAL entry another owner superseded: {e}");
-                }
-                Err(e) => return Err(e),
+            if stops.contains_key(&key) {
+                continue;
             }
+            match shard.replay(rec.batch, entry.seq, rec.epoch) {
+                Replayed::Applied => replayed += 1,
+                Replayed::Committed => {}
+                Replayed::Superseded => {
+                    self.metrics.wal_superseded.inc();
+                    tracing::info!(
+                        stream = %rec.stream,
+                        shard = rec.shard,
+                        epoch = rec.epoch,
+                        "dropping a write-ahead log entry another owner superseded"
+                    );
+                }
+                Replayed::Gap {
+                    expected,
+                    got,
+                    epoch,
+                } => {
+                    stops.insert(
+                        key,
+                        format!(
+                            "write-ahead log entry {} (lease epoch {epoch}) starts at offset \
+                             {got}, but the records from offset {expected} on are missing",
+                            entry.seq
+                        ),
+                    );
+                }
+            }
+        }
+        for damage in self.wal.damage() {
+            match damage {
+                Damage::Entry { seq, payload } => match WalRecord::decode_header(payload) {
+                    Some((h, _)) => {
+                        let Some(shard) = self
+                            .stream(&h.stream)
+                            .and_then(|s| s.shard(h.shard).cloned())
+                        else {
+                            continue;
+                        };
+                        if h.last_offset < shard.committed_offset() {
+                            continue; // in a committed object already
+                        }
+                        stops.entry((h.stream.clone(), h.shard)).or_insert_with(|| {
+                            format!(
+                                "write-ahead log entry {seq} holding offsets {}-{} \
+                                     (lease epoch {}) is unreadable",
+                                h.base_offset, h.last_offset, h.epoch
+                            )
+                        });
+                    }
+                    None => unattributed.push(format!(
+                        "write-ahead log entry {seq} is unreadable and names no shard"
+                    )),
+                },
+                Damage::Unreadable { after, before } => unattributed.push(match before {
+                    Some(b) => format!(
+                        "write-ahead log entries after {after} and before {b} are unreadable"
+                    ),
+                    None => format!("write-ahead log entries after {after} are unreadable"),
+                }),
+            }
+        }
+        if !unattributed.is_empty() {
+            let reason = unattributed.join("; ");
+            for stream in self.streams() {
+                for log in stream.owned() {
+                    stops
+                        .entry((log.stream.clone(), log.shard))
+                        .or_insert_with(|| reason.clone());
+                }
+            }
+        }
+        for ((stream, shard), reason) in stops {
+            tracing::error!(%stream, shard, "stopping the shard: acknowledged records are lost: {reason}");
+            self.stop_shard(&stream, shard, &reason).await?;
         }
         if replayed > 0 {
             tracing::info!(
@@ -270,6 +365,60 @@ impl Broker {
             self.flush_now.notify_one();
         }
         Ok(())
+    }
+
+    /// Stop a shard's writes, here and in placement (so it stays stopped
+    /// across restarts and moves) until an operator resumes it.
+    pub async fn stop_shard(&self, stream: &str, shard: i32, reason: &str) -> Result<()> {
+        let log = self.stream(stream).and_then(|s| s.shard(shard).cloned());
+        if let Some(log) = &log {
+            log.stop(reason);
+        }
+        match self
+            .placement
+            .write(Command::StopShard {
+                stream: stream.to_string(),
+                shard,
+                reason: reason.to_string(),
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+            _ => Ok(()),
+        }
+    }
+
+    /// An operator accepts the loss of a stopped shard: it takes writes
+    /// again (new records continue from what it holds).
+    pub async fn resume_shard(&self, stream: &str, shard: i32) -> Result<()> {
+        if let Reply::Rejected { rejection } = self
+            .placement
+            .write(Command::ResumeShard {
+                stream: stream.to_string(),
+                shard,
+            })
+            .await?
+        {
+            return Err(Error::Rejected(rejection));
+        }
+        if let Some(log) = self.stream(stream).and_then(|s| s.shard(shard).cloned()) {
+            log.resume();
+        }
+        Ok(())
+    }
+
+    /// Shards this broker owns that are stopped, with the reason.
+    pub fn stopped_shards(&self) -> Vec<(String, i32, String)> {
+        let mut out = Vec::new();
+        for stream in self.streams() {
+            for log in stream.owned() {
+                if let Some(reason) = log.stopped() {
+                    out.push((log.stream.clone(), log.shard, reason));
+                }
+            }
+        }
+        out
     }
 
     /// After a stream changed in placement: standalone, take the leases of
@@ -313,12 +462,7 @@ impl Broker {
             shards.push(Partition {
                 leader: Some(self.config.broker_id),
                 epoch,
-                log: Some(Arc::new(ShardLog::new(
-                    &stream.name,
-                    s.shard,
-                    ShardInit::committed(s, epoch),
-                    self.config.tail_keep_bytes,
-                ))),
+                log: Some(self.new_log(&stream.name, s.shard, ShardInit::committed(s, epoch))),
             });
         }
         let handle = Arc::new(StreamHandle {
@@ -360,13 +504,8 @@ impl Broker {
         if !valid_topic_name(name) {
             return Err(Error::InvalidTopic(name.to_string()));
         }
-        if let Some(d) = config.get(Durability::CONFIG_KEY)
-            && Durability::parse(d).is_none()
-        {
-            return Err(Error::InvalidConfig(format!(
-                "{} must be local or object, not {d:?}",
-                Durability::CONFIG_KEY
-            )));
+        for (k, v) in &config {
+            crate::topic_config::check(k, v, self.config.max_request_bytes)?;
         }
         config
             .entry(Durability::CONFIG_KEY.to_string())
@@ -453,7 +592,7 @@ impl Broker {
         }
         if let Some(gone) = self.streams.write().remove(name) {
             for log in gone.owned() {
-                log.fence();
+                let _ = log.fence();
             }
         }
         Ok(())
@@ -484,13 +623,11 @@ impl Broker {
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     ) -> Result<()> {
-        if let Some(d) = set.get(Durability::CONFIG_KEY)
-            && Durability::parse(d).is_none()
-        {
-            return Err(Error::InvalidConfig(format!(
-                "{} must be local or object",
-                Durability::CONFIG_KEY
-            )));
+        for (k, v) in &set {
+            crate::topic_config::check(k, v, self.config.max_request_bytes)?;
+        }
+        for k in &remove {
+            crate::topic_config::check_removal(k)?;
         }
         let _guard = self.admin.lock().await;
         match self
@@ -515,10 +652,10 @@ impl Broker {
         self.unflushed_bytes.load(Ordering::Relaxed)
     }
 
-    /// Count bytes appended and wake the flusher past the threshold.
-    pub(crate) fn note_appended(&self, bytes: u64) {
-        let total = self.unflushed_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if total >= self.config.flush_bytes {
+    /// Wake the flusher once `flush_bytes` are waiting (the shard counted
+    /// the bytes already).
+    pub(crate) fn note_appended(&self, _bytes: u64) {
+        if self.unflushed_bytes() >= self.config.flush_bytes {
             self.flush_now.notify_one();
         }
     }
@@ -569,5 +706,33 @@ impl Broker {
         let encoded = batch::from_rows_chunked(&rows, COLD_BATCH_BYTES)?;
         self.cache.insert(&key, encoded.clone());
         Ok(encoded)
+    }
+}
+
+/// Follow the WAL's health: after a failed write (a full disk, say), take
+/// the failed batches out of every shard's tail, then let the WAL write
+/// again. Producers got a retriable error for those batches; their retries
+/// are appended afresh.
+pub async fn watch_wal(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut health = broker.wal.watch_health();
+    loop {
+        let failure = match &*health.borrow_and_update() {
+            WalHealth::Failed(f) if !f.resumed => Some(f.clone()),
+            _ => None,
+        };
+        if let Some(f) = failure {
+            tracing::warn!(error = %f.error, first_failed_seq = f.first_failed_seq, "wal write failed: rolling back the failed batches");
+            for stream in broker.streams() {
+                for log in stream.owned() {
+                    log.roll_back_from(f.first_failed_seq);
+                }
+            }
+            broker.metrics.wal_failures.inc();
+            broker.wal.resume(f.generation);
+        }
+        tokio::select! {
+            changed = health.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
     }
 }

@@ -140,8 +140,9 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
                 .and_then(|e| e.partition(shard))
                 .and_then(|p| p.log.clone())
         };
-        // Which shards assigned here need a new log, and under which epoch.
-        let mut wanted: Vec<(i32, u64)> = Vec::new();
+        // Which shards assigned here need a new log, under which epoch, and
+        // the epoch its WAL entries of this broker's last lease carry.
+        let mut wanted: Vec<(i32, u64, u64)> = Vec::new();
         for sh in sa.shards.iter().filter(|sh| sh.owner == Some(me)) {
             let old = current(sh.shard);
             if let Some(log) = &old
@@ -151,8 +152,10 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             {
                 continue;
             }
-            if let Some(log) = old {
-                log.fence();
+            if let Some(log) = old
+                && log.fence()
+            {
+                broker.metrics.shards_fenced.inc();
             }
             let epoch = if first {
                 match reclaim(broker, &sa.name, sh.shard, sh.epoch).await {
@@ -166,7 +169,7 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             } else {
                 sh.epoch
             };
-            wanted.push((sh.shard, epoch));
+            wanted.push((sh.shard, epoch, sh.epoch));
         }
         // One read of the committed index serves every shard taken here.
         let index = if wanted.is_empty() {
@@ -189,15 +192,19 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             let log = if sh.owner != Some(me) {
                 if let Some(old) = current(sh.shard) {
                     tracing::info!(stream = %sa.name, shard = sh.shard, owner = ?sh.owner, "shard moved away");
-                    old.fence();
+                    if old.fence() {
+                        broker.metrics.shards_fenced.inc();
+                    }
                     changed = true;
                 }
                 None
-            } else if let Some(&(_, epoch)) = wanted.iter().find(|(i, _)| *i == sh.shard) {
+            } else if let Some(&(_, epoch, replay_epoch)) =
+                wanted.iter().find(|(i, _, _)| *i == sh.shard)
+            {
                 changed = true;
                 match index
                     .as_ref()
-                    .map(|s| log_from_index(broker, s, sh.shard, epoch))
+                    .map(|s| log_from_index(broker, s, sh.shard, epoch, replay_epoch))
                 {
                     Some(Ok(log)) => Some(log),
                     Some(Err(e)) => {
@@ -213,6 +220,14 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             } else {
                 current(sh.shard)
             };
+            if let Some(log) = &log {
+                // Stopped or resumed by an operator through any broker.
+                match (&sh.stopped, log.stopped().is_some()) {
+                    (Some(reason), false) => log.stop(reason),
+                    (None, true) => log.resume(),
+                    _ => {}
+                }
+            }
             if let (Some(log), Some(to)) = (&log, sh.handoff_to) {
                 hand_off(broker, log.clone(), to);
             }
@@ -246,7 +261,7 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
         .filter(|s| !seen.contains(&s.name))
     {
         for log in gone.owned() {
-            log.fence();
+            let _ = log.fence();
         }
         broker.uninstall(&gone.name);
     }
@@ -269,12 +284,14 @@ async fn reclaim(broker: &Broker, stream: &str, shard: i32, epoch: u64) -> Resul
     }
 }
 
-/// A log for a shard assigned here at `epoch`, from the committed index.
+/// A log for a shard assigned here at `epoch`, from the committed index;
+/// WAL entries of lease `replay_epoch` are this broker's latest.
 fn log_from_index(
     broker: &Broker,
     stream: &Stream,
     shard: i32,
     epoch: u64,
+    replay_epoch: u64,
 ) -> Result<Arc<ShardLog>> {
     let s = usize::try_from(shard)
         .ok()
@@ -292,12 +309,14 @@ fn log_from_index(
         });
     }
     tracing::info!(stream = %stream.name, shard, epoch, committed = s.committed_offset, "serving shard");
-    Ok(Arc::new(ShardLog::new(
+    Ok(broker.new_log(
         &stream.name,
         shard,
-        ShardInit::committed(s, epoch),
-        broker.config.tail_keep_bytes,
-    )))
+        ShardInit {
+            replay_epoch,
+            ..ShardInit::committed(s, epoch)
+        },
+    ))
 }
 
 /// Hand a shard to `to`: refuse new writes, flush what is held, then give
@@ -328,7 +347,7 @@ fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
             match broker.placement.write(cmd).await {
                 Ok(Reply::Lease { epoch }) => {
                     tracing::info!(stream = %log.stream, shard = log.shard, to, epoch, "handed the shard over");
-                    log.fence();
+                    let _ = log.fence();
                 }
                 Ok(other) => tracing::warn!("handoff refused: {other:?}"),
                 Err(e) => tracing::warn!("handoff failed: {e}"),

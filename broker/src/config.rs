@@ -37,8 +37,14 @@ pub struct BrokerConfig {
     /// Host and port written into Metadata and FindCoordinator answers.
     pub advertised_host: String,
     pub advertised_port: i32,
-    /// The WAL lives in `<data_dir>/wal`, the cache in `<data_dir>/cache`.
+    /// The WAL lives in `<data_dir>/wal` (unless `wal_dir` says otherwise),
+    /// the cache in `<data_dir>/cache`.
     pub data_dir: PathBuf,
+    /// Where the WAL lives, if not under `data_dir` (a disk of its own).
+    pub wal_dir: Option<PathBuf>,
+    /// Idle idempotent producers are forgotten after this (Kafka's
+    /// `producer.id.expiration.ms`, default one day).
+    pub producer_expiration: Duration,
     pub flush_interval: Duration,
     pub flush_bytes: u64,
     pub default_partitions: i32,
@@ -63,12 +69,21 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// The WAL directory.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wal"))
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BrokerConfig {
             broker_id: 1,
             advertised_host: "127.0.0.1".into(),
             advertised_port: 9092,
             data_dir: data_dir.into(),
+            wal_dir: None,
+            producer_expiration: Duration::from_secs(24 * 3600),
             flush_interval: Duration::from_millis(250),
             flush_bytes: 8 << 20,
             default_partitions: 1,

@@ -6,6 +6,8 @@ use kafka_protocol::ResponseError;
 pub enum Error {
     #[error("corrupt record batch: {0}")]
     Corrupt(String),
+    #[error("invalid record: {0}")]
+    InvalidRecord(String),
     #[error("unknown topic or partition {stream}/{shard}")]
     UnknownShard { stream: String, shard: i32 },
     #[error("unknown topic {0}")]
@@ -38,6 +40,12 @@ pub enum Error {
     Unsupported,
     #[error("this broker no longer owns {stream}/{shard}")]
     NotLeader { stream: String, shard: i32 },
+    #[error("{stream}/{shard} is stopped: {reason}")]
+    ShardStopped {
+        stream: String,
+        shard: i32,
+        reason: String,
+    },
     #[error("write-ahead log: {0}")]
     Wal(#[from] shoal_wal_cache::Error),
     #[error("object storage: {0}")]
@@ -62,6 +70,7 @@ impl Error {
         use shoal_placement::Rejection as R;
         match self {
             Error::Corrupt(_) => ResponseError::CorruptMessage,
+            Error::InvalidRecord(_) => ResponseError::InvalidRecord,
             Error::UnknownShard { .. } | Error::UnknownStream(_) => {
                 ResponseError::UnknownTopicOrPartition
             }
@@ -78,7 +87,7 @@ impl Error {
             Error::Timeout => ResponseError::RequestTimedOut,
             // Retriable for every client: the producer backs off and retries.
             Error::Backpressure { .. } => ResponseError::KafkaStorageError,
-            Error::Wal(_) => ResponseError::KafkaStorageError,
+            Error::Wal(_) | Error::ShardStopped { .. } => ResponseError::KafkaStorageError,
             Error::Rejected(r) => match r {
                 R::StreamExists { .. } => ResponseError::TopicAlreadyExists,
                 R::UnknownStream { .. } | R::UnknownShard { .. } => {

@@ -3,7 +3,6 @@
 //! truncated behind it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use shoal_placement::{Command, Reply, SegmentCommit, SegmentRef, ShardCommit};
@@ -12,8 +11,7 @@ use shoal_storage::{SegmentOptions, ShardRows};
 use crate::batch;
 use crate::broker::{Broker, now_ms};
 use crate::error::{Error, Result};
-use crate::producer::Producers;
-use crate::shard::{ShardLog, TailBatch};
+use crate::shard::{ProducerDelta, ShardLog, TailBatch};
 
 /// Run until the broker is dropped: flush on the interval when there is
 /// data, or at once when `flush_bytes` have accumulated.
@@ -34,10 +32,18 @@ pub async fn run(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Receiver
                 return;
             }
         }
-        if let Err(e) = flush_once(&broker, &mut next_id).await {
-            broker.metrics.flush_errors.inc();
-            tracing::warn!("flush failed, will retry: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match flush_once(&broker, &mut next_id).await {
+            Ok(_) => *broker.flush_failing.lock() = None,
+            Err(e) => {
+                broker.metrics.flush_errors.inc();
+                tracing::warn!("flush failed, will retry: {e}");
+                broker
+                    .flush_failing
+                    .lock()
+                    .get_or_insert_with(|| (Instant::now(), String::new()))
+                    .1 = e.to_string();
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
     }
 }
@@ -94,10 +100,6 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         .flat_map(|t| t.batches.iter().map(|b| b.wal_seq))
         .max()
         .unwrap_or(0);
-    let flushed_bytes: u64 = taken
-        .iter()
-        .flat_map(|t| t.batches.iter().map(|b| b.bytes.len() as u64))
-        .sum();
     let inputs: Vec<(String, i32, Vec<bytes::Bytes>)> = taken
         .iter()
         .map(|t| {
@@ -146,7 +148,8 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         }
     };
     let mut shard_commits = Vec::new();
-    let mut after: Vec<(usize, Producers, SegmentRef)> = Vec::new();
+    let mut after: Vec<(usize, ProducerDelta, SegmentRef)> = Vec::new();
+    let now = now_ms();
     for range in &encoded.ranges {
         let Some(i) = taken
             .iter()
@@ -155,7 +158,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             continue;
         };
         let t = &taken[i];
-        let producers = t.shard.producers_after(&t.batches);
+        let delta = t.shard.producer_delta(&t.batches, now);
         shard_commits.push(ShardCommit {
             stream: range.stream.clone(),
             shard: range.shard,
@@ -166,11 +169,12 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             record_count: range.record_count,
             min_timestamp_ms: range.min_timestamp_ms,
             max_timestamp_ms: range.max_timestamp_ms,
-            producers: producers.clone(),
+            producers: delta.changed.clone(),
+            expired_producers: delta.expired.clone(),
         });
         after.push((
             i,
-            producers,
+            delta,
             SegmentRef {
                 object: key.clone(),
                 row_group: range.row_group,
@@ -211,6 +215,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         other => return Err(Error::Internal(format!("unexpected reply {other:?}"))),
     };
     for r in &rejected {
+        broker.metrics.commits_refused.inc();
         tracing::error!(stream = %r.stream, shard = r.shard, "segment commit refused: {}", r.rejection);
         // In a cluster a refused commit means placement moved on without
         // this copy of the shard (a new owner, or a commit it has not seen):
@@ -219,12 +224,13 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             && let Some(t) = taken
                 .iter()
                 .find(|t| t.shard.stream == r.stream && t.shard.shard == r.shard)
+            && t.shard.fence()
         {
-            t.shard.fence();
+            broker.metrics.shards_fenced.inc();
         }
     }
     let mut records = 0;
-    for (i, producers, seg) in after {
+    for (i, delta, seg) in after {
         let t = &taken[i];
         if rejected
             .iter()
@@ -233,7 +239,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             continue;
         }
         records += seg.record_count;
-        t.shard.committed(seg, producers);
+        t.shard.committed(seg, delta);
     }
     // Everything at or below max_seq is committed unless a shard still
     // holds an older un-flushed entry.
@@ -248,11 +254,6 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
     if safe > 0 {
         broker.wal.truncate_through(safe)?;
     }
-    let _ = broker
-        .unflushed_bytes
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-            Some(v.saturating_sub(flushed_bytes))
-        });
     broker.metrics.flushes.inc();
     broker.metrics.flush_bytes.inc_by(size);
     broker

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 use shoal_placement::{SegmentRef, Stream};
 
@@ -28,14 +28,84 @@ pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/streams", get(list_streams))
         .route("/api/v1/streams/{name}", get(get_stream))
+        .route(
+            "/api/v1/streams/{name}/shards/{shard}/resume",
+            post(resume_shard),
+        )
         .with_state(AppState { broker, ready })
 }
 
+/// `GET /health`: `{"status": "ok" | "degraded" | "starting", "checks": {...}}`.
+/// 200 while the node serves (ok or degraded: some writes are refused but
+/// reads go on), 503 while it starts or stops.
 async fn health(State(st): State<AppState>) -> Response {
-    if st.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    let b = &st.broker;
+    let mut checks = std::collections::BTreeMap::new();
+    if !st.ready.load(Ordering::Acquire) {
+        checks.insert("kafka", "starting".to_string());
+        let body = serde_json::json!({ "status": "starting", "checks": checks });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    let mut degraded = false;
+    let mut check = |name: &'static str, problem: Option<String>| {
+        degraded |= problem.is_some();
+        checks.insert(name, problem.unwrap_or_else(|| "ok".to_string()));
+    };
+    check("kafka", None);
+    check(
+        "wal",
+        match b.wal.health() {
+            shoal_wal_cache::WalHealth::Ok => None,
+            shoal_wal_cache::WalHealth::Failed(f) => Some(format!(
+                "writes refused: {} (taken again once the disk accepts writes)",
+                f.error
+            )),
+        },
+    );
+    let stopped = b.stopped_shards();
+    check(
+        "shards",
+        (!stopped.is_empty()).then(|| {
+            let list: Vec<String> = stopped
+                .iter()
+                .map(|(s, n, why)| format!("{s}/{n} stopped: {why}"))
+                .collect();
+            list.join("; ")
+        }),
+    );
+    check(
+        "object_store",
+        b.flush_failing
+            .lock()
+            .as_ref()
+            .map(|(since, e)| format!("flushes failing for {}s: {e}", since.elapsed().as_secs())),
+    );
+    if b.cluster.is_some() {
+        check(
+            "placement",
+            (!b.lease_valid()).then(|| {
+                "no heartbeat answered within the session timeout: writes refused".to_string()
+            }),
+        );
+    }
+    let status = if degraded { "degraded" } else { "ok" };
+    Json(serde_json::json!({ "status": status, "checks": checks })).into_response()
+}
+
+/// `POST /api/v1/streams/{name}/shards/{shard}/resume`: an operator
+/// accepts that a stopped shard lost records; it takes writes again.
+async fn resume_shard(
+    State(st): State<AppState>,
+    Path((name, shard)): Path<(String, i32)>,
+) -> Response {
+    match st.broker.resume_shard(&name, shard).await {
+        Ok(()) => Json(serde_json::json!({ "resumed": format!("{name}/{shard}") })).into_response(),
+        Err(crate::Error::Rejected(r)) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": r.to_string() })),
+        )
+            .into_response(),
+        Err(e) => internal(e),
     }
 }
 
@@ -109,6 +179,36 @@ async fn metrics(State(st): State<AppState>) -> Response {
             "gauge",
             "Bytes accepted and not yet in a committed object",
             b.unflushed_bytes() as f64,
+        ),
+        (
+            "shoal_wal_write_errors_total",
+            "counter",
+            "WAL writes or fsyncs that failed",
+            wal.write_errors as f64,
+        ),
+        (
+            "shoal_wal_available",
+            "gauge",
+            "1 while the WAL takes appends",
+            f64::from(u8::from(b.wal.health() == shoal_wal_cache::WalHealth::Ok)),
+        ),
+        (
+            "shoal_wal_segments",
+            "gauge",
+            "WAL segment files holding entries",
+            wal.segments as f64,
+        ),
+        (
+            "shoal_wal_spare_segments",
+            "gauge",
+            "Pre-written WAL segment files ready",
+            wal.spare_segments as f64,
+        ),
+        (
+            "shoal_shards_stopped",
+            "gauge",
+            "Shards refusing writes because acknowledged records were found lost",
+            b.stopped_shards().len() as f64,
         ),
         (
             "shoal_object_store_retries_total",
@@ -185,6 +285,8 @@ struct StreamView {
 struct ShardView {
     shard: i32,
     owner: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped: Option<String>,
     epoch: u64,
     log_start_offset: i64,
     high_watermark: i64,
@@ -232,6 +334,7 @@ fn view(b: &Broker, s: Stream) -> StreamView {
                 ShardView {
                     shard: sh.shard,
                     owner: sh.owner,
+                    stopped: sh.stopped.as_ref().map(|s| s.reason.clone()),
                     epoch: sh.epoch,
                     log_start_offset: sh.log_start_offset,
                     high_watermark: hw,

@@ -27,6 +27,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod producer;
 pub mod shard;
+pub mod topic_config;
 
 pub use broker::Broker;
 pub use config::{BrokerConfig, Durability};

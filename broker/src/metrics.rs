@@ -29,6 +29,10 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub flush_errors: Counter,
     pub cold_reads: Counter,
+    pub wal_failures: Counter,
+    pub wal_superseded: Counter,
+    pub commits_refused: Counter,
+    pub shards_fenced: Counter,
 }
 
 fn counter(r: &mut Registry, name: &str, help: &str) -> Counter {
@@ -84,6 +88,26 @@ impl Metrics {
                 &mut r,
                 "cold_reads",
                 "Fetches served from object storage segments",
+            ),
+            wal_failures: counter(
+                &mut r,
+                "wal_failures",
+                "Failed WAL writes whose batches were rolled back",
+            ),
+            wal_superseded: counter(
+                &mut r,
+                "wal_superseded_entries",
+                "WAL entries of an older lease dropped at replay because another owner wrote those offsets",
+            ),
+            commits_refused: counter(
+                &mut r,
+                "segment_commits_refused",
+                "Shard ranges of a flush that placement refused (stale epoch or offset gap)",
+            ),
+            shards_fenced: counter(
+                &mut r,
+                "shards_fenced",
+                "Shards this broker stopped serving because their lease moved",
             ),
             registry: r,
         }

@@ -3,6 +3,8 @@
 //! shard's segment index.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -14,6 +16,17 @@ use crate::batch::{self, BatchInfo, WalRecord};
 use crate::error::{Error, Result};
 use crate::producer::{self, Producers, SeqCheck};
 
+/// What became of an appended batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Waiting for the WAL's fsync.
+    Pending,
+    /// In the WAL, fsynced: visible up to the high watermark.
+    Durable,
+    /// Its WAL write failed and it was taken out of the tail.
+    Failed,
+}
+
 /// A batch in the tail, with its real base offset written in.
 #[derive(Debug, Clone)]
 pub struct TailBatch {
@@ -23,6 +36,9 @@ pub struct TailBatch {
     pub info: BatchInfo,
     pub bytes: Bytes,
     pub wal_seq: u64,
+    /// When it was appended (or replayed), for producer expiration.
+    pub appended_ms: i64,
+    fate: Arc<watch::Sender<Fate>>,
 }
 
 #[derive(Debug)]
@@ -36,11 +52,16 @@ struct State {
     /// kept only as a read cache, up to `tail_keep_bytes`.
     tail: VecDeque<TailBatch>,
     flushed_tail_bytes: usize,
+    /// Bytes of batches appended and not yet committed; what this shard
+    /// adds to the broker's total.
+    unflushed_bytes: u64,
     segments: Vec<SegmentRef>,
     /// Producer state including every batch appended.
     producers: Producers,
-    /// Producer state as of committed_offset, what a flush commit carries.
+    /// Producer state as of committed_offset, what placement holds.
     committed_producers: Producers,
+    /// Why the shard takes no writes, if it does not.
+    stopped: Option<String>,
 }
 
 impl State {
@@ -50,6 +71,16 @@ impl State {
         } else {
             self.high_watermark
         }
+    }
+
+    /// Producer state after `batches` (uncommitted ones) on top of the
+    /// committed state.
+    fn producers_with(&self, batches: impl Iterator<Item = TailBatch>) -> Producers {
+        let mut p = self.committed_producers.clone();
+        for b in batches {
+            producer::record(&mut p, &b.info, b.base_offset, b.appended_ms);
+        }
+        p
     }
 }
 
@@ -65,15 +96,36 @@ pub enum Read {
     OutOfRange,
 }
 
+/// The result of [`ShardLog::append`].
 pub enum Appended {
+    /// A retry of a batch already appended. `fate` is `None` when it is
+    /// long committed; otherwise the retry is answered exactly as the
+    /// original: after its durability point, or with its error.
     Duplicate {
         base_offset: i64,
+        last_offset: i64,
+        fate: Option<watch::Receiver<Fate>>,
     },
     Pending {
         base_offset: i64,
         last_offset: i64,
         ticket: AppendTicket,
+        fate: watch::Receiver<Fate>,
     },
+}
+
+/// What [`ShardLog::replay`] made of a WAL entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replayed {
+    /// Added to the tail.
+    Applied,
+    /// Already in a committed segment.
+    Committed,
+    /// Written under an older lease and overtaken by another owner since
+    /// (only in a cluster).
+    Superseded,
+    /// Does not continue the shard: records before it are missing.
+    Gap { expected: i64, got: i64, epoch: u64 },
 }
 
 /// Everything of one shard that a flush takes.
@@ -83,6 +135,29 @@ pub struct FlushSlice {
     pub batches: Vec<TailBatch>,
 }
 
+/// Producer state a commit carries: the producers that wrote in its range,
+/// and those expired since the last commit.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerDelta {
+    pub changed: Producers,
+    pub expired: Vec<i64>,
+}
+
+/// Settings and shared counters every shard log of a broker uses.
+#[derive(Debug, Clone)]
+pub struct ShardEnv {
+    /// Flushed bytes kept in the tail for reads.
+    pub tail_keep_bytes: usize,
+    /// Idle producers' state is forgotten after this (Kafka's
+    /// `producer.id.expiration.ms`).
+    pub producer_expiration_ms: i64,
+    /// The broker's total of uncommitted bytes; each shard adds its own.
+    pub unflushed_bytes: Arc<AtomicU64>,
+    /// In a cluster, WAL entries of an older lease may be overtaken by
+    /// another owner's writes.
+    pub cluster: bool,
+}
+
 #[derive(Debug)]
 pub struct ShardLog {
     pub stream: String,
@@ -90,21 +165,29 @@ pub struct ShardLog {
     state: Mutex<State>,
     high_watermark: watch::Sender<i64>,
     committed: watch::Sender<i64>,
-    tail_keep_bytes: usize,
+    env: ShardEnv,
+    /// The lease epoch under which un-flushed WAL entries of this broker
+    /// were last written: entries of that lease must continue the offsets
+    /// exactly at replay.
+    replay_epoch: u64,
     /// The lease moved away: nothing more is accepted or committed, and
     /// waiting producers are answered NOT_LEADER_OR_FOLLOWER.
     fenced: watch::Sender<bool>,
     /// A handoff is under way: new writes go elsewhere, what is held is
     /// still committed.
-    draining: std::sync::atomic::AtomicBool,
+    draining: AtomicBool,
 }
 
 pub struct ShardInit {
     pub epoch: u64,
+    /// See [`ShardLog::replay`]: the epoch before this broker took the
+    /// lease again (its own previous lease, if it held the shard).
+    pub replay_epoch: u64,
     pub log_start_offset: i64,
     pub committed_offset: i64,
     pub segments: Vec<SegmentRef>,
     pub producers: Producers,
+    pub stopped: Option<String>,
 }
 
 impl ShardInit {
@@ -112,16 +195,22 @@ impl ShardInit {
     pub fn committed(shard: &shoal_placement::Shard, epoch: u64) -> Self {
         ShardInit {
             epoch,
+            replay_epoch: shard.epoch,
             log_start_offset: shard.log_start_offset,
             committed_offset: shard.committed_offset,
             segments: shard.segments.clone(),
             producers: shard.producers.clone(),
+            stopped: shard.stopped.as_ref().map(|s| s.reason.clone()),
         }
     }
 }
 
+fn fate(initial: Fate) -> Arc<watch::Sender<Fate>> {
+    Arc::new(watch::channel(initial).0)
+}
+
 impl ShardLog {
-    pub fn new(stream: &str, shard: i32, init: ShardInit, tail_keep_bytes: usize) -> Self {
+    pub fn new(stream: &str, shard: i32, init: ShardInit, env: ShardEnv) -> Self {
         let state = State {
             epoch: init.epoch,
             next_offset: init.committed_offset,
@@ -130,9 +219,11 @@ impl ShardLog {
             committed_offset: init.committed_offset,
             tail: VecDeque::new(),
             flushed_tail_bytes: 0,
+            unflushed_bytes: 0,
             segments: init.segments,
             producers: init.producers.clone(),
             committed_producers: init.producers,
+            stopped: init.stopped,
         };
         ShardLog {
             stream: stream.to_string(),
@@ -140,15 +231,35 @@ impl ShardLog {
             high_watermark: watch::channel(init.committed_offset).0,
             committed: watch::channel(init.committed_offset).0,
             state: Mutex::new(state),
-            tail_keep_bytes,
+            env,
+            replay_epoch: init.replay_epoch,
             fenced: watch::channel(false).0,
-            draining: std::sync::atomic::AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
-    /// This broker no longer owns the shard.
-    pub fn fence(&self) {
-        self.fenced.send_replace(true);
+    /// Count `delta` bytes more (or fewer) as uncommitted.
+    fn account(&self, st: &mut State, add: u64, sub: u64) {
+        let sub = sub.min(st.unflushed_bytes + add);
+        st.unflushed_bytes = st.unflushed_bytes + add - sub;
+        if add > 0 {
+            self.env.unflushed_bytes.fetch_add(add, Ordering::Relaxed);
+        }
+        if sub > 0 {
+            self.env.unflushed_bytes.fetch_sub(sub, Ordering::Relaxed);
+        }
+    }
+
+    /// This broker no longer owns the shard. What it held uncommitted no
+    /// longer counts against the broker's limit: it will never be flushed
+    /// from here.
+    /// Returns whether it was serving until now.
+    pub fn fence(&self) -> bool {
+        let mut st = self.state.lock();
+        let was = self.fenced.send_replace(true);
+        let held = st.unflushed_bytes;
+        self.account(&mut st, 0, held);
+        !was
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -161,12 +272,28 @@ impl ShardLog {
 
     /// Stop taking writes ahead of a handoff.
     pub fn drain(&self) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.draining.store(true, Ordering::Release);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Acquire)
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Take no more writes: records this shard acknowledged are lost.
+    pub fn stop(&self, reason: &str) {
+        self.state
+            .lock()
+            .stopped
+            .get_or_insert_with(|| reason.to_string());
+    }
+
+    /// An operator accepted the loss: take writes again.
+    pub fn resume(&self) {
+        self.state.lock().stopped = None;
+    }
+
+    pub fn stopped(&self) -> Option<String> {
+        self.state.lock().stopped.clone()
     }
 
     /// Is everything ever appended here committed to placement?
@@ -175,23 +302,33 @@ impl ShardLog {
         st.committed_offset == st.next_offset
     }
 
-    /// Re-add a batch found in the WAL at start-up. Batches already in a
-    /// committed segment are skipped; the rest must continue the offsets.
-    pub fn replay(&self, batch: Bytes, wal_seq: u64) -> Result<bool> {
+    /// Re-add a batch found in the WAL at start-up, written under lease
+    /// `epoch`. Batches already in a committed segment are skipped; the
+    /// rest must continue the offsets. In a cluster an entry of an older
+    /// lease than the last one this broker held may have been overtaken by
+    /// another owner; an entry of that last lease cannot, so a gap there
+    /// (like any gap in standalone) means records are missing.
+    pub fn replay(&self, batch: Bytes, wal_seq: u64, epoch: u64) -> Replayed {
         let mut st = self.state.lock();
         let base = batch::base_offset(&batch);
         let info = batch::info(&batch);
         let last = base + i64::from(info.record_count) - 1;
         if last < st.committed_offset {
-            return Ok(false);
+            return Replayed::Committed;
         }
-        if base != st.next_offset {
-            return Err(Error::Corrupt(format!(
-                "WAL replay of {}/{}: batch at {base} does not continue offset {}",
-                self.stream, self.shard, st.next_offset
-            )));
+        if base != st.next_offset || epoch > self.replay_epoch {
+            if self.env.cluster && epoch < self.replay_epoch {
+                return Replayed::Superseded;
+            }
+            return Replayed::Gap {
+                expected: st.next_offset,
+                got: base,
+                epoch,
+            };
         }
-        producer::record(&mut st.producers, &info, base);
+        let now = crate::broker::now_ms();
+        producer::record(&mut st.producers, &info, base, now);
+        let len = batch.len() as u64;
         st.tail.push_back(TailBatch {
             base_offset: base,
             last_offset: last,
@@ -199,11 +336,14 @@ impl ShardLog {
             info,
             bytes: batch,
             wal_seq,
+            appended_ms: now,
+            fate: fate(Fate::Durable),
         });
         st.next_offset = last + 1;
         st.high_watermark = last + 1;
+        self.account(&mut st, len, 0);
         self.high_watermark.send_replace(last + 1);
-        Ok(true)
+        Replayed::Applied
     }
 
     /// Assign offsets and enqueue the batch in the WAL, in one critical
@@ -216,9 +356,36 @@ impl ShardLog {
                 shard: self.shard,
             });
         }
-        match producer::check(&st.producers, &info) {
+        if let Some(reason) = &st.stopped {
+            return Err(Error::ShardStopped {
+                stream: self.stream.clone(),
+                shard: self.shard,
+                reason: reason.clone(),
+            });
+        }
+        let now = crate::broker::now_ms();
+        let live = producer::Live {
+            now_ms: now,
+            expiration_ms: self.env.producer_expiration_ms,
+        };
+        match producer::check(&st.producers, &info, live) {
             SeqCheck::Accept => {}
-            SeqCheck::Duplicate { base_offset } => return Ok(Appended::Duplicate { base_offset }),
+            SeqCheck::Duplicate {
+                base_offset,
+                last_offset,
+            } => {
+                let fate = st
+                    .tail
+                    .iter()
+                    .rev()
+                    .find(|b| b.base_offset == base_offset)
+                    .map(|b| b.fate.subscribe());
+                return Ok(Appended::Duplicate {
+                    base_offset,
+                    last_offset,
+                    fate,
+                });
+            }
             SeqCheck::Reject(e) => return Err(e),
         }
         let base = st.next_offset;
@@ -227,10 +394,14 @@ impl ShardLog {
         let entry = WalRecord {
             stream: self.stream.clone(),
             shard: self.shard,
+            epoch: st.epoch,
             batch: bytes.clone(),
         };
         let ticket = wal.append(entry.encode())?;
-        producer::record(&mut st.producers, &info, base);
+        producer::record(&mut st.producers, &info, base, now);
+        let len = bytes.len() as u64;
+        let fate = fate(Fate::Pending);
+        let rx = fate.subscribe();
         st.tail.push_back(TailBatch {
             base_offset: base,
             last_offset: last,
@@ -238,12 +409,16 @@ impl ShardLog {
             info,
             bytes,
             wal_seq: ticket.seq(),
+            appended_ms: now,
+            fate,
         });
         st.next_offset = last + 1;
+        self.account(&mut st, len, 0);
         Ok(Appended::Pending {
             base_offset: base,
             last_offset: last,
             ticket,
+            fate: rx,
         })
     }
 
@@ -251,9 +426,58 @@ impl ShardLog {
     pub fn durable_through(&self, last_offset: i64) {
         let mut st = self.state.lock();
         if last_offset + 1 > st.high_watermark {
+            let old = st.high_watermark;
             st.high_watermark = last_offset + 1;
+            for b in st.tail.iter().rev() {
+                if b.last_offset < old {
+                    break;
+                }
+                if b.last_offset <= last_offset {
+                    b.fate.send_replace(Fate::Durable);
+                }
+            }
             self.high_watermark.send_replace(last_offset + 1);
         }
+    }
+
+    /// The WAL failed every entry from `first_failed_seq` on: take the
+    /// batches written there out of the tail (they were never visible nor
+    /// acknowledged), so offsets and producer sequences continue as if
+    /// they had never been sent. Their waiters learn [`Fate::Failed`].
+    pub fn roll_back_from(&self, first_failed_seq: u64) {
+        let mut st = self.state.lock();
+        let hw = st.high_watermark;
+        let Some(cut) = st
+            .tail
+            .iter()
+            .position(|b| b.wal_seq >= first_failed_seq && b.base_offset >= hw)
+        else {
+            return;
+        };
+        let removed: Vec<TailBatch> = st.tail.drain(cut..).collect();
+        let bytes: u64 = removed.iter().map(|b| b.bytes.len() as u64).sum();
+        if let Some(first) = removed.first() {
+            st.next_offset = first.base_offset;
+        }
+        let committed = st.committed_offset;
+        let uncommitted: Vec<TailBatch> = st
+            .tail
+            .iter()
+            .filter(|b| b.base_offset >= committed)
+            .cloned()
+            .collect();
+        st.producers = st.producers_with(uncommitted.into_iter());
+        self.account(&mut st, 0, bytes);
+        for b in &removed {
+            b.fate.send_replace(Fate::Failed);
+        }
+        tracing::warn!(
+            stream = %self.stream,
+            shard = self.shard,
+            batches = removed.len(),
+            next_offset = st.next_offset,
+            "rolled back batches whose WAL write failed"
+        );
     }
 
     pub fn high_watermark(&self) -> i64 {
@@ -282,6 +506,11 @@ impl ShardLog {
 
     pub fn segments(&self) -> Vec<SegmentRef> {
         self.state.lock().segments.clone()
+    }
+
+    /// Bytes appended here and not yet committed.
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.state.lock().unflushed_bytes
     }
 
     /// Find what serves `offset`, up to about `max_bytes` from the tail.
@@ -328,18 +557,16 @@ impl ShardLog {
         }
     }
 
-    /// First offset whose batch has a timestamp at or after `ts`, if any
-    /// is in memory or the index (segment granularity).
-    pub fn offset_for_timestamp(&self, ts: i64) -> Option<i64> {
+    /// Visible batches of the tail that are not in a committed segment
+    /// (with `committed_only`, none: everything visible is committed).
+    pub fn visible_uncommitted(&self, committed_only: bool) -> Vec<TailBatch> {
         let st = self.state.lock();
-        if let Some(s) = st.segments.iter().find(|s| s.max_timestamp_ms >= ts) {
-            return Some(s.first_offset.max(st.log_start_offset));
-        }
+        let end = st.visible_end(committed_only);
         st.tail
             .iter()
-            .filter(|b| b.base_offset >= st.committed_offset && b.base_offset < st.high_watermark)
-            .find(|b| b.max_timestamp >= ts)
-            .map(|b| b.base_offset)
+            .filter(|b| b.base_offset >= st.committed_offset && b.last_offset < end)
+            .cloned()
+            .collect()
     }
 
     /// Durable batches not yet in a committed segment.
@@ -360,17 +587,31 @@ impl ShardLog {
         })
     }
 
-    /// Producer state after applying `batches` to the committed state.
-    pub fn producers_after(&self, batches: &[TailBatch]) -> Producers {
-        let mut p = self.state.lock().committed_producers.clone();
+    /// The producer state a commit of `batches` (the next uncommitted ones)
+    /// carries: who wrote in them, and who expired since the last commit.
+    pub fn producer_delta(&self, batches: &[TailBatch], now_ms: i64) -> ProducerDelta {
+        let st = self.state.lock();
+        let after = st.producers_with(batches.iter().cloned());
+        let mut changed = Producers::new();
         for b in batches {
-            producer::record(&mut p, &b.info, b.base_offset);
+            if let Some(p) = after.get(&b.info.producer_id) {
+                changed.insert(b.info.producer_id, p.clone());
+            }
         }
-        p
+        let expired = st
+            .committed_producers
+            .iter()
+            .filter(|(pid, p)| {
+                !changed.contains_key(pid)
+                    && producer::expired(p, now_ms, self.env.producer_expiration_ms)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        ProducerDelta { changed, expired }
     }
 
     /// A flush of this shard was committed in placement.
-    pub fn committed(&self, segment: SegmentRef, producers: Producers) {
+    pub fn committed(&self, segment: SegmentRef, delta: ProducerDelta) {
         let mut st = self.state.lock();
         let next = segment.last_offset + 1;
         if next <= st.committed_offset {
@@ -383,10 +624,23 @@ impl ShardLog {
             .map(|b| b.bytes.len())
             .sum();
         st.committed_offset = next;
-        st.committed_producers = producers;
+        for pid in &delta.expired {
+            st.committed_producers.remove(pid);
+            // Gone from the live state too unless it wrote since.
+            let now = crate::broker::now_ms();
+            if st
+                .producers
+                .get(pid)
+                .is_some_and(|p| producer::expired(p, now, self.env.producer_expiration_ms))
+            {
+                st.producers.remove(pid);
+            }
+        }
+        st.committed_producers.extend(delta.changed);
         st.segments.push(segment);
         st.flushed_tail_bytes += newly;
-        while st.flushed_tail_bytes > self.tail_keep_bytes {
+        self.account(&mut st, 0, newly as u64);
+        while st.flushed_tail_bytes > self.env.tail_keep_bytes {
             match st.tail.front() {
                 Some(b) if b.last_offset < st.committed_offset => {
                     let len = b.bytes.len();
@@ -406,6 +660,17 @@ impl ShardLog {
             .iter()
             .find(|b| b.base_offset >= st.committed_offset)
             .map(|b| b.wal_seq)
+    }
+}
+
+impl Drop for ShardLog {
+    fn drop(&mut self) {
+        // A replaced or deleted shard's uncommitted bytes leave the total.
+        let st = self.state.get_mut();
+        let held = std::mem::take(&mut st.unflushed_bytes);
+        if held > 0 {
+            self.env.unflushed_bytes.fetch_sub(held, Ordering::Relaxed);
+        }
     }
 }
 
@@ -433,31 +698,57 @@ mod tests {
         batch::from_rows(&rows).unwrap()
     }
 
-    fn shard() -> ShardLog {
+    fn env() -> ShardEnv {
+        ShardEnv {
+            tail_keep_bytes: 0,
+            producer_expiration_ms: 86_400_000,
+            unflushed_bytes: Arc::new(AtomicU64::new(0)),
+            cluster: false,
+        }
+    }
+
+    fn shard(env: ShardEnv) -> ShardLog {
         ShardLog::new(
             "s",
             0,
             ShardInit {
                 epoch: 1,
+                replay_epoch: 0,
                 log_start_offset: 0,
                 committed_offset: 0,
                 segments: vec![],
                 producers: Producers::new(),
+                stopped: None,
             },
-            0,
+            env,
         )
+    }
+
+    fn seg(first: i64, last: i64) -> SegmentRef {
+        SegmentRef {
+            object: "o".into(),
+            row_group: 0,
+            first_offset: first,
+            last_offset: last,
+            epoch: 1,
+            record_count: (last - first + 1) as u64,
+            min_timestamp_ms: 1000,
+            max_timestamp_ms: 1002,
+            object_size: 1,
+        }
     }
 
     #[tokio::test]
     async fn offsets_are_dense_and_visible_after_durability() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(shoal_wal_cache::WalOptions::new(dir.path())).unwrap();
-        let s = shard();
+        let s = shard(env());
         let b = batch(3);
         let Appended::Pending {
             base_offset,
             last_offset,
             ticket,
+            fate,
         } = s.append(&b, batch::info(&b), &wal).unwrap()
         else {
             panic!("duplicate")
@@ -466,6 +757,7 @@ mod tests {
         assert!(matches!(s.read(0, 1 << 20), Read::AtEnd));
         ticket.durable().await.unwrap();
         s.durable_through(last_offset);
+        assert_eq!(*fate.borrow(), Fate::Durable);
         let Read::Tail(got) = s.read(1, 1 << 20) else {
             panic!("not in tail")
         };
@@ -473,23 +765,46 @@ mod tests {
         assert!(matches!(s.read(3, 1 << 20), Read::AtEnd));
         let slice = s.flush_slice().unwrap();
         assert_eq!(slice.batches.len(), 1);
-        s.committed(
-            SegmentRef {
-                object: "o".into(),
-                row_group: 0,
-                first_offset: 0,
-                last_offset: 2,
-                epoch: 1,
-                record_count: 3,
-                min_timestamp_ms: 1000,
-                max_timestamp_ms: 1002,
-                object_size: 1,
-            },
-            Producers::new(),
-        );
+        s.committed(seg(0, 2), ProducerDelta::default());
         assert!(s.flush_slice().is_none());
         // The tail keeps nothing flushed (keep = 0): reads go to the segment.
         assert!(matches!(s.read(1, 1 << 20), Read::Segment(_)));
         assert_eq!(s.min_unflushed_seq(), None);
+    }
+
+    /// The broker's total is the sum of what its shards hold uncommitted,
+    /// whatever happens to them: commits, fencing, rollbacks, replacement.
+    #[tokio::test]
+    async fn uncommitted_bytes_are_accounted_per_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(shoal_wal_cache::WalOptions::new(dir.path())).unwrap();
+        let env = env();
+        let total = env.unflushed_bytes.clone();
+        let a = shard(env.clone());
+        let b = shard(env.clone());
+        let one = batch(3);
+        let mut tickets = Vec::new();
+        for s in [&a, &a, &b] {
+            let Appended::Pending { ticket, .. } = s.append(&one, batch::info(&one), &wal).unwrap()
+            else {
+                panic!("duplicate")
+            };
+            tickets.push(ticket);
+        }
+        for t in tickets {
+            t.durable().await.unwrap();
+        }
+        let len = one.len() as u64;
+        assert_eq!(total.load(Ordering::Relaxed), 3 * len);
+        a.durable_through(5);
+        a.committed(seg(0, 2), ProducerDelta::default());
+        assert_eq!(total.load(Ordering::Relaxed), 2 * len);
+        // A commit seen twice counts once.
+        a.committed(seg(0, 2), ProducerDelta::default());
+        assert_eq!(total.load(Ordering::Relaxed), 2 * len);
+        b.fence();
+        assert_eq!(total.load(Ordering::Relaxed), len);
+        drop(a);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 }

@@ -61,6 +61,19 @@ pub enum Command {
     },
     /// Register one flushed object holding ranges of many shards.
     CommitSegment(SegmentCommit),
+    /// Stop a shard's writes: records it acknowledged are lost (a damaged
+    /// write-ahead log). Stays until [`Command::ResumeShard`].
+    StopShard {
+        stream: String,
+        shard: i32,
+        reason: String,
+        now_ms: i64,
+    },
+    /// An operator accepts the loss of a stopped shard: it takes writes again.
+    ResumeShard {
+        stream: String,
+        shard: i32,
+    },
     CommitOffsets {
         group: String,
         offsets: Vec<OffsetCommit>,
@@ -111,8 +124,12 @@ pub struct ShardCommit {
     pub record_count: u64,
     pub min_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
-    /// Producer state after the last record of this range.
+    /// The state of every producer that wrote in this range, after its
+    /// last record (the others are unchanged).
     pub producers: BTreeMap<i64, ProducerState>,
+    /// Producers whose state the owner expired since its last commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired_producers: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,6 +67,10 @@ pub struct ShardAssignment {
     pub epoch: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_to: Option<BrokerId>,
+    /// Why the shard is stopped, if it is (see
+    /// [`crate::model::Shard::stopped`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// The leader's view of which brokers are alive.
@@ -149,6 +153,7 @@ pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<Strea
                     owner: sh.owner,
                     epoch: sh.epoch,
                     handoff_to: sh.handoff_to,
+                    stopped: sh.stopped.as_ref().map(|s| s.reason.clone()),
                 })
                 .collect(),
         })

@@ -38,7 +38,8 @@ pub use command::{
 pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
 pub use error::{Error, Result};
 pub use model::{
-    BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, Stream,
+    BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, ShardStop,
+    Stream,
 };
 pub use node::{BrokerView, BucketConfig, ClusterView, NodeConfig, NodeStatus, PlacementNode};
 pub use server::router;

@@ -47,6 +47,18 @@ pub struct Shard {
     /// A rebalance asked the owner to hand the shard to this broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_to: Option<BrokerId>,
+    /// The shard takes no writes: records it acknowledged were found
+    /// unreadable (a damaged write-ahead log). Cleared only by an operator
+    /// who accepts the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<ShardStop>,
+}
+
+/// Why and since when a shard is stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStop {
+    pub reason: String,
+    pub since_ms: i64,
 }
 
 /// Where a contiguous offset range of a shard lives.
@@ -70,6 +82,10 @@ pub struct ProducerState {
     pub producer_epoch: i16,
     /// Most recent last, at most [`PRODUCER_BATCH_MEMORY`].
     pub batches: Vec<ProducerBatch>,
+    /// When the owner last accepted a batch of this producer (its clock,
+    /// ms): the state expires `producer.id.expiration.ms` after it.
+    #[serde(default)]
+    pub last_write_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +183,7 @@ mod tests {
             7_i64,
             ProducerState {
                 producer_epoch: 2,
+                last_write_ms: 5,
                 batches: vec![ProducerBatch {
                     first_sequence: 0,
                     last_sequence: 4,
@@ -190,6 +207,7 @@ mod tests {
                 min_timestamp_ms: 0,
                 max_timestamp_ms: 0,
                 producers,
+                expired_producers: vec![3],
             }],
         });
         round_trip(&commit);

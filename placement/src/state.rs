@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{
     Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardRejection,
 };
-use crate::model::{BrokerId, BrokerInfo, GroupOffset, SegmentRef, Shard, Stream};
+use crate::model::{BrokerId, BrokerInfo, GroupOffset, SegmentRef, Shard, ShardStop, Stream};
 
 /// Upper bound on partitions per stream, so one request cannot make the
 /// state machine allocate without limit.
@@ -92,6 +92,29 @@ impl State {
                 Err(r) => rejected(r),
             },
             Command::CommitSegment(commit) => self.commit_segment(commit),
+            Command::StopShard {
+                stream,
+                shard,
+                reason,
+                now_ms,
+            } => match self.shard_mut(&stream, shard) {
+                Ok(s) => {
+                    // The first reason stays: it names the original loss.
+                    s.stopped.get_or_insert(ShardStop {
+                        reason,
+                        since_ms: now_ms,
+                    });
+                    Reply::Done
+                }
+                Err(r) => rejected(r),
+            },
+            Command::ResumeShard { stream, shard } => match self.shard_mut(&stream, shard) {
+                Ok(s) => {
+                    s.stopped = None;
+                    Reply::Done
+                }
+                Err(r) => rejected(r),
+            },
             Command::CommitOffsets {
                 group,
                 offsets,
@@ -269,6 +292,9 @@ impl State {
                     object_size: commit.object_size,
                 });
                 shard.committed_offset = sc.last_offset + 1;
+                for pid in &sc.expired_producers {
+                    shard.producers.remove(pid);
+                }
                 for (pid, state) in &sc.producers {
                     shard.producers.insert(*pid, state.clone());
                 }
@@ -347,6 +373,7 @@ mod tests {
             min_timestamp_ms: 0,
             max_timestamp_ms: 0,
             producers: BTreeMap::new(),
+            expired_producers: Vec::new(),
         }
     }
 

@@ -111,6 +111,7 @@ async fn stale_epoch_commit_is_rejected() {
                 min_timestamp_ms: 0,
                 max_timestamp_ms: 0,
                 producers: BTreeMap::new(),
+                expired_producers: Vec::new(),
             }],
         })
     };

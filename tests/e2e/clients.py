@@ -159,11 +159,13 @@ def ck_admin(bootstrap: str, **config):
     return AdminClient(ck_config(bootstrap, **config))
 
 
-def ck_create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+def ck_create_topic(bootstrap: str, topic: str, partitions: int,
+                    config: Optional[dict[str, str]] = None) -> None:
     from confluent_kafka.admin import NewTopic
 
     admin = ck_admin(bootstrap)
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                            config=config or {})],
                                   request_timeout=30)
     futures[topic].result(timeout=60)
 

@@ -390,9 +390,10 @@ class RawConnection:
         return parse_api_versions_v0(recv_frame(self.sock), cid)
 
     def produce(self, version: int, topic: str, partition: int, records: bytes,
-                acks: int = -1) -> list[PartitionProduceResult]:
+                acks: int = -1, timeout_ms: int = 10000) -> list[PartitionProduceResult]:
         cid = self.next_cid()
-        self.sock.sendall(produce_request(version, cid, topic, partition, records, acks=acks))
+        self.sock.sendall(produce_request(version, cid, topic, partition, records, acks=acks,
+                                          timeout_ms=timeout_ms))
         return parse_produce_response(recv_frame(self.sock), version, cid)
 
 

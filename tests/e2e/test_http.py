@@ -31,6 +31,11 @@ def produce(shoal, topic: str, n: int) -> list[bytes]:
 def test_health(shoal):
     resp = shoal.http("/health")
     assert resp.status == 200
+    assert resp.header("content-type").startswith("application/json"), resp.headers
+    doc = resp.json()
+    assert doc["status"] == "ok", doc
+    assert {"kafka", "wal", "shards", "object_store"} <= set(doc["checks"]), doc
+    assert all(v == "ok" for v in doc["checks"].values()), doc
 
 
 def test_metrics_exposes_shoal_counters(shoal):

@@ -16,19 +16,32 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// fjall failed to open the WAL or to read from it.
-    #[error("wal storage error: {0}")]
-    Storage(#[from] fjall::Error),
+    /// Writing or fsyncing a commit group failed. Every ticket of that
+    /// group, and of everything queued behind it, gets this error; the log
+    /// refuses appends until the caller resumes it (see `Wal::resume`).
+    /// The I/O error is shared because one failure fans out to many tickets.
+    #[error("wal write failed: {0}")]
+    Commit(#[source] Arc<std::io::Error>),
 
-    /// Writing or fsyncing a commit group failed. Every ticket of that group,
-    /// and every later append, gets this error: the log cannot promise
-    /// durability any more, so the caller should treat it as fatal. The fjall
-    /// error is shared because one failure fans out to many tickets.
-    #[error("wal commit failed: {0}")]
-    Commit(#[source] Arc<fjall::Error>),
+    /// The log is not taking appends: a write failed and the log has not
+    /// written again since.
+    #[error("wal is not taking writes: {reason}")]
+    Unavailable { reason: String },
 
-    /// The payload is too large for one log entry (fjall values are
-    /// limited to `u32::MAX` bytes).
+    /// Another `Wal` in this or another process holds the directory.
+    #[error("wal directory {path:?} is in use by another process")]
+    WalDirLocked { path: PathBuf },
+
+    /// The directory holds a write-ahead log of another format (an earlier
+    /// Shoal version's fjall-based log).
+    #[error(
+        "wal directory {path:?} holds a log of an earlier Shoal version; \
+         stop that version cleanly (it flushes everything) and remove the directory"
+    )]
+    ForeignWal { path: PathBuf },
+
+    /// The payload is too large for one log entry (record lengths are
+    /// `u32`).
     #[error("wal entry of {len} bytes exceeds the {max}-byte limit")]
     EntryTooLarge { len: usize, max: usize },
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use shoal_wal_cache::{Wal, WalEntry, WalOptions};
+use shoal_wal_cache::{Damage, Error, Wal, WalEntry, WalFaults, WalHealth, WalOptions};
 
 fn open(dir: &Path) -> Wal {
     Wal::open(WalOptions::new(dir)).unwrap()
@@ -229,43 +229,52 @@ async fn truncating_queued_entries_still_resolves_them() {
     assert_eq!(wal.append(payload(0)).unwrap().seq(), 51);
 }
 
-/// fjall keeps its journals as `<id>.jnl` in the database directory.
-fn newest_journal(dir: &Path) -> PathBuf {
-    std::fs::read_dir(dir)
+/// The segment files of a WAL directory, newest (highest id) last.
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
-        .max_by_key(|p| {
-            p.file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok())
-        })
-        .expect("a journal file")
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
 }
 
-/// End of the written data: journals are pre-allocated with zeros, and
-/// every batch ends with fjall's magic trailer.
-fn data_end(journal: &[u8]) -> usize {
-    const MAGIC: &[u8] = b"FJL\x03";
-    journal
-        .windows(MAGIC.len())
-        .rposition(|w| w == MAGIC)
-        .expect("a batch trailer")
-        + MAGIC.len()
+/// Where in `file` the record with `payload` starts (its header is the
+/// 32 bytes before the payload).
+fn find(file: &[u8], payload: &[u8]) -> usize {
+    file.windows(payload.len())
+        .position(|w| w == payload)
+        .expect("payload in the segment")
+        - 32
 }
 
+/// The segment holding `payload`, its bytes and the record's position.
+fn locate(dir: &Path, payload: &[u8]) -> (PathBuf, Vec<u8>, usize) {
+    for path in segment_files(dir) {
+        let bytes = std::fs::read(&path).unwrap();
+        if bytes.windows(payload.len()).any(|w| w == payload) {
+            let at = find(&bytes, payload);
+            return (path, bytes, at);
+        }
+    }
+    panic!("no segment holds the payload")
+}
+
+/// Ten entries, each in a group of its own, then damage to the file.
 async fn write_then_damage(damage: impl FnOnce(&Path)) -> (tempfile::TempDir, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     let seqs = {
         let wal = open(dir.path());
         append_each_durable(&wal, 0..10).await
     };
-    damage(&newest_journal(dir.path()));
+    damage(dir.path());
     (dir, seqs)
 }
 
 async fn assert_recovered_without_last(dir: &Path, seqs: &[u64]) {
     let wal = Wal::open(WalOptions::new(dir)).expect("open must survive a torn tail");
+    assert!(wal.damage().is_empty(), "{:?}", wal.damage());
     let entries = wal.replay().unwrap();
     let kept = &seqs[..seqs.len() - 1];
     assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), kept);
@@ -279,35 +288,28 @@ async fn assert_recovered_without_last(dir: &Path, seqs: &[u64]) {
     drop(wal);
     let wal = open(dir);
     assert_eq!(wal.replay().unwrap().len(), seqs.len());
+    assert!(wal.damage().is_empty());
 }
 
 #[tokio::test]
 async fn torn_tail_cut_short_is_dropped() {
-    let (dir, seqs) = write_then_damage(|journal| {
-        let bytes = std::fs::read(journal).unwrap();
-        let end = data_end(&bytes);
-        // Cut inside the last batch's end marker.
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(journal)
-            .unwrap();
-        file.set_len((end - 6) as u64).unwrap();
+    let (dir, seqs) = write_then_damage(|dir| {
+        // The last write never completed: its end is still zeros.
+        let (path, mut bytes, at) = locate(dir, &payload(9));
+        let end = at + 32 + payload(9).len();
+        bytes[end - 4..end].fill(0);
+        std::fs::write(path, bytes).unwrap();
     })
     .await;
     assert_recovered_without_last(dir.path(), &seqs).await;
 }
 
 #[tokio::test]
-async fn torn_tail_with_bad_checksum_is_dropped() {
-    let (dir, seqs) = write_then_damage(|journal| {
-        let mut bytes = std::fs::read(journal).unwrap();
-        let end = data_end(&bytes);
-        // Flip a byte of the last item's value (the high-water mark, just
-        // before the end marker: tag 1 + checksum 8 + magic 4). The batch
-        // stays complete in length, so only its checksum can tell, and
-        // fjall on its own refuses to open.
-        bytes[end - 13 - 3] ^= 0xff;
-        std::fs::write(journal, bytes).unwrap();
+async fn torn_tail_with_a_bad_header_is_dropped() {
+    let (dir, seqs) = write_then_damage(|dir| {
+        let (path, mut bytes, at) = locate(dir, &payload(9));
+        bytes[at + 9] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
     })
     .await;
     assert_recovered_without_last(dir.path(), &seqs).await;
@@ -315,17 +317,197 @@ async fn torn_tail_with_bad_checksum_is_dropped() {
 
 #[tokio::test]
 async fn torn_tail_with_garbage_is_dropped() {
-    let (dir, seqs) = write_then_damage(|journal| {
-        let mut bytes = std::fs::read(journal).unwrap();
-        let end = data_end(&bytes);
-        // Overwrite the end marker and a little beyond with noise.
-        for (i, b) in bytes[end - 10..end + 20].iter_mut().enumerate() {
+    let (dir, seqs) = write_then_damage(|dir| {
+        let (path, mut bytes, at) = locate(dir, &payload(9));
+        for (i, b) in bytes[at..at + 60].iter_mut().enumerate() {
             *b = 0xA5 ^ (i as u8);
         }
-        std::fs::write(journal, bytes).unwrap();
+        std::fs::write(path, bytes).unwrap();
     })
     .await;
     assert_recovered_without_last(dir.path(), &seqs).await;
+}
+
+#[tokio::test]
+async fn damage_to_a_durable_entry_is_reported_not_dropped_silently() {
+    let (dir, seqs) = write_then_damage(|dir| {
+        // Entry 4 was fsynced long before the last write: a bit flip there
+        // is lost data, not a torn write.
+        let (path, mut bytes, at) = locate(dir, &payload(4));
+        bytes[at + 32 + 2] ^= 0x01;
+        std::fs::write(path, bytes).unwrap();
+    })
+    .await;
+    let wal = open(dir.path());
+    let replayed: Vec<u64> = wal.replay().unwrap().iter().map(|e| e.seq).collect();
+    let mut expected = seqs.clone();
+    expected.remove(4);
+    assert_eq!(replayed, expected);
+    match wal.damage() {
+        [Damage::Entry { seq, payload: p }] => {
+            assert_eq!(*seq, seqs[4]);
+            assert_eq!(p.len(), payload(4).len());
+        }
+        other => panic!("expected one damaged entry, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_header_in_the_middle_is_reported_as_unreadable() {
+    let (dir, seqs) = write_then_damage(|dir| {
+        let (path, mut bytes, at) = locate(dir, &payload(4));
+        bytes[at + 9] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
+    })
+    .await;
+    let wal = open(dir.path());
+    let replayed: Vec<u64> = wal.replay().unwrap().iter().map(|e| e.seq).collect();
+    let mut expected = seqs.clone();
+    expected.remove(4);
+    assert_eq!(replayed, expected);
+    assert_eq!(
+        wal.damage(),
+        &[Damage::Unreadable {
+            after: seqs[3],
+            before: Some(seqs[5])
+        }]
+    );
+}
+
+#[tokio::test]
+async fn segments_rotate_and_are_recycled_after_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WalOptions {
+        segment_bytes: 4096,
+        spare_segments: 1,
+        ..WalOptions::new(dir.path())
+    };
+    let big = |i: u64| Bytes::from(vec![(i % 251) as u8; 1000]);
+    {
+        let wal = Wal::open(opts.clone()).unwrap();
+        for i in 0..40u64 {
+            wal.append(big(i)).unwrap().durable().await.unwrap();
+        }
+        assert!(wal.stats().segments > 5, "{:?}", wal.stats());
+        wal.truncate_through(35).unwrap();
+        // One more write carries the truncation record and lets the old
+        // segments go.
+        wal.append(big(40)).unwrap().durable().await.unwrap();
+        wait_until(|| wal.stats().segments <= 3).await;
+        assert_eq!(wal.replay().unwrap().len(), 6);
+    }
+    // Fewer files than segments written: recycled or deleted, never kept.
+    assert!(
+        segment_files(dir.path()).len() <= 5,
+        "{:?}",
+        segment_files(dir.path())
+    );
+    let wal = Wal::open(opts).unwrap();
+    let entries = wal.replay().unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (36..=41).collect::<Vec<_>>()
+    );
+    assert_eq!(entries[0].payload, big(35));
+    assert!(wal.damage().is_empty(), "{:?}", wal.damage());
+}
+
+async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[tokio::test]
+async fn an_entry_larger_than_a_segment_gets_one_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WalOptions {
+        segment_bytes: 4096,
+        ..WalOptions::new(dir.path())
+    };
+    let huge = Bytes::from(vec![7u8; 10_000]);
+    {
+        let wal = Wal::open(opts.clone()).unwrap();
+        wal.append(payload(0)).unwrap().durable().await.unwrap();
+        wal.append(huge.clone()).unwrap().durable().await.unwrap();
+        wal.append(payload(2)).unwrap().durable().await.unwrap();
+    }
+    let wal = Wal::open(opts).unwrap();
+    let entries = wal.replay().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[1].payload, huge);
+}
+
+/// A full disk fails the group and everything queued behind it; the log
+/// refuses appends until the caller resumes it, then continues where the
+/// durable log ended, and a reopen never replays what failed.
+async fn failed_write_recovers(fail_after_write: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(WalFaults::default());
+    let opts = WalOptions {
+        faults: Some(faults.clone()),
+        ..WalOptions::new(dir.path())
+    };
+    let wal = Wal::open(opts.clone()).unwrap();
+    let durable = append_each_durable(&wal, 0..3).await;
+    let flag = if fail_after_write {
+        &faults.fail_syncs
+    } else {
+        &faults.fail_writes
+    };
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed: Vec<_> = (3..6).map(|i| wal.append(payload(i)).unwrap()).collect();
+    let first_failed = failed[0].seq();
+    for t in failed {
+        assert!(matches!(t.durable().await, Err(Error::Commit(_))));
+    }
+    let WalHealth::Failed(f) = wal.health() else {
+        panic!("not failed: {:?}", wal.health())
+    };
+    assert_eq!(f.first_failed_seq, first_failed);
+    assert!(!f.resumed);
+    assert!(matches!(
+        wal.append(payload(9)),
+        Err(Error::Unavailable { .. })
+    ));
+    // Resumed while the disk is still full: still refused.
+    wal.resume(f.generation);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(matches!(wal.health(), WalHealth::Failed(ref g) if g.resumed));
+    assert!(wal.append(payload(9)).is_err());
+    flag.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_until(|| wal.health() == WalHealth::Ok).await;
+    let again = append_each_durable(&wal, 6..8).await;
+    assert_eq!(again[0], first_failed, "failed seqs are handed out again");
+    assert!(wal.stats().write_errors >= 2);
+    drop(wal);
+
+    let wal = Wal::open(opts).unwrap();
+    assert!(wal.damage().is_empty(), "{:?}", wal.damage());
+    let entries = wal.replay().unwrap();
+    let payloads: Vec<Bytes> = entries.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec![payload(0), payload(1), payload(2), payload(6), payload(7)]
+    );
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [durable, again].concat()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_write_is_rolled_back_and_the_log_recovers() {
+    failed_write_recovers(false).await;
+}
+
+#[tokio::test]
+async fn a_failed_fsync_is_rolled_back_and_never_replayed() {
+    failed_write_recovers(true).await;
 }
 
 #[test]

@@ -46,19 +46,14 @@ fn s(v: impl Into<String>) -> StrBytes {
 
 /// Topic configs Kafka tools expect, with Shoal's defaults.
 fn topic_defaults(b: &Broker) -> Vec<(&'static str, String)> {
-    vec![
-        (
-            Durability::CONFIG_KEY,
-            b.config.default_durability.as_str().to_string(),
-        ),
-        ("cleanup.policy", "delete".into()),
-        ("retention.ms", "-1".into()),
-        ("retention.bytes", "-1".into()),
-        ("compression.type", "producer".into()),
-        ("max.message.bytes", b.config.max_request_bytes.to_string()),
-        ("message.timestamp.type", "CreateTime".into()),
-        ("min.insync.replicas", "1".into()),
-    ]
+    let mut v = vec![(
+        Durability::CONFIG_KEY,
+        b.config.default_durability.as_str().to_string(),
+    )];
+    v.extend(crate::topic_config::implemented_defaults(
+        b.config.max_request_bytes,
+    ));
+    v
 }
 
 /// Effective configs of a topic: (name, value, source).
@@ -156,10 +151,8 @@ fn validate_new_topic(
     if !(1..=shoal_placement::state::MAX_PARTITIONS).contains(&partitions) {
         return Err(Error::InvalidPartitions(format!("{partitions}")));
     }
-    if let Some(d) = config.get(Durability::CONFIG_KEY)
-        && Durability::parse(d).is_none()
-    {
-        return Err(Error::InvalidConfig(d.clone()));
+    for (k, v) in config {
+        crate::topic_config::check(k, v, b.config.max_request_bytes)?;
     }
     Ok(())
 }
@@ -320,6 +313,12 @@ pub async fn incremental_alter_configs(ctx: &Ctx, req: IncrementalAlterConfigsRe
                     }
                 }
             }
+            for (k, v) in &set {
+                crate::topic_config::check(k, v, b.config.max_request_bytes)?;
+            }
+            for k in &remove {
+                crate::topic_config::check_removal(k)?;
+            }
             if req.validate_only {
                 return Ok(());
             }
@@ -367,11 +366,24 @@ pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest) -> Pending 
     ready(ResponseKind::InitProducerId(resp))
 }
 
-pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
+/// ListOffsets' special timestamps (Kafka's `ListOffsetsRequest`).
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+/// v7+: the record with the largest timestamp.
+const MAX_TIMESTAMP: i64 = -3;
+/// v8+: the start of the local log; Shoal keeps no separate tier, so it is
+/// the log start.
+const EARLIEST_LOCAL: i64 = -4;
+/// v9+: the last offset in remote (tiered) storage; Shoal has no tiering,
+/// so, as Kafka without tiered storage, no offset.
+const LATEST_TIERED: i64 = -5;
+
+pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Pending {
     let b = &ctx.broker;
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let stream = b.stream(t.name.as_str());
+        // `object` streams show only committed records, here as in Fetch.
         let committed_only = stream
             .as_ref()
             .is_some_and(|s| b.durability(s) == crate::config::Durability::Object);
@@ -391,15 +403,28 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
                     r = r.with_error_code(code)
                 }
                 Some(shard) => match p.timestamp {
-                    -2 => r = r.with_offset(shard.log_start_offset()),
-                    -1 | -3 => r = r.with_offset(shard.visible_end(committed_only)),
-                    ts if ts >= 0 => match offset_for_timestamp(b, shard, ts).await {
+                    EARLIEST => r = r.with_offset(shard.log_start_offset()),
+                    LATEST => r = r.with_offset(shard.visible_end(committed_only)),
+                    EARLIEST_LOCAL if version >= 8 => r = r.with_offset(shard.log_start_offset()),
+                    LATEST_TIERED if version >= 9 => {}
+                    MAX_TIMESTAMP if version >= 7 => {
+                        match max_timestamp(b, shard, committed_only).await {
+                            Ok(Some((offset, ts))) => r = r.with_offset(offset).with_timestamp(ts),
+                            Ok(None) => {}
+                            Err(e) => r = r.with_error_code(e.code()),
+                        }
+                    }
+                    ts if ts >= 0 => match offset_for_timestamp(b, shard, ts, committed_only).await
+                    {
                         Ok(Some((offset, found_ts))) => {
                             r = r.with_offset(offset).with_timestamp(found_ts)
                         }
                         Ok(None) => {}
                         Err(e) => r = r.with_error_code(e.code()),
                     },
+                    MAX_TIMESTAMP | EARLIEST_LOCAL | LATEST_TIERED => {
+                        r = r.with_error_code(ResponseError::UnsupportedVersion.code())
+                    }
                     _ => r = r.with_error_code(ResponseError::InvalidRequest.code()),
                 },
             }
@@ -416,8 +441,13 @@ pub async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Pending {
     ))
 }
 
-/// The earliest record with timestamp >= ts: (offset, its timestamp).
-async fn offset_for_timestamp(b: &Broker, shard: &ShardLog, ts: i64) -> Result<Option<(i64, i64)>> {
+/// The earliest visible record with timestamp >= ts: (offset, its timestamp).
+async fn offset_for_timestamp(
+    b: &Broker,
+    shard: &ShardLog,
+    ts: i64,
+    committed_only: bool,
+) -> Result<Option<(i64, i64)>> {
     let start = shard.log_start_offset();
     for seg in shard.segments() {
         if seg.max_timestamp_ms < ts || seg.last_offset < start {
@@ -431,15 +461,58 @@ async fn offset_for_timestamp(b: &Broker, shard: &ShardLog, ts: i64) -> Result<O
             return Ok(Some((r.offset, r.timestamp_ms)));
         }
     }
-    if let Some(slice) = shard.flush_slice() {
-        for tb in slice.batches.iter().filter(|tb| tb.max_timestamp >= ts) {
-            if let Some(r) = batch::to_rows(&tb.bytes)?
-                .iter()
-                .find(|r| r.timestamp_ms >= ts)
-            {
-                return Ok(Some((r.offset, r.timestamp_ms)));
-            }
+    for tb in shard
+        .visible_uncommitted(committed_only)
+        .iter()
+        .filter(|tb| tb.max_timestamp >= ts)
+    {
+        if let Some(r) = batch::to_rows(&tb.bytes)?
+            .iter()
+            .find(|r| r.timestamp_ms >= ts)
+        {
+            return Ok(Some((r.offset, r.timestamp_ms)));
         }
     }
     Ok(None)
+}
+
+/// The first visible record carrying the largest timestamp.
+async fn max_timestamp(
+    b: &Broker,
+    shard: &ShardLog,
+    committed_only: bool,
+) -> Result<Option<(i64, i64)>> {
+    let start = shard.log_start_offset();
+    let mut best: Option<(i64, i64)> = None;
+    let better = |best: Option<(i64, i64)>, ts: i64| best.is_none_or(|(_, t)| ts > t);
+    // The index knows each range's largest timestamp: only the first range
+    // holding the overall largest one is read.
+    let mut top: Option<shoal_placement::SegmentRef> = None;
+    for seg in shard.segments() {
+        if seg.last_offset >= start
+            && top
+                .as_ref()
+                .is_none_or(|t| seg.max_timestamp_ms > t.max_timestamp_ms)
+        {
+            top = Some(seg);
+        }
+    }
+    if let Some(seg) = top {
+        for r in batch::to_rows(&b.read_segment(&seg).await?)? {
+            if r.offset >= start && better(best, r.timestamp_ms) {
+                best = Some((r.offset, r.timestamp_ms));
+            }
+        }
+    }
+    for tb in shard.visible_uncommitted(committed_only) {
+        if !better(best, tb.max_timestamp) {
+            continue;
+        }
+        for r in batch::to_rows(&tb.bytes)? {
+            if better(best, r.timestamp_ms) {
+                best = Some((r.offset, r.timestamp_ms));
+            }
+        }
+    }
+    Ok(best)
 }

@@ -233,7 +233,7 @@ async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestK
         R::FindCoordinator(r) => metadata::find_coordinator(ctx, r, version),
         R::Produce(r) => produce::produce(ctx, r, version).await,
         R::Fetch(r) => fetch::fetch(ctx, r, version),
-        R::ListOffsets(r) => admin::list_offsets(ctx, r).await,
+        R::ListOffsets(r) => admin::list_offsets(ctx, r, version).await,
         R::CreateTopics(r) => admin::create_topics(ctx, r, version).await,
         R::DeleteTopics(r) => admin::delete_topics(ctx, r, version).await,
         R::CreatePartitions(r) => admin::create_partitions(ctx, r).await,

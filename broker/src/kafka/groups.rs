@@ -206,43 +206,72 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
     } else {
         ResponseError::NotCoordinator.code()
     };
+    // Kafka answers UNKNOWN_TOPIC_OR_PARTITION for a partition that does
+    // not exist, per partition, and commits the others.
+    let exists = |topic: &str, partition: i32| {
+        b.stream(topic)
+            .is_some_and(|s| (0..s.partition_count()).contains(&partition))
+    };
+    let any_unknown = || {
+        req.topics.iter().any(|t| {
+            t.partitions
+                .iter()
+                .any(|p| !exists(t.name.as_str(), p.partition_index))
+        })
+    };
+    if code == 0 && b.cluster.is_some() && any_unknown() {
+        // Created on another broker since this one's last heartbeat?
+        let _ = crate::cluster::refresh(b).await;
+    }
+    let partition_code = |topic: &str, partition: i32, code: i16| {
+        if code == 0 && !exists(topic, partition) {
+            ResponseError::UnknownTopicOrPartition.code()
+        } else {
+            code
+        }
+    };
     if code == 0 {
         let offsets: Vec<OffsetCommit> = req
             .topics
             .iter()
             .flat_map(|t| {
-                t.partitions.iter().map(|p| OffsetCommit {
-                    stream: t.name.to_string(),
-                    shard: p.partition_index,
-                    offset: p.committed_offset,
-                    metadata: p
-                        .committed_metadata
-                        .as_ref()
-                        .map(|m| m.to_string())
-                        .unwrap_or_default(),
-                })
+                t.partitions
+                    .iter()
+                    .filter(|p| exists(t.name.as_str(), p.partition_index))
+                    .map(|p| OffsetCommit {
+                        stream: t.name.to_string(),
+                        shard: p.partition_index,
+                        offset: p.committed_offset,
+                        metadata: p
+                            .committed_metadata
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default(),
+                    })
             })
             .collect();
-        code = match b
-            .placement
-            .write(Command::CommitOffsets {
-                group: req.group_id.to_string(),
-                offsets,
-                now_ms: now_ms(),
-            })
-            .await
-        {
-            Ok(Reply::Done) => 0,
-            Ok(Reply::Rejected { rejection }) => {
-                tracing::debug!("offset commit rejected: {rejection}");
-                ResponseError::InvalidGroupId.code()
-            }
-            Ok(_) => ResponseError::UnknownServerError.code(),
-            Err(e) => {
-                tracing::warn!("offset commit failed: {e}");
-                ResponseError::CoordinatorNotAvailable.code()
-            }
-        };
+        if !offsets.is_empty() {
+            code = match b
+                .placement
+                .write(Command::CommitOffsets {
+                    group: req.group_id.to_string(),
+                    offsets,
+                    now_ms: now_ms(),
+                })
+                .await
+            {
+                Ok(Reply::Done) => 0,
+                Ok(Reply::Rejected { rejection }) => {
+                    tracing::debug!("offset commit rejected: {rejection}");
+                    ResponseError::InvalidGroupId.code()
+                }
+                Ok(_) => ResponseError::UnknownServerError.code(),
+                Err(e) => {
+                    tracing::warn!("offset commit failed: {e}");
+                    ResponseError::CoordinatorNotAvailable.code()
+                }
+            };
+        }
     }
     let topics = req
         .topics
@@ -254,7 +283,7 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
                 .map(|p| {
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(code)
+                        .with_error_code(partition_code(t.name.as_str(), p.partition_index, code))
                 })
                 .collect();
             OffsetCommitResponseTopic::default()

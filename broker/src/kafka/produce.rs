@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
+use tokio::sync::watch;
 
 use super::Pending;
 use super::conn::Ctx;
@@ -14,16 +15,14 @@ use crate::batch;
 use crate::broker::Broker;
 use crate::config::Durability;
 use crate::error::{Error, Result};
-use crate::shard::{Appended, ShardLog};
+use crate::shard::{Appended, Fate, ShardLog};
 
 /// What is left to wait for after the ordered part of a partition produce.
 enum Outcome {
     Done(std::result::Result<i64, i16>),
     Wait {
         shard: Arc<ShardLog>,
-        base_offset: i64,
-        last_offset: i64,
-        durable: Durable,
+        accepted: Accepted,
         durability: Durability,
     },
 }
@@ -54,29 +53,17 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                         shard: p.index,
                     }
                     .code())),
-                    Some(shard) => {
-                        let durability = b.durability(s);
-                        match append(&b, shard, p.records.unwrap_or_default()) {
-                            Ok(o) => match o {
-                                Appended2::Dup(off) => Outcome::Done(Ok(off)),
-                                Appended2::Pending {
-                                    base_offset,
-                                    last_offset,
-                                    durable,
-                                } => Outcome::Wait {
-                                    shard: shard.clone(),
-                                    base_offset,
-                                    last_offset,
-                                    durable,
-                                    durability,
-                                },
-                            },
-                            Err(e) => {
-                                tracing::debug!(stream = %s.name, shard = p.index, "produce refused: {e}");
-                                Outcome::Done(Err(e.code()))
-                            }
+                    Some(shard) => match append(&b, shard, p.records.unwrap_or_default()) {
+                        Ok(accepted) => Outcome::Wait {
+                            shard: shard.clone(),
+                            accepted,
+                            durability: b.durability(s),
+                        },
+                        Err(e) => {
+                            tracing::debug!(stream = %s.name, shard = p.index, "produce refused: {e}");
+                            Outcome::Done(Err(e.code()))
                         }
-                    }
+                    },
                 },
             };
             parts.push(PartitionWork {
@@ -95,20 +82,11 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                     Outcome::Done(r) => r,
                     Outcome::Wait {
                         shard,
-                        base_offset,
-                        last_offset,
-                        durable,
+                        accepted,
                         durability,
-                    } => wait(
-                        &shard,
-                        base_offset,
-                        last_offset,
-                        durable,
-                        durability,
-                        timeout,
-                    )
-                    .await
-                    .map_err(|e| e.code()),
+                    } => wait(&shard, accepted, durability, timeout)
+                        .await
+                        .map_err(|e| e.code()),
                 };
                 let mut pr = PartitionProduceResponse::default()
                     .with_index(p.index)
@@ -139,21 +117,19 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
     })
 }
 
-enum Appended2 {
-    Dup(i64),
-    Pending {
-        base_offset: i64,
-        last_offset: i64,
-        durable: Durable,
-    },
+/// A batch the shard took (or recognised as a retry): its offsets and
+/// how to learn when it is durable.
+struct Accepted {
+    base_offset: i64,
+    last_offset: i64,
+    /// `None`: a retry of a batch committed long ago.
+    fate: Option<watch::Receiver<Fate>>,
 }
 
-/// The ordered part: validate every batch first, so a bad one writes nothing.
-/// Resolves when the WAL has fsynced a partition's batches (and they are
-/// visible); `Err` carries the WAL failure.
-type Durable = tokio::sync::oneshot::Receiver<std::result::Result<(), String>>;
-
-fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Appended2> {
+/// The ordered part: validate the batch, assign its offsets and enqueue it
+/// in the WAL. A partition carries one batch per request (Kafka's rule
+/// for Produce v3 and later), so a request never half-applies.
+fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted> {
     let pending = b.unflushed_bytes();
     if pending >= b.config.max_unflushed_bytes {
         return Err(Error::Backpressure {
@@ -161,114 +137,119 @@ fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Appended2
             limit: b.config.max_unflushed_bytes,
         });
     }
-    let batches = batch::split(records)?;
-    if batches.is_empty() {
-        return Err(Error::Corrupt("empty produce".into()));
-    }
-    let mut infos = Vec::with_capacity(batches.len());
-    for bt in &batches {
-        let info = batch::info(bt);
-        if info.transactional || info.control {
-            return Err(Error::Unsupported);
+    let mut batches = batch::split(records)?;
+    let bt = match batches.len() {
+        0 => return Err(Error::Corrupt("empty produce".into())),
+        1 => batches.remove(0),
+        n => {
+            return Err(Error::InvalidRecord(format!(
+                "{n} record batches for one partition; a produce request carries one"
+            )));
         }
-        batch::validate(bt)?;
-        infos.push(info);
+    };
+    let info = batch::info(&bt);
+    if info.transactional || info.control {
+        return Err(Error::Unsupported);
     }
-    let mut first = None;
-    let mut last = -1;
-    let mut tickets = Vec::new();
-    let mut dup = None;
-    for (bt, info) in batches.iter().zip(infos) {
-        match shard.append(bt, info, &b.wal)? {
-            Appended::Duplicate { base_offset } => {
-                dup.get_or_insert(base_offset);
-            }
-            Appended::Pending {
-                base_offset,
-                last_offset,
-                ticket,
-            } => {
-                first.get_or_insert(base_offset);
-                last = last_offset;
-                tickets.push(ticket);
-                b.metrics
-                    .produce_records
-                    .inc_by(u64::from(info.record_count.unsigned_abs()));
-                b.metrics.produce_bytes.inc_by(bt.len() as u64);
-                b.note_appended(bt.len() as u64);
-            }
-        }
-    }
+    batch::validate(&bt)?;
     b.metrics.produce_requests.inc();
-    match first {
-        Some(base_offset) => {
-            // Make the batches visible (high watermark, flusher) as soon as
+    match shard.append(&bt, info, &b.wal)? {
+        Appended::Duplicate {
+            base_offset,
+            last_offset,
+            fate,
+        } => Ok(Accepted {
+            base_offset,
+            last_offset,
+            fate,
+        }),
+        Appended::Pending {
+            base_offset,
+            last_offset,
+            ticket,
+            fate,
+        } => {
+            b.metrics
+                .produce_records
+                .inc_by(u64::from(info.record_count.unsigned_abs()));
+            b.metrics.produce_bytes.inc_by(bt.len() as u64);
+            b.note_appended(bt.len() as u64);
+            // Make the batch visible (high watermark, flusher) as soon as
             // the fsync is done, not when this connection's writer gets to
             // the response: responses are sent in order, and an earlier one
-            // may be waiting for an object commit that needs these batches.
-            let (tx, durable) = tokio::sync::oneshot::channel();
+            // may be waiting for an object commit that needs this batch. A
+            // failed write is rolled back by the broker's WAL watcher.
             let shard = shard.clone();
             tokio::spawn(async move {
-                let mut result = Ok(());
-                for t in tickets {
-                    if let Err(e) = t.durable().await {
-                        tracing::error!(stream = %shard.stream, shard = shard.shard, "WAL fsync failed: {e}");
-                        result = Err(e.to_string());
-                        break;
+                match ticket.durable().await {
+                    Ok(()) => shard.durable_through(last_offset),
+                    Err(e) => {
+                        tracing::warn!(stream = %shard.stream, shard = shard.shard, "WAL write failed: {e}")
                     }
                 }
-                if result.is_ok() {
-                    shard.durable_through(last);
-                }
-                let _ = tx.send(result);
             });
-            Ok(Appended2::Pending {
+            Ok(Accepted {
                 base_offset,
-                last_offset: last,
-                durable,
+                last_offset,
+                fate: Some(fate),
             })
         }
-        None => Ok(Appended2::Dup(dup.unwrap_or(-1))),
     }
 }
 
+/// Answer once the stream's durability point is reached: the WAL fsync for
+/// `local`, the committed object for `object`. A retried batch waits for
+/// the same point as its original and gets the same answer.
 async fn wait(
     shard: &ShardLog,
-    base_offset: i64,
-    last_offset: i64,
-    durable: Durable,
+    accepted: Accepted,
     durability: Durability,
     timeout: Duration,
 ) -> Result<i64> {
-    match durable.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Internal(format!("WAL fsync failed: {e}"))),
-        Err(_) => return Err(Error::Internal("WAL append abandoned".into())),
-    }
+    let last_offset = accepted.last_offset;
     let not_leader = || Error::NotLeader {
         stream: shard.stream.clone(),
         shard: shard.shard,
     };
-    if durability == Durability::Object {
-        let mut rx = shard.watch_committed();
-        let mut fenced = shard.watch_fenced();
-        let reached = tokio::time::timeout(timeout, async {
+    let mut fenced = shard.watch_fenced();
+    let reached = tokio::time::timeout(timeout, async {
+        if let Some(mut fate) = accepted.fate {
             tokio::select! {
                 biased;
-                r = rx.wait_for(|c| *c > last_offset) => r.is_ok(),
+                f = fate.wait_for(|f| *f != Fate::Pending) => match f.map(|f| *f) {
+                    Ok(Fate::Durable) => {}
+                    // The batch left the tail with its WAL write.
+                    Ok(_) | Err(_) => {
+                        return Err(Error::Wal(shoal_wal_cache::Error::Unavailable {
+                            reason: "the write-ahead log write failed".into(),
+                        }));
+                    }
+                },
+                _ = fenced.wait_for(|f| *f) => return Err(not_leader()),
+            }
+        }
+        if durability == Durability::Object {
+            let mut committed = shard.watch_committed();
+            tokio::select! {
+                biased;
+                r = committed.wait_for(|c| *c > last_offset) => {
+                    if r.is_err() {
+                        return Err(not_leader());
+                    }
+                }
                 // The lease moved before the commit: the new owner may not
                 // have these records, so they are not acknowledged.
-                _ = fenced.wait_for(|f| *f) => false,
+                _ = fenced.wait_for(|f| *f) => return Err(not_leader()),
             }
-        })
-        .await;
-        match reached {
-            Ok(true) => {}
-            Ok(false) => return Err(not_leader()),
-            Err(_) => return Err(Error::Timeout),
+        } else if shard.is_fenced() && shard.committed_offset() <= last_offset {
+            return Err(not_leader());
         }
-    } else if shard.is_fenced() && shard.committed_offset() <= last_offset {
-        return Err(not_leader());
+        Ok(())
+    })
+    .await;
+    match reached {
+        Ok(Ok(())) => Ok(accepted.base_offset),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Timeout),
     }
-    Ok(base_offset)
 }

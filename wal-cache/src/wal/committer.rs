@@ -1,35 +1,66 @@
-//! The commit loop: one thread that turns everything queued into one fjall
-//! batch and one fsync.
+//! The commit loop: one thread that turns everything queued into one write
+//! and one `fdatasync`, rotates segments and handles a failed write.
 //!
-//! Appends that arrive while a batch is being written or fsynced wait in the
+//! Appends that arrive while a group is being written or synced wait in the
 //! queue and form the next group, so the fsync rate is bounded by the disk,
 //! not by the request rate.
 
 use std::{
+    collections::VecDeque,
+    os::unix::fs::FileExt,
     sync::{Arc, PoisonError, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use fjall::{Database, Keyspace, PersistMode};
-
-use super::{LAST_SEQ_KEY, Pending, Shared};
+use super::faults::{Fault, Faults};
+use super::format::{RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader};
+use super::mark::Mark;
+use super::segments::{Pool, SegmentFile};
+use super::{Pending, Shared, WalFailure};
 use crate::error::Error;
 
+/// How long a resumed committer waits between attempts to start a segment
+/// (a disk that is still full).
+const RETRY_START: Duration = Duration::from_millis(250);
+
+/// The segment being written.
+struct Active {
+    seg: SegmentFile,
+    /// Where the next record goes.
+    pos: u64,
+    /// Size of the file; a group that does not fit goes to a new segment.
+    len: u64,
+    /// Last seq durable in this segment.
+    last_seq: u64,
+}
+
+/// An older segment with entries not yet truncated.
+struct Sealed {
+    seg: SegmentFile,
+    last_seq: u64,
+}
+
 pub(super) struct Committer {
-    pub(super) shared: Arc<Shared>,
-    pub(super) db: Database,
-    pub(super) entries: Keyspace,
-    pub(super) meta: Keyspace,
-    /// Highest seq handed to fjall (written or skipped as truncated).
-    pub(super) written_through: u64,
-    /// Every seq up to here is deleted or was never written.
-    pub(super) tombstoned_through: u64,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    sealed: VecDeque<Sealed>,
+    active: Option<Active>,
+    /// Highest entry seq written and synced.
+    durable: u64,
+    /// The truncation mark, durable.
+    mark: Mark,
+    /// The number of the last segment started.
+    number: u64,
+    buf: Vec<u8>,
+    faults: Faults,
 }
 
 /// One round of work taken from the shared state.
 struct Round {
     group: Vec<Pending>,
     truncate_through: u64,
+    /// After a failure the caller resumed: start a new segment.
+    restart: bool,
 }
 
 /// Marks the committer stopped however the thread ends, so appends fail
@@ -49,28 +80,85 @@ impl Drop for StopGuard {
 }
 
 impl Committer {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        pool: Arc<Pool>,
+        sealed: Vec<(SegmentFile, u64, u64)>,
+        durable: u64,
+        mark: Mark,
+        number: u64,
+        faults: Faults,
+    ) -> Committer {
+        Committer {
+            shared,
+            pool,
+            sealed: sealed
+                .into_iter()
+                .map(|(seg, _first, last_seq)| Sealed { seg, last_seq })
+                .collect(),
+            active: None,
+            durable,
+            mark,
+            number,
+            buf: Vec::new(),
+            faults,
+        }
+    }
+
     pub(super) fn run(mut self) {
         let _guard = StopGuard(self.shared.clone());
+        self.recycle();
         while let Some(round) = self.next_round() {
-            if let Err(err) = self.commit(&round) {
-                self.fail(round, err);
-                return;
+            if let Err(e) = self.record_mark(round.truncate_through) {
+                tracing::warn!("wal: cannot record the truncation mark: {e}");
+                self.shared
+                    .counters
+                    .write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                // Truncation is not urgent; do not spin on a broken disk.
+                std::thread::sleep(RETRY_START);
             }
-            for pending in round.group {
-                // The caller may have dropped its ticket; nothing to tell.
-                let _ = pending.done.send(Ok(()));
+            self.recycle();
+            if round.restart {
+                if let Err(e) = self.restart() {
+                    tracing::warn!("wal: still cannot write after a failure: {e}");
+                    self.note_error(&e);
+                    std::thread::sleep(RETRY_START);
+                }
+                continue;
+            }
+            if round.group.is_empty() {
+                continue;
+            }
+            match self.commit(&round) {
+                Ok(()) => {
+                    for pending in round.group {
+                        // The caller may have dropped its ticket; nothing to tell.
+                        let _ = pending.done.send(Ok(()));
+                    }
+                }
+                Err(err) => self.fail(round, err),
             }
         }
     }
 
-    /// Wait for appends or a due truncation; `None` once closing and drained.
+    /// Wait for appends, a truncation to record, or (after a failure the
+    /// caller resumed) a restart; `None` once closing and drained.
     fn next_round(&self) -> Option<Round> {
         let mut st = self.shared.lock();
         loop {
-            let truncation_due =
-                st.truncated_through.min(self.written_through) > self.tombstoned_through;
-            if !st.queue.is_empty() || truncation_due {
-                break;
+            let mark_due = st.truncated_through > self.mark.through();
+            match &st.failure {
+                Some(f) if f.resumed || mark_due => {
+                    return Some(Round {
+                        group: Vec::new(),
+                        truncate_through: st.truncated_through,
+                        restart: f.resumed,
+                    });
+                }
+                Some(_) => {}
+                None if !st.queue.is_empty() || mark_due => break,
+                None => {}
             }
             if st.closing {
                 return None;
@@ -96,46 +184,66 @@ impl Committer {
         Some(Round {
             group,
             truncate_through: st.truncated_through,
+            restart: false,
         })
     }
 
-    /// Write one round as a single atomic batch, then fsync once.
-    fn commit(&mut self, round: &Round) -> Result<(), fjall::Error> {
-        let truncate_through = round.truncate_through;
-        let mut batch = self.db.batch();
-
-        // Tombstones only for entries earlier rounds wrote. Entries of this
-        // round that are already truncated are left out instead: a put and a
-        // delete of one key in one batch would share a seqno.
-        let tomb_end = truncate_through.min(self.written_through);
-        for seq in self.tombstoned_through.saturating_add(1)..=tomb_end {
-            batch.remove(&self.entries, &seq.to_be_bytes()[..]);
+    /// Record a truncation mark that moved, in its own file: this needs no
+    /// room in the log, so it works on a full disk too.
+    fn record_mark(&mut self, through: u64) -> std::io::Result<()> {
+        if through > self.mark.through() {
+            self.mark.set(through)?;
+            self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Encode the round's entries into `self.buf`; returns the seq of the
+    /// first and last one written.
+    fn encode(&mut self, round: &Round) -> Option<(u64, u64)> {
+        self.buf.clear();
+        let mut first = None;
+        let mut last = self.durable;
         for pending in &round.group {
-            if pending.seq > truncate_through {
-                batch.insert(
-                    &self.entries,
-                    &pending.seq.to_be_bytes()[..],
-                    &pending.payload[..],
-                );
+            // Truncated while queued: resolved, never written.
+            if pending.seq <= round.truncate_through {
+                continue;
+            }
+            RecordHeader::write(pending.seq, self.durable, &pending.payload, &mut self.buf);
+            first.get_or_insert(pending.seq);
+            last = pending.seq;
+        }
+        first.map(|f| (f, last))
+    }
+
+    /// Write one round as a single write, then fsync once.
+    fn commit(&mut self, round: &Round) -> std::io::Result<()> {
+        let Some((first, last)) = self.encode(round) else {
+            // Nothing to write: every entry was truncated while queued.
+            return Ok(());
+        };
+        if let Some(a) = &self.active {
+            let fits = a.pos + self.buf.len() as u64 <= a.len || a.pos == SEGMENT_HEADER_LEN as u64;
+            if !fits {
+                self.seal();
             }
         }
-        // In the same batch, so the mark can never lag behind the entries.
-        if let Some(last) = round.group.last() {
-            batch.insert(&self.meta, LAST_SEQ_KEY, &last.seq.to_be_bytes()[..]);
+        if self.active.is_none() {
+            self.start_segment(first)?;
         }
-        batch.commit()?;
-
+        let Some(active) = self.active.as_mut() else {
+            return Err(std::io::Error::other("no active segment"));
+        };
+        self.faults.check(Fault::Write)?;
+        active.seg.file.write_all_at(&self.buf, active.pos)?;
         let started = Instant::now();
-        self.db.persist(PersistMode::SyncAll)?;
+        self.faults.check(Fault::Sync)?;
+        active.seg.file.sync_data()?;
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-
-        if let Some(last) = round.group.last() {
-            self.written_through = last.seq;
-        }
-        self.tombstoned_through = self
-            .tombstoned_through
-            .max(truncate_through.min(self.written_through));
+        active.pos += self.buf.len() as u64;
+        active.len = active.len.max(active.pos);
+        active.last_seq = last;
+        self.durable = last;
 
         // Counters before tickets resolve, so a caller that awaited its
         // ticket sees its group counted.
@@ -143,24 +251,157 @@ impl Committer {
         c.fsyncs.fetch_add(1, Ordering::Relaxed);
         c.fsync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
         c.last_fsync_nanos.store(nanos, Ordering::Relaxed);
-        if !round.group.is_empty() {
-            let size = round.group.len() as u64;
-            c.last_group_size.store(size, Ordering::Relaxed);
-            c.max_group_size.fetch_max(size, Ordering::Relaxed);
-        }
+        let size = round.group.len() as u64;
+        c.last_group_size.store(size, Ordering::Relaxed);
+        c.max_group_size.fetch_max(size, Ordering::Relaxed);
         Ok(())
     }
 
-    /// A failed write or fsync: fjall is poisoned and nothing queued can be
-    /// made durable, so every waiting ticket and every later call gets the
-    /// error.
-    fn fail(&self, round: Round, err: fjall::Error) {
-        tracing::error!(error = %err, group = round.group.len(), "wal commit failed");
+    /// Begin a segment whose first record has seq `first_seq`. Its header
+    /// is synced with that first record.
+    fn start_segment(&mut self, first_seq: u64) -> std::io::Result<()> {
+        self.faults.check(Fault::Write)?;
+        let seg = self.pool.take()?;
+        self.number += 1;
+        let header = SegmentHeader {
+            number: self.number,
+            first_seq,
+            prev_last_seq: self.durable,
+        };
+        let written = seg.file.write_all_at(&header.encode(), 0);
+        let len = seg.file.metadata().map(|m| m.len());
+        match (written, len) {
+            (Ok(()), Ok(len)) => {
+                self.active = Some(Active {
+                    seg,
+                    pos: SEGMENT_HEADER_LEN as u64,
+                    len,
+                    last_seq: self.durable,
+                });
+                self.update_segment_count();
+                Ok(())
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                self.pool.retire(seg);
+                Err(e)
+            }
+        }
+    }
+
+    /// The active segment is done: keep it until its entries are truncated.
+    fn seal(&mut self) {
+        if let Some(a) = self.active.take() {
+            self.sealed.push_back(Sealed {
+                seg: a.seg,
+                last_seq: a.last_seq,
+            });
+        }
+    }
+
+    /// Give back every sealed segment whose entries are all truncated (the
+    /// durable mark covers them).
+    fn recycle(&mut self) {
+        while let Some(s) = self.sealed.front() {
+            if s.last_seq > self.mark.through() {
+                break;
+            }
+            if let Some(s) = self.sealed.pop_front() {
+                self.pool.retire(s.seg);
+            }
+        }
+        self.update_segment_count();
+    }
+
+    fn update_segment_count(&self) {
+        let n = self.sealed.len() + usize::from(self.active.is_some());
+        self.shared
+            .counters
+            .segments
+            .store(n as u64, Ordering::Relaxed);
+    }
+
+    /// After a resumed failure: start a new segment (its header marks where
+    /// the durable log ended), proving the disk takes writes again, then
+    /// take appends again.
+    fn restart(&mut self) -> std::io::Result<()> {
+        self.start_segment(self.durable + 1)?;
+        let synced = self
+            .faults
+            .check(Fault::Sync)
+            .and_then(|()| match &self.active {
+                Some(a) => a.seg.file.sync_data(),
+                None => Err(std::io::Error::other("no active segment")),
+            });
+        if let Err(e) = synced {
+            if let Some(a) = self.active.take() {
+                self.pool.retire(a.seg);
+            }
+            return Err(e);
+        }
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.lock();
+        st.failure = None;
+        self.shared.publish_health(&st);
+        drop(st);
+        tracing::info!(durable = self.durable, "wal: writing again after a failure");
+        Ok(())
+    }
+
+    fn note_error(&self, e: &std::io::Error) {
+        self.shared
+            .counters
+            .write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.lock();
+        if let Some(f) = &mut st.failure {
+            f.error = e.to_string();
+        }
+        self.shared.publish_health(&st);
+    }
+
+    /// A failed write or fsync: nothing of this group or queued behind it
+    /// can be promised durable. Every waiting ticket gets the error, the
+    /// seqs from the group on are handed out again, and the log refuses
+    /// appends until the caller resumes it. What the failed write left in
+    /// the active segment is never read: the next segment's header marks
+    /// the durable end.
+    fn fail(&mut self, round: Round, err: std::io::Error) {
+        let first_failed_seq = self.durable + 1;
+        tracing::error!(error = %err, group = round.group.len(), first_failed_seq, "wal write failed");
+        self.shared
+            .counters
+            .write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.seal();
         let err = Arc::new(err);
         let queued = {
             let mut st = self.shared.lock();
-            st.failed = Some(err.clone());
-            std::mem::take(&mut st.queue)
+            st.failures += 1;
+            st.failure = Some(WalFailure {
+                generation: st.failures,
+                first_failed_seq,
+                error: err.to_string(),
+                resumed: false,
+            });
+            let queued = std::mem::take(&mut st.queue);
+            st.next_seq = first_failed_seq;
+            // The failed seqs are handed out again: none of them may count
+            // as truncated.
+            st.truncated_through = st.truncated_through.min(self.durable);
+            while st
+                .live
+                .back()
+                .is_some_and(|&(seq, _)| seq >= first_failed_seq)
+            {
+                if let Some((_, len)) = st.live.pop_back() {
+                    st.pending_bytes -= len;
+                }
+            }
+            self.shared
+                .pending_bytes
+                .store(st.pending_bytes, Ordering::Relaxed);
+            self.shared.publish_health(&st);
+            queued
         };
         for pending in round.group.into_iter().chain(queued) {
             let _ = pending.done.send(Err(Error::Commit(err.clone())));

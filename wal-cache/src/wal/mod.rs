@@ -1,23 +1,36 @@
-//! The write-ahead log: fjall storage, group commit, replay and truncation.
+//! The write-ahead log: segment files, group commit, replay, truncation and
+//! recovery from a failed write.
 //!
-//! Layout: one fjall database in `WalOptions::dir` with two keyspaces.
-//! `wal` maps the sequence number (big-endian `u64`, so key order is seq
-//! order) to the opaque payload. `wal_meta` holds the last sequence number
-//! ever committed, so numbering survives a restart even when truncation has
-//! emptied `wal`.
+//! Layout: `WalOptions::dir` holds fixed-size segment files
+//! (`<id>.wal`, see [`format`] for what is inside), the truncation mark
+//! (`TRUNCATED`, see [`mark`]) and a `LOCK` file. One committer thread
+//! makes every write: it turns everything queued into one write and one
+//! `fdatasync` (group commit), so the fsync rate is bounded by the disk,
+//! not by the request rate. Segments whose entries are all truncated are
+//! recycled rather than deleted.
 //!
-//! Every write (appends, the high-water mark and truncation tombstones) is
-//! made by one committer thread, see [`committer`]. That keeps the on-disk
-//! order equal to the seq order and lets one fsync cover everything that
-//! queued up while the previous one ran.
+//! A failed write or fsync (a full disk, an I/O error) fails its group and
+//! everything queued behind it, and the log then refuses appends: what it
+//! was asked to hold after the failure point is not durable, and the
+//! caller must first take back what it built on those entries (the broker
+//! rolls back its shards' tails), then call [`Wal::resume`]. The log then
+//! continues in a new segment whose header marks where the durable log
+//! ended, so the failed group's bytes are never replayed, and appends are
+//! accepted again as soon as a segment can be written.
 
 mod committer;
-mod repair;
+mod faults;
+mod format;
+mod mark;
+mod recovery;
+mod segments;
 
 use std::{
     collections::VecDeque,
     fmt,
-    path::{Path, PathBuf},
+    fs::{File, TryLockError},
+    io::Read,
+    path::PathBuf,
     sync::{
         Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -26,32 +39,40 @@ use std::{
 };
 
 use bytes::Bytes;
-use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use committer::Committer;
+#[cfg(feature = "testing")]
+pub use faults::WalFaults;
+pub use recovery::Damage;
+use segments::{Pool, SegmentFile};
 
 /// Default cap on the payload bytes of one commit group.
 pub const DEFAULT_MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// Default size of a segment file.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
-const ENTRIES_KEYSPACE: &str = "wal";
-const META_KEYSPACE: &str = "wal_meta";
-const LAST_SEQ_KEY: &[u8] = b"last_seq";
-
-/// fjall's journal stores value lengths as `u32`; a longer value would be
-/// silently cut, so refuse it up front.
-const MAX_ENTRY_BYTES: usize = u32::MAX as usize;
+/// Record lengths are `u32`.
+const MAX_ENTRY_BYTES: usize = u32::MAX as usize - 64;
 
 /// Where and how to open the WAL.
 #[derive(Debug, Clone)]
 pub struct WalOptions {
-    /// Directory of the fjall database (created if missing). Use a directory
-    /// of its own: fjall owns everything inside it.
+    /// Directory of the segment files (created if missing). Use a directory
+    /// of its own: the WAL owns everything inside it.
     pub dir: PathBuf,
     /// Cap on one group's payload bytes (default 16 MiB). A group always
     /// takes at least one entry, so a larger single entry is still written.
     pub max_group_bytes: usize,
+    /// Size of a segment file (default 64 MiB). An entry larger than a
+    /// segment gets a segment of its own that grows to fit it.
+    pub segment_bytes: u64,
+    /// Pre-written segments kept ready (default 2).
+    pub spare_segments: usize,
+    /// Injected write failures (tests only).
+    #[cfg(feature = "testing")]
+    pub faults: Option<Arc<WalFaults>>,
 }
 
 impl WalOptions {
@@ -60,6 +81,10 @@ impl WalOptions {
         Self {
             dir: dir.into(),
             max_group_bytes: DEFAULT_MAX_GROUP_BYTES,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            spare_segments: 2,
+            #[cfg(feature = "testing")]
+            faults: None,
         }
     }
 }
@@ -89,6 +114,33 @@ pub struct WalStats {
     pub last_group_size: u64,
     /// Most entries seen in one commit group.
     pub max_group_size: u64,
+    /// Writes or fsyncs that failed.
+    pub write_errors: u64,
+    /// Segment files holding live entries, and spares ready.
+    pub segments: u64,
+    pub spare_segments: u64,
+}
+
+/// A failed write, and whether the caller has taken back what it built on
+/// the failed entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalFailure {
+    /// Counts failures since open.
+    pub generation: u64,
+    /// Every entry with a seq at or above this one that was not durable
+    /// before the failure failed (their tickets got the error).
+    pub first_failed_seq: u64,
+    pub error: String,
+    /// [`Wal::resume`] was called; appends come back once a segment can be
+    /// written.
+    pub resumed: bool,
+}
+
+/// Whether the log takes appends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalHealth {
+    Ok,
+    Failed(WalFailure),
 }
 
 /// Handle on one queued append.
@@ -119,14 +171,15 @@ impl fmt::Debug for AppendTicket {
 }
 
 /// The write-ahead log. Share it behind an `Arc`; dropping it lets the
-/// committer finish every queued append and truncation, then closes fjall.
+/// committer finish every queued append and truncation, then closes it.
 pub struct Wal {
     shared: Arc<Shared>,
-    entries: Keyspace,
+    pool: Arc<Pool>,
+    dir: PathBuf,
+    damage: Vec<Damage>,
     committer: Option<JoinHandle<()>>,
-    // Held so the database outlives the keyspace handles regardless of
-    // field drop order.
-    _db: Database,
+    keeper: Option<JoinHandle<()>>,
+    _lock: File,
 }
 
 /// State shared between callers and the committer thread.
@@ -138,6 +191,7 @@ struct Shared {
     /// Mirror of `State::pending_bytes` so reading it takes no lock.
     pending_bytes: AtomicU64,
     max_group_bytes: usize,
+    health: watch::Sender<WalHealth>,
 }
 
 struct State {
@@ -145,18 +199,18 @@ struct State {
     /// Appends not yet taken by the committer, in seq order.
     queue: VecDeque<Pending>,
     /// `(seq, payload length)` of every entry appended and not truncated,
-    /// oldest first: lets truncation account bytes without reading fjall.
+    /// oldest first: lets truncation account bytes without reading files.
     live: VecDeque<(u64, u64)>,
     pending_bytes: u64,
     /// Highest seq the caller asked to truncate through. The committer
-    /// turns it into tombstones; until then `replay` filters by it.
+    /// records it in the mark file.
     truncated_through: u64,
-    /// Set after a failed commit: nothing written afterwards could be
-    /// promised durable.
-    failed: Option<Arc<fjall::Error>>,
+    /// Set after a failed write until the committer writes again.
+    failure: Option<WalFailure>,
+    failures: u64,
     /// The WAL is being dropped: drain and stop.
     closing: bool,
-    /// The committer thread has exited (after `closing`, a failure or a panic).
+    /// The committer thread has exited (after `closing` or a panic).
     stopped: bool,
 }
 
@@ -175,6 +229,8 @@ struct Counters {
     last_fsync_nanos: AtomicU64,
     last_group_size: AtomicU64,
     max_group_size: AtomicU64,
+    write_errors: AtomicU64,
+    segments: AtomicU64,
 }
 
 impl Shared {
@@ -183,75 +239,120 @@ impl Shared {
         // plain assignments), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn publish_health(&self, st: &State) {
+        let h = match &st.failure {
+            Some(f) => WalHealth::Failed(f.clone()),
+            None => WalHealth::Ok,
+        };
+        self.health.send_if_modified(|cur| {
+            let changed = *cur != h;
+            *cur = h;
+            changed
+        });
+    }
 }
 
 impl State {
-    /// The error an append or truncation gets when the log can no longer
-    /// accept work, if any.
+    /// The error an append gets when the log cannot take it, if any.
     fn refusal(&self) -> Option<Error> {
-        match &self.failed {
-            Some(e) => Some(Error::Commit(e.clone())),
-            None if self.stopped => Some(Error::Closed),
-            None => None,
+        if let Some(f) = &self.failure {
+            return Some(Error::Unavailable {
+                reason: f.error.clone(),
+            });
         }
+        self.stopped.then_some(Error::Closed)
+    }
+}
+
+fn io_err(path: &std::path::Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
 impl Wal {
-    /// Open (creating) the WAL in dir. Recovers from a torn tail (a crash
-    /// mid-write): entries whose fsync completed are all there; a partial
-    /// last write is dropped, never an error that prevents start-up.
+    /// Open (creating) the WAL in dir and read it back. A torn last group
+    /// (a crash mid-write, never acknowledged) is dropped; damage to
+    /// records that were durable is kept for [`Wal::damage`].
     pub fn open(opts: WalOptions) -> Result<Wal> {
-        std::fs::create_dir_all(&opts.dir).map_err(|source| Error::Io {
-            path: opts.dir.clone(),
-            source,
-        })?;
-        let db = open_database(&opts.dir)?;
-        let entries = db.keyspace(ENTRIES_KEYSPACE, KeyspaceCreateOptions::default)?;
-        let meta = db.keyspace(META_KEYSPACE, KeyspaceCreateOptions::default)?;
+        let dir = opts.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(Error::WalDirLocked { path: dir }),
+            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+        }
+        if dir.join("keyspaces").exists() || dir.join("version").exists() {
+            return Err(Error::ForeignWal { path: dir });
+        }
 
-        let recorded_last = match meta.get(LAST_SEQ_KEY)? {
-            Some(value) => decode_seq(&value).unwrap_or_else(|| {
-                tracing::warn!(len = value.len(), "wal: ignoring malformed high-water mark");
-                0
-            }),
-            None => 0,
-        };
+        let mark = mark::Mark::open(&dir).map_err(|e| io_err(&dir, e))?;
+        let (scanned, spares, max_id) = read_segments(&dir, opts.segment_bytes, true)?;
+        let live_files: Vec<u64> = scanned.iter().map(|s| s.id).collect();
+        let recovered = recovery::recover(scanned, mark.through());
+        // What was read must be on disk before a new segment's header
+        // says it is durable (a process crash leaves it in the page cache).
+        for id in &live_files {
+            let path = segments::path_of(&dir, *id);
+            File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| io_err(&path, e))?;
+        }
+        for d in &recovered.damage {
+            tracing::error!(dir = %dir.display(), damage = ?ShortDamage(d), "wal: durable records are unreadable");
+        }
 
         let mut live = VecDeque::new();
         let mut pending_bytes = 0u64;
-        for item in entries.iter() {
-            let (key, value) = item.into_inner()?;
-            let Some(seq) = decode_seq(&key) else {
-                tracing::warn!(?key, "wal: skipping entry with malformed key");
-                continue;
-            };
-            let len = value.len() as u64;
-            live.push_back((seq, len));
-            pending_bytes += len;
+        for (seq, payload) in &recovered.entries {
+            live.push_back((*seq, payload.len() as u64));
+            pending_bytes += payload.len() as u64;
         }
-
-        let last_seq = recorded_last.max(live.back().map_or(0, |&(seq, _)| seq));
-        // Everything below the oldest surviving entry is gone already.
-        let truncated_through = live
-            .front()
-            .map_or(last_seq, |&(seq, _)| seq.saturating_sub(1));
+        let sealed: Vec<(SegmentFile, u64, u64)> = recovered
+            .live
+            .iter()
+            .filter_map(|&(id, first, last)| {
+                let path = segments::path_of(&dir, id);
+                let file = File::options().read(true).write(true).open(&path).ok()?;
+                Some((SegmentFile { id, file }, first, last))
+            })
+            .collect();
         tracing::info!(
-            dir = %opts.dir.display(),
-            entries = live.len(),
+            dir = %dir.display(),
+            entries = recovered.entries.len(),
             pending_bytes,
-            next_seq = last_seq + 1,
+            segments = sealed.len(),
+            spares = spares.len(),
+            next_seq = recovered.max_seq + 1,
             "wal opened"
         );
 
+        let pool = Pool::new(
+            dir.clone(),
+            opts.segment_bytes.max(4096),
+            opts.spare_segments,
+            max_id + 1,
+            spares,
+        );
+        let (health, _) = watch::channel(WalHealth::Ok);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                next_seq: last_seq + 1,
+                next_seq: recovered.max_seq + 1,
                 queue: VecDeque::new(),
                 live,
                 pending_bytes,
-                truncated_through,
-                failed: None,
+                truncated_through: mark.through(),
+                failure: None,
+                failures: 0,
                 closing: false,
                 stopped: false,
             }),
@@ -259,60 +360,61 @@ impl Wal {
             counters: Counters::default(),
             pending_bytes: AtomicU64::new(pending_bytes),
             max_group_bytes: opts.max_group_bytes.max(1),
+            health,
         });
-
-        let committer = Committer {
-            shared: shared.clone(),
-            db: db.clone(),
-            entries: entries.clone(),
-            meta,
-            written_through: last_seq,
-            tombstoned_through: truncated_through,
-        };
+        let keeper = pool.spawn_keeper().map_err(|e| io_err(&dir, e))?;
+        let committer = Committer::new(
+            shared.clone(),
+            pool.clone(),
+            sealed,
+            recovered.last_seq,
+            mark,
+            recovered.max_number,
+            faults_of(&opts),
+        );
         let handle = std::thread::Builder::new()
             .name("shoal-wal-commit".into())
             .spawn(move || committer.run())
-            .map_err(|source| Error::Io {
-                path: opts.dir.clone(),
-                source,
-            })?;
+            .map_err(|e| io_err(&dir, e))?;
 
         Ok(Wal {
             shared,
-            entries,
+            pool,
+            dir,
+            damage: recovered.damage,
             committer: Some(handle),
-            _db: db,
+            keeper: Some(keeper),
+            _lock: lock,
         })
     }
 
     /// All entries still in the log, in seq order (for replay at start-up).
     ///
-    /// Entries handed to `append` show up once the committer has written
-    /// them, possibly before their fsync; call this before appending.
+    /// Reads the segment files: entries handed to `append` show up once the
+    /// committer has written them; call this before appending.
     pub fn replay(&self) -> Result<Vec<WalEntry>> {
         let floor = self.shared.lock().truncated_through;
-        let Some(start) = floor.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for item in self.entries.range(start.to_be_bytes()..) {
-            let (key, value) = item.into_inner()?;
-            let Some(seq) = decode_seq(&key) else {
-                tracing::warn!(?key, "wal: skipping entry with malformed key");
-                continue;
-            };
-            out.push(WalEntry {
-                seq,
-                payload: Bytes::copy_from_slice(&value),
-            });
-        }
-        Ok(out)
+        let (scanned, _, _) = read_segments(&self.dir, self.pool.segment_bytes(), false)?;
+        Ok(recovery::recover(scanned, floor)
+            .entries
+            .into_iter()
+            .filter(|(seq, _)| *seq > floor)
+            .map(|(seq, payload)| WalEntry { seq, payload })
+            .collect())
+    }
+
+    /// Durable records found unreadable at open (damaged disk or files).
+    /// A caller that cannot tell what they held must not pretend nothing
+    /// was lost.
+    pub fn damage(&self) -> &[Damage] {
+        &self.damage
     }
 
     /// Enqueue an append. The seq is assigned synchronously, strictly
     /// increasing in call order (callers rely on this: they hold a per-shard
     /// lock while calling append so that WAL order equals offset order).
-    /// Non-async, cheap, never blocks on I/O.
+    /// Non-async, cheap, never blocks on I/O. Refused while the log is
+    /// failed ([`WalHealth::Failed`]).
     pub fn append(&self, payload: Bytes) -> Result<AppendTicket> {
         if payload.len() > MAX_ENTRY_BYTES {
             return Err(Error::EntryTooLarge {
@@ -352,16 +454,16 @@ impl Wal {
     /// committed to object storage).
     ///
     /// Takes effect at once for `replay` and `pending_bytes`; the committer
-    /// writes the tombstones with its next fsync, so this never blocks on
-    /// I/O. Entries still queued are then simply never written. If the
-    /// tombstones are lost in a crash the entries replay again, which the
-    /// caller must tolerate anyway (a crash can fall between its object
-    /// commit and this call).
+    /// records it in the mark file soon after, so this never blocks on I/O.
+    /// Entries still queued are then simply never written. If the mark is
+    /// lost in a crash the entries replay again, which the caller must
+    /// tolerate anyway (a crash can fall between its object commit and this
+    /// call).
     pub fn truncate_through(&self, seq: u64) -> Result<()> {
         {
             let mut st = self.shared.lock();
-            if let Some(err) = st.refusal() {
-                return Err(err);
+            if st.stopped {
+                return Err(Error::Closed);
             }
             // Never past the last assigned seq: a later append must not be
             // born truncated.
@@ -385,6 +487,33 @@ impl Wal {
         Ok(())
     }
 
+    /// Whether the log takes appends, and the failure if not.
+    pub fn health(&self) -> WalHealth {
+        self.shared.health.borrow().clone()
+    }
+
+    /// Follow [`Wal::health`] as it changes.
+    pub fn watch_health(&self) -> watch::Receiver<WalHealth> {
+        self.shared.health.subscribe()
+    }
+
+    /// After a failure: the caller has taken back everything it built on
+    /// entries at or above `first_failed_seq` of failure `generation`. The
+    /// committer then starts a new segment and appends come back as soon
+    /// as it can write one (at once with a spare segment ready, otherwise
+    /// once the disk takes a new file).
+    pub fn resume(&self, generation: u64) {
+        {
+            let mut st = self.shared.lock();
+            match &mut st.failure {
+                Some(f) if f.generation == generation && !f.resumed => f.resumed = true,
+                _ => return,
+            }
+            self.shared.publish_health(&st);
+        }
+        self.shared.wake.notify_one();
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> WalStats {
         let c = &self.shared.counters;
@@ -396,6 +525,9 @@ impl Wal {
             last_fsync_nanos: c.last_fsync_nanos.load(Ordering::Relaxed),
             last_group_size: c.last_group_size.load(Ordering::Relaxed),
             max_group_size: c.max_group_size.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+            segments: c.segments.load(Ordering::Relaxed),
+            spare_segments: self.pool.spares() as u64,
         }
     }
 
@@ -405,9 +537,106 @@ impl Wal {
     }
 }
 
+#[cfg(feature = "testing")]
+fn faults_of(opts: &WalOptions) -> faults::Faults {
+    faults::Faults(opts.faults.clone())
+}
+
+#[cfg(not(feature = "testing"))]
+fn faults_of(_opts: &WalOptions) -> faults::Faults {
+    faults::Faults
+}
+
+/// Damage without the payload bytes, for logs.
+struct ShortDamage<'a>(&'a Damage);
+
+impl fmt::Debug for ShortDamage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Damage::Entry { seq, payload } => {
+                write!(
+                    f,
+                    "entry {seq} ({} bytes) fails its checksum",
+                    payload.len()
+                )
+            }
+            Damage::Unreadable { after, before } => match before {
+                Some(b) => write!(f, "entries after {after} and before {b} unreadable"),
+                None => write!(f, "entries after {after} unreadable"),
+            },
+        }
+    }
+}
+
+/// Read every segment file of `dir`: readable ones scanned, spares kept
+/// (files of the right size without a valid header). With `cleanup` (at
+/// open, when nothing else writes) half-prepared spares are removed. Also
+/// returns the highest segment id seen.
+fn read_segments(
+    dir: &std::path::Path,
+    segment_bytes: u64,
+    cleanup: bool,
+) -> Result<(Vec<recovery::ScannedSegment>, Vec<SegmentFile>, u64)> {
+    let mut scanned = Vec::new();
+    let mut spares = Vec::new();
+    let mut max_id = 0;
+    let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| io_err(dir, e))?.path();
+        let Some(id) = segments::id_of(&path) else {
+            continue;
+        };
+        max_id = max_id.max(id);
+        let read = (|| -> std::io::Result<(u64, Vec<u8>)> {
+            let mut f = File::open(&path)?;
+            let len = f.metadata()?.len();
+            // The header first: a spare's data is of no interest.
+            let mut head = [0u8; format::SEGMENT_HEADER_LEN];
+            let n = f.read(&mut head)?;
+            let mut bytes = head[..n].to_vec();
+            if format::SegmentHeader::decode(&bytes).is_some() {
+                f.read_to_end(&mut bytes)?;
+            }
+            Ok((len, bytes))
+        })();
+        let (len, bytes) = match read {
+            Ok(r) => r,
+            // Recycled and deleted meanwhile (a replay while the log runs).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        let zeroed = bytes.iter().take(8).all(|b| *b == 0);
+        match recovery::scan(id, Bytes::from(bytes)) {
+            Some(s) => scanned.push(s),
+            None if len == segment_bytes => {
+                let file = File::options()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?;
+                spares.push(SegmentFile { id, file });
+            }
+            // A spare being prepared (zeroed header), or a header that does
+            // not read: kept for whoever investigates. If it held live
+            // entries, the next segment's header shows them missing and they
+            // are reported as damage.
+            // Half-prepared when the process stopped: nothing in it.
+            None if zeroed && cleanup => {
+                let _ = std::fs::remove_file(&path);
+            }
+            None if zeroed => {}
+            None => {
+                tracing::warn!(path = %path.display(), "wal: ignoring a segment without a readable header")
+            }
+        }
+    }
+    Ok((scanned, spares, max_id))
+}
+
 impl fmt::Debug for Wal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Wal")
+            .field("dir", &self.dir)
             .field("pending_bytes", &self.pending_bytes())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
@@ -423,49 +652,11 @@ impl Drop for Wal {
         {
             tracing::error!("wal committer thread panicked");
         }
-    }
-}
-
-/// Open the fjall database, repairing a torn journal tail that fjall's own
-/// recovery refuses.
-///
-/// fjall drops a journal tail that is cut short or ends in garbage, but a
-/// last batch that is complete in length with a bad checksum (a torn write
-/// whose later pages reached the disk before an earlier one) makes `open`
-/// fail. Such a batch was never fsynced, so cutting the journal there loses
-/// nothing that was promised.
-fn open_database(dir: &Path) -> Result<Database> {
-    match database_builder(dir).open() {
-        Ok(db) => Ok(db),
-        Err(err @ fjall::Error::JournalRecovery(_)) => {
-            let Some(torn) = repair::find_torn_tail(dir)? else {
-                return Err(err.into());
-            };
-            tracing::warn!(
-                journal = %torn.journal.display(),
-                offset = torn.offset,
-                error = %err,
-                "wal: dropping torn journal tail"
-            );
-            repair::cut(&torn)?;
-            Ok(database_builder(dir).open()?)
+        self.pool.close();
+        if let Some(handle) = self.keeper.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("wal segment keeper thread panicked");
         }
-        Err(err) => Err(err.into()),
     }
-}
-
-fn database_builder(dir: &Path) -> fjall::DatabaseBuilder<Database> {
-    Database::builder(dir)
-        // Payloads are usually compressed record batches already; lz4 on the
-        // commit path would cost CPU for nothing.
-        .journal_compression(CompressionType::None)
-        // The committer persists explicitly; single writes never happen.
-        .manual_journal_persist(true)
-        // Reads happen only at start-up, so a small block cache suffices.
-        .cache_size(8 * 1024 * 1024)
-}
-
-fn decode_seq(bytes: &[u8]) -> Option<u64> {
-    let array: [u8; 8] = bytes.try_into().ok()?;
-    Some(u64::from_be_bytes(array))
 }
