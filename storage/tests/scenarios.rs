@@ -1,6 +1,8 @@
 //! Backend scenarios, written once and run against every backend:
-//! `memory://`, `file://<tempdir>`, and `s3://` when `SHOAL_TEST_S3_URL`
-//! names a bucket (CI points it at a local S3 emulator).
+//! `memory://`, `file://<tempdir>`, and `s3://` on the bucket that
+//! `SHOAL_TEST_S3_URL` names (the `s3` ones are `#[ignore]`d so a plain
+//! `cargo test` shows them as not run; tests/run.sh runs them against an
+//! S3 emulator with `--include-ignored`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -343,13 +345,15 @@ macro_rules! on_every_backend {
             )*
         }
 
+        // Shown as "ignored" in a plain `cargo test`; tests/run.sh starts
+        // an S3 emulator and runs them with `--include-ignored`.
         mod s3 {
             $(
                 #[tokio::test]
+                #[ignore = "needs SHOAL_TEST_S3_URL (tests/run.sh runs it on an S3 emulator)"]
                 async fn $scenario() {
-                    if let Some(store) = super::s3_store(stringify!($scenario)) {
-                        super::$scenario(&store).await;
-                    }
+                    let store = super::s3_store(stringify!($scenario));
+                    super::$scenario(&store).await;
                 }
             )*
         }
@@ -369,22 +373,17 @@ on_every_backend!(
     segment_read_one_shard,
 );
 
-/// The one place that decides whether the S3 scenarios run. Each scenario
-/// gets its own prefix under a per-process run id, so runs never collide
-/// in a reused bucket.
-fn s3_store(scenario: &str) -> Option<ObjectStorage> {
-    let Ok(base) = std::env::var("SHOAL_TEST_S3_URL") else {
-        // In CI the harness always provides the emulator: never skip there.
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI is set but SHOAL_TEST_S3_URL is not: the S3 scenarios must run"
-        );
-        eprintln!(
-            "SKIPPED s3::{scenario}: SHOAL_TEST_S3_URL is not set \
-             (CI sets it to a bucket on a local S3 emulator)"
-        );
-        return None;
-    };
+/// The store of one S3 scenario. Each scenario gets its own prefix under a
+/// per-process run id, so runs never collide in a reused bucket. Run
+/// without a bucket, the scenario fails: being asked to run it and not
+/// having the emulator is an error, never a silent pass.
+fn s3_store(scenario: &str) -> ObjectStorage {
+    let base = std::env::var("SHOAL_TEST_S3_URL").unwrap_or_else(|_| {
+        panic!(
+            "s3::{scenario}: SHOAL_TEST_S3_URL is not set; run the S3 scenarios \
+             through tests/run.sh, which starts an S3 emulator"
+        )
+    });
     static RUN: OnceLock<String> = OnceLock::new();
     let run = RUN.get_or_init(|| {
         let nanos = SystemTime::now()
@@ -393,7 +392,7 @@ fn s3_store(scenario: &str) -> Option<ObjectStorage> {
         format!("test-{nanos}-{}", std::process::id())
     });
     let url = format!("{}/{run}/{scenario}", base.trim_end_matches('/'));
-    Some(ObjectStorage::from_url(&url).unwrap())
+    ObjectStorage::from_url(&url).unwrap()
 }
 
 #[test]

@@ -7,11 +7,20 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from cluster import Cluster
 from harness import unique_name, wait_for
+from kafka_wire import (
+    RawConnection,
+    Record,
+    encode_record_batch,
+    find_coordinator,
+    pick_produce_version,
+)
+
+NOT_LEADER_OR_FOLLOWER = 6
 
 
 @pytest.fixture
@@ -89,8 +98,9 @@ def read_all(bootstrap: str, topic: str, partitions: int, expected: int,
     try:
         while time.monotonic() < deadline and sum(len(v) for v in got.values()) < expected:
             m = c.poll(0.5)
-            if m is None or m.error():
+            if m is None:
                 continue
+            assert m.error() is None, f"reading {topic}: {m.error()}"
             got.setdefault(m.partition(), []).append((m.offset(), m.value()))
     finally:
         c.close()
@@ -139,10 +149,17 @@ def test_metadata_lists_every_broker_and_leader(cluster):
         # Each broker learns the assignment at its next heartbeat.
         got = wait_for(leaders, 10, f"{b.name} to know every partition's leader")
         assert set(got.values()) == {1, 2, 3}, got
-    # A produce sent to a broker that does not lead the partition is refused
-    # with NOT_LEADER_OR_FOLLOWER (librdkafka routes by leader, so use a
-    # one-broker bootstrap and a partition led elsewhere: the client follows).
-    p = producer(cluster.brokers[0].bootstrap)
+    # A produce sent straight to a broker that does not lead the partition
+    # is refused with NOT_LEADER_OR_FOLLOWER.
+    first = cluster.brokers[0]
+    owners = cluster.owners(topic)
+    elsewhere = next(part for part, owner in owners.items() if owner != first.node_id)
+    with RawConnection("127.0.0.1", first.kafka_port) as conn:
+        version = pick_produce_version(conn.api_versions())
+        [r] = conn.produce(version, topic, elsewhere, encode_record_batch([Record(value=b"x")]))
+    assert r.error_code == NOT_LEADER_OR_FOLLOWER, r
+    # A client bootstrapped on that one broker still reaches every leader.
+    p = producer(first.bootstrap)
     acked = Acked()
     for i in range(60):
         p.produce(topic, value=f"r{i}".encode(), partition=i % 6, on_delivery=acked)
@@ -233,9 +250,12 @@ def test_paused_broker_writes_nothing_after_its_lease_moved(cluster):
         moved = acked.count()
         wait_for(lambda: acked.count() > moved + 300, 60, "writes to the new owners")
         paused.resume()
-        # Give the woken broker the chance to do the wrong thing: it flushes
-        # what it held, and must be refused.
+        # The woken broker learns its shards moved and stops serving them:
+        # its own metrics and log say so.
         wait_for(lambda: paused.health_status() == 200, 30, "the paused broker to answer")
+        wait_for(lambda: paused.metrics().get("shoal_shards_fenced_total", 0) >= 1, 30,
+                 "the paused broker to fence the shards it lost")
+        assert "shard moved away" in paused.log_text()
         resumed = acked.count()
         wait_for(lambda: acked.count() > resumed + 300, 60, "writes after the resume")
     finally:
@@ -275,6 +295,10 @@ def test_consumer_group_survives_a_broker_failure(cluster):
                 if m is None:
                     continue
                 if m.error():
+                    # The only errors a killed broker may cause are losing
+                    # the connection to it; anything else fails the test.
+                    if m.error().code() not in TRANSPORT_ERRORS:
+                        errors.append(str(m.error()))
                     continue
                 with lock:
                     seen.add(m.value())
@@ -293,8 +317,7 @@ def test_consumer_group_survives_a_broker_failure(cluster):
     try:
         wait_for(lambda: len(seen) >= total // 2, 90, "the group to consume the first half")
         # Kill the broker coordinating the group (or any, if that is unclear).
-        coord = group_coordinator(cluster, group)
-        victim = cluster.broker(coord) if coord else cluster.brokers[-1]
+        victim = cluster.broker(group_coordinator(cluster, group))
         victim.kill9()
         live = [b for b in cluster.brokers if b is not victim]
         p2 = producer(",".join(b.bootstrap for b in live))
@@ -310,12 +333,13 @@ def test_consumer_group_survives_a_broker_failure(cluster):
     assert seen == {f"r{i}".encode() for i in range(total)}
 
 
-def group_coordinator(cluster: Cluster, group: str) -> int | None:
-    from kafka_wire import find_coordinator  # the raw wire helper of the bad-input tests
-    try:
-        return find_coordinator(cluster.brokers[0].bootstrap, group)
-    except Exception:  # noqa: BLE001
-        return None
+TRANSPORT_ERRORS = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+
+
+def group_coordinator(cluster: Cluster, group: str) -> int:
+    """The node id coordinating `group`, as FindCoordinator answers it."""
+    return wait_for(lambda: find_coordinator(cluster.brokers[0].bootstrap, group), 30,
+                    f"the coordinator of {group}", ignore=(ValueError, OSError))
 
 
 def test_placement_nodes_are_added_and_removed(cluster, tmp_path):

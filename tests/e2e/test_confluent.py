@@ -89,6 +89,7 @@ class RdGroupMember(threading.Thread):
         self.values: set[bytes] = set()
         self.records: list[tuple[int, int, bytes]] = []
         self.error: BaseException | None = None
+        self.consume_errors: list[str] = []
         self._stop_evt = threading.Event()
         self.closed = threading.Event()
 
@@ -122,7 +123,11 @@ class RdGroupMember(threading.Thread):
                     if msg is None:
                         continue
                     if msg.error():
-                        continue  # transient errors are reported, not fatal
+                        # Nothing in these tests should surface an error to
+                        # the consumer: keep it, and stop() fails on it.
+                        with self.lock:
+                            self.consume_errors.append(str(msg.error()))
+                        continue
                     with self.lock:
                         self.values.add(msg.value())
                         self.records.append((msg.partition(), msg.offset(), msg.value()))
@@ -145,6 +150,7 @@ class RdGroupMember(threading.Thread):
         self._stop_evt.set()
         assert self.closed.wait(timeout), f"{self.name} did not close"
         assert self.error is None, f"{self.name} failed: {self.error!r}"
+        assert not self.consume_errors, f"{self.name} got errors: {self.consume_errors[:5]}"
 
 
 def produce_to_all(bootstrap: str, topic: str, prefix: str, n: int, partitions: int) -> list[bytes]:
