@@ -772,6 +772,131 @@ mod tests {
         assert_eq!(s.min_unflushed_seq(), None);
     }
 
+    fn at(offset: i64, n: i64) -> Bytes {
+        batch::with_base_offset(&batch(n), offset)
+    }
+
+    fn replay_env(cluster: bool) -> ShardLog {
+        let mut e = env();
+        e.cluster = cluster;
+        ShardLog::new(
+            "s",
+            0,
+            ShardInit {
+                epoch: 8,
+                replay_epoch: 7,
+                log_start_offset: 0,
+                committed_offset: 3,
+                segments: vec![seg(0, 2)],
+                producers: Producers::new(),
+                stopped: None,
+            },
+            e,
+        )
+    }
+
+    #[test]
+    fn replay_continues_offsets_or_names_the_gap() {
+        let s = replay_env(false);
+        assert_eq!(s.replay(at(0, 3), 1, 7), Replayed::Committed);
+        assert_eq!(s.replay(at(3, 2), 2, 6), Replayed::Applied);
+        assert_eq!(s.replay(at(5, 2), 3, 7), Replayed::Applied);
+        // Offsets 7 and 8 are missing: in standalone that is a loss, whatever
+        // the epoch.
+        assert_eq!(
+            s.replay(at(9, 1), 5, 6),
+            Replayed::Gap {
+                expected: 7,
+                got: 9,
+                epoch: 6
+            }
+        );
+        assert_eq!(s.high_watermark(), 7);
+        // An entry from a lease later than the last one known is impossible.
+        assert!(matches!(s.replay(at(7, 1), 6, 9), Replayed::Gap { .. }));
+    }
+
+    #[test]
+    fn in_a_cluster_only_older_leases_can_be_superseded() {
+        let s = replay_env(true);
+        assert_eq!(s.replay(at(3, 2), 1, 7), Replayed::Applied);
+        // Lease 6 is older than this broker's last one (7): another owner
+        // may have written these offsets since.
+        assert_eq!(s.replay(at(9, 1), 2, 6), Replayed::Superseded);
+        // A gap among entries of this broker's last lease is a loss.
+        assert!(matches!(s.replay(at(9, 1), 3, 7), Replayed::Gap { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_failed_wal_write_rolls_its_batches_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(shoal_wal_cache::WalFaults::default());
+        let wal = Wal::open(shoal_wal_cache::WalOptions {
+            faults: Some(faults.clone()),
+            ..shoal_wal_cache::WalOptions::new(dir.path())
+        })
+        .unwrap();
+        let env = env();
+        let total = env.unflushed_bytes.clone();
+        let s = shard(env);
+        let idem = |seq: i32| {
+            let mut b = batch(2).to_vec();
+            // producer id 9, epoch 0, base sequence `seq` (v2 header fields)
+            b[43..51].copy_from_slice(&9i64.to_be_bytes());
+            b[51..53].copy_from_slice(&0i16.to_be_bytes());
+            b[53..57].copy_from_slice(&seq.to_be_bytes());
+            Bytes::from(b)
+        };
+        let first = idem(0);
+        let Appended::Pending { ticket, .. } = s.append(&first, batch::info(&first), &wal).unwrap()
+        else {
+            panic!("duplicate")
+        };
+        ticket.durable().await.unwrap();
+        s.durable_through(1);
+        faults
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let second = idem(2);
+        let Appended::Pending {
+            ticket, mut fate, ..
+        } = s.append(&second, batch::info(&second), &wal).unwrap()
+        else {
+            panic!("duplicate")
+        };
+        assert!(ticket.durable().await.is_err());
+        let shoal_wal_cache::WalHealth::Failed(f) = wal.health() else {
+            panic!("the WAL did not fail")
+        };
+        s.roll_back_from(f.first_failed_seq);
+        assert_eq!(
+            *fate.wait_for(|f| *f != Fate::Pending).await.unwrap(),
+            Fate::Failed
+        );
+        assert_eq!(total.load(Ordering::Relaxed), first.len() as u64);
+        faults
+            .fail_writes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        wal.resume(f.generation);
+        for _ in 0..200 {
+            if wal.health() == shoal_wal_cache::WalHealth::Ok {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The retry is new again: same offsets, no duplicate.
+        let Appended::Pending {
+            base_offset,
+            ticket,
+            ..
+        } = s.append(&second, batch::info(&second), &wal).unwrap()
+        else {
+            panic!("a rolled-back batch must not count as a duplicate")
+        };
+        assert_eq!(base_offset, 2);
+        ticket.durable().await.unwrap();
+    }
+
     /// The broker's total is the sum of what its shards hold uncommitted,
     /// whatever happens to them: commits, fencing, rollbacks, replacement.
     #[tokio::test]
