@@ -31,6 +31,9 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 pub struct ObjectStorage {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// The directory of a `file://` store: what a write made is fsynced
+    /// there (object_store's local backend leaves it in the page cache).
+    local_root: Option<Arc<std::path::Path>>,
     url: Arc<str>,
     counters: Arc<Counters>,
     latencies: Arc<Latencies>,
@@ -123,6 +126,7 @@ impl ObjectStorage {
             reason,
         };
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let mut local_root = None;
         let (inner, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
             "memory" => {
                 let raw = format!("{}{}", parsed.host_str().unwrap_or(""), parsed.path());
@@ -142,6 +146,7 @@ impl ObjectStorage {
                     // Deleting the last object of a directory removes the
                     // directory, like a prefix disappearing in a bucket.
                     .with_automatic_cleanup(true);
+                local_root = Some(Arc::from(dir.as_path()));
                 (Arc::new(fs), Path::default())
             }
             "s3" => {
@@ -191,6 +196,7 @@ impl ObjectStorage {
         Ok(Self {
             inner,
             prefix,
+            local_root,
             url: Arc::from(url),
             counters: Arc::default(),
             latencies: Arc::default(),
@@ -223,16 +229,54 @@ impl ObjectStorage {
     /// From the multipart threshold on, the object goes up in parts.
     pub async fn put_create(&self, key: &str, bytes: Bytes) -> Result<()> {
         if bytes.len() >= self.multipart.threshold {
-            return self
-                .retry(RequestKind::Put, || {
-                    self.put_create_multipart_once(key, bytes.clone())
-                })
-                .await;
+            self.retry(RequestKind::Put, || {
+                self.put_create_multipart_once(key, bytes.clone())
+            })
+            .await?;
+        } else {
+            self.retry(RequestKind::Put, || {
+                self.put_create_once(key, bytes.clone())
+            })
+            .await?;
         }
-        self.retry(RequestKind::Put, || {
-            self.put_create_once(key, bytes.clone())
+        self.sync_local(key).await
+    }
+
+    /// On a `file://` store, make a written object durable: fsync the file
+    /// and every directory from it up to the store's root (the local
+    /// backend writes a temporary file and renames it, creating directories
+    /// as it goes, and syncs none of it). A committed object must survive
+    /// the loss of power as much as the WAL records it replaces do.
+    async fn sync_local(&self, key: &str) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        // A file:// store has no key prefix: the key is the relative path.
+        let path = root.join(self.path(key)?.as_ref());
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&path)?.sync_all()?;
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                std::fs::File::open(d)?.sync_all()?;
+                if d == &*root {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
         })
-        .await
+        .await;
+        match synced {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(Error::Io {
+                path: key.to_owned(),
+                source,
+            }),
+            Err(e) => Err(Error::Io {
+                path: key.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
     }
 
     /// Read a whole object with its version tag (ETag), for a later
@@ -246,10 +290,13 @@ impl ObjectStorage {
     /// Returns the new version. [`Error::Changed`] if another writer got
     /// there first (or a retried attempt of this call did).
     pub async fn put_replace(&self, key: &str, bytes: Bytes, etag: &str) -> Result<Option<String>> {
-        self.retry(RequestKind::Put, || {
-            self.put_replace_once(key, bytes.clone(), etag)
-        })
-        .await
+        let version = self
+            .retry(RequestKind::Put, || {
+                self.put_replace_once(key, bytes.clone(), etag)
+            })
+            .await?;
+        self.sync_local(key).await?;
+        Ok(version)
     }
 
     /// Read a whole object.

@@ -8,6 +8,8 @@
 //!     --dir /var/tmp/wal-bench --rate 4000 --size 16384 --seconds 20 --noise true
 //! ```
 //!
+//! The first `--warmup-seconds` (default 6) run the same load unmeasured.
+//!
 //! Prints one JSON line: throughput, latency percentiles and fsync counts.
 
 use std::collections::VecDeque;
@@ -26,6 +28,7 @@ struct Args {
     seconds: u64,
     truncate_lag: Duration,
     noise: bool,
+    warmup: u64,
 }
 
 fn parse() -> Args {
@@ -36,6 +39,7 @@ fn parse() -> Args {
         seconds: 20,
         truncate_lag: Duration::from_millis(250),
         noise: false,
+        warmup: 6,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -51,6 +55,7 @@ fn parse() -> Args {
                 a.truncate_lag = Duration::from_millis(v.parse().expect("--truncate-lag-ms"))
             }
             "--noise" => a.noise = v.parse().expect("--noise"),
+            "--warmup-seconds" => a.warmup = v.parse().expect("--warmup-seconds"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -73,6 +78,13 @@ fn noise(dir: PathBuf, bytes_per_tick: usize, stop: Arc<AtomicBool>) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let a = parse();
     let _ = std::fs::remove_dir_all(&a.dir);
     let wal = Arc::new(Wal::open(WalOptions::new(a.dir.join("wal"))).expect("open wal"));
@@ -83,9 +95,18 @@ async fn main() {
         std::thread::spawn(move || noise(dir, per_tick, stop))
     });
 
+    // Start measuring once the log is ready (its spare segments written),
+    // as a broker that has run for a while is.
+    let ready = std::time::Instant::now();
+    while wal.stats().spare_segments < 2 && ready.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let payload = Bytes::from(vec![0xa5u8; a.size]);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
-    let total = a.rate * a.seconds;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Duration)>();
+    // The first `warmup` seconds run the same load unmeasured: the log
+    // rotates into its first recycled segments as a long-running one does.
+    let skip = a.rate * a.warmup;
+    let total = a.rate * (a.seconds + a.warmup);
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / a.rate as f64);
     let mut appended: VecDeque<(Instant, u64)> = VecDeque::new();
@@ -103,7 +124,7 @@ async fn main() {
         let tx = tx.clone();
         tokio::spawn(async move {
             ticket.durable().await.expect("durable");
-            let _ = tx.send(t0.elapsed());
+            let _ = tx.send((i, t0.elapsed()));
         });
         // What the flusher would have committed by now.
         let mut through = None;
@@ -120,8 +141,10 @@ async fn main() {
     }
     drop(tx);
     let mut lat = Vec::with_capacity(total as usize);
-    while let Some(d) = rx.recv().await {
-        lat.push(d);
+    while let Some((i, d)) = rx.recv().await {
+        if i >= skip {
+            lat.push(d);
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);

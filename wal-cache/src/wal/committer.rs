@@ -22,6 +22,8 @@ use crate::error::Error;
 /// How long a resumed committer waits between attempts to start a segment
 /// (a disk that is still full).
 const RETRY_START: Duration = Duration::from_millis(250);
+/// The longest the truncation mark lags behind when nothing else needs it.
+const MARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The segment being written.
 struct Active {
@@ -49,6 +51,7 @@ pub(super) struct Committer {
     durable: u64,
     /// The truncation mark, durable.
     mark: Mark,
+    marked_at: Instant,
     /// The number of the last segment started.
     number: u64,
     buf: Vec<u8>,
@@ -59,6 +62,8 @@ pub(super) struct Committer {
 struct Round {
     group: Vec<Pending>,
     truncate_through: u64,
+    /// Record the truncation mark in this round.
+    mark: bool,
     /// After a failure the caller resumed: start a new segment.
     restart: bool,
 }
@@ -99,6 +104,7 @@ impl Committer {
             active: None,
             durable,
             mark,
+            marked_at: Instant::now(),
             number,
             buf: Vec::new(),
             faults,
@@ -109,7 +115,9 @@ impl Committer {
         let _guard = StopGuard(self.shared.clone());
         self.recycle();
         while let Some(round) = self.next_round() {
-            if let Err(e) = self.record_mark(round.truncate_through) {
+            if round.mark
+                && let Err(e) = self.record_mark(round.truncate_through)
+            {
                 tracing::warn!("wal: cannot record the truncation mark: {e}");
                 self.shared
                     .counters
@@ -147,12 +155,25 @@ impl Committer {
     fn next_round(&self) -> Option<Round> {
         let mut st = self.shared.lock();
         loop {
-            let mark_due = st.truncated_through > self.mark.through();
+            // The mark costs an fsync: it is written when it frees a
+            // segment, on a failure (to free room), at close, and at most
+            // every MARK_EVERY otherwise. A crash before it only replays
+            // entries the caller has committed already.
+            let wanted = st.truncated_through > self.mark.through();
+            let mark_due = wanted
+                && (self
+                    .sealed
+                    .front()
+                    .is_some_and(|s| s.last_seq <= st.truncated_through)
+                    || st.failure.is_some()
+                    || st.closing
+                    || self.marked_at.elapsed() >= MARK_EVERY);
             match &st.failure {
                 Some(f) if f.resumed || mark_due => {
                     return Some(Round {
                         group: Vec::new(),
                         truncate_through: st.truncated_through,
+                        mark: mark_due,
                         restart: f.resumed,
                     });
                 }
@@ -163,13 +184,28 @@ impl Committer {
             if st.closing {
                 return None;
             }
-            st = self
-                .shared
-                .wake
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = if wanted {
+                let left = MARK_EVERY.saturating_sub(self.marked_at.elapsed());
+                self.shared
+                    .wake
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            } else {
+                self.shared
+                    .wake
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner)
+            };
         }
 
+        let mark = st.truncated_through > self.mark.through()
+            && (self
+                .sealed
+                .front()
+                .is_some_and(|s| s.last_seq <= st.truncated_through)
+                || st.closing
+                || self.marked_at.elapsed() >= MARK_EVERY);
         let mut group = Vec::new();
         let mut bytes = 0usize;
         while let Some(pending) = st.queue.pop_front() {
@@ -184,6 +220,7 @@ impl Committer {
         Some(Round {
             group,
             truncate_through: st.truncated_through,
+            mark,
             restart: false,
         })
     }
@@ -193,6 +230,7 @@ impl Committer {
     fn record_mark(&mut self, through: u64) -> std::io::Result<()> {
         if through > self.mark.through() {
             self.mark.set(through)?;
+            self.marked_at = Instant::now();
             self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

@@ -68,7 +68,8 @@ pub struct WalOptions {
     /// Size of a segment file (default 64 MiB). An entry larger than a
     /// segment gets a segment of its own that grows to fit it.
     pub segment_bytes: u64,
-    /// Pre-written segments kept ready (default 2).
+    /// Pre-written segments kept ready beyond the one the log writes next
+    /// (default 1).
     pub spare_segments: usize,
     /// Injected write failures (tests only).
     #[cfg(feature = "testing")]
@@ -82,7 +83,7 @@ impl WalOptions {
             dir: dir.into(),
             max_group_bytes: DEFAULT_MAX_GROUP_BYTES,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
-            spare_segments: 2,
+            spare_segments: 1,
             #[cfg(feature = "testing")]
             faults: None,
         }

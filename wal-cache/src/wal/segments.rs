@@ -55,6 +55,7 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
 pub(super) struct Pool {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Spares kept at most (recycled segments beyond it are deleted).
     target_spares: usize,
     state: Mutex<PoolState>,
     wake: Condvar,
@@ -65,6 +66,10 @@ struct PoolState {
     spares: Vec<SegmentFile>,
     /// The keeper is preparing a spare right now.
     preparing: bool,
+    /// The pool has been filled once (at open, up to the target); from then
+    /// on recycled segments refill it, and a new one is prepared only when
+    /// none is left.
+    filled: bool,
     /// Fully truncated segments to zero and return to the pool.
     retired: VecDeque<SegmentFile>,
     /// Set when preparing a spare failed (disk full); cleared on success.
@@ -83,11 +88,13 @@ impl Pool {
         Arc::new(Pool {
             dir,
             segment_bytes,
-            target_spares,
+            // One more than asked: the log's next segment comes from here.
+            target_spares: target_spares + 1,
             state: Mutex::new(PoolState {
                 next_id,
                 spares,
                 preparing: false,
+                filled: false,
                 retired: VecDeque::new(),
                 last_error: None,
                 closing: false,
@@ -130,8 +137,10 @@ impl Pool {
         };
         self.wake.notify_all();
         if let Some(s) = spare {
+            tracing::debug!(id = s.id, "wal: segment from the spares");
             return Ok(s);
         }
+        tracing::debug!(id, "wal: no spare segment ready, making one");
         let path = path_of(&self.dir, id);
         let made = (|| {
             let file = OpenOptions::new()
@@ -187,7 +196,16 @@ impl Pool {
                     if st.closing {
                         return;
                     }
-                    if st.spares.len() < self.target_spares && backoff.is_none() {
+                    if st.spares.len() >= self.target_spares {
+                        st.filled = true;
+                    }
+                    // Writing a new segment (zeros, then an fsync) competes
+                    // with the log's own fsyncs: after the first fill it is
+                    // done only when no spare is left, since segments the
+                    // flusher truncates come back as spares. The first fill
+                    // counts the segment the log starts writing in.
+                    let low = if st.filled { 1 } else { self.target_spares };
+                    if st.spares.len() < low && backoff.is_none() {
                         let id = st.next_id;
                         st.next_id += 1;
                         st.preparing = true;
@@ -208,12 +226,14 @@ impl Pool {
             match work {
                 Work::Retire(seg) => self.recycle(seg),
                 Work::Prepare(id) => {
+                    tracing::debug!(id, "wal: preparing a spare segment");
                     let made = self.prepare(id);
                     let mut st = self.lock();
                     st.preparing = false;
                     match made {
                         Ok(seg) => {
                             st.spares.push(seg);
+                            st.filled |= st.spares.len() >= self.target_spares;
                             st.last_error = None;
                         }
                         Err(e) => {
@@ -242,6 +262,7 @@ impl Pool {
             m.len() == self.segment_bytes && m.blocks().saturating_mul(512) >= m.len()
         });
         let keep = whole && self.lock().spares.len() < self.target_spares;
+        tracing::debug!(id = seg.id, keep, "wal: recycling a segment");
         let path = path_of(&self.dir, seg.id);
         if keep {
             let zeroed = seg
