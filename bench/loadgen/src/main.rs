@@ -1,0 +1,343 @@
+//! A paced Kafka produce load generator with client-side latency
+//! percentiles, light enough to share two cores with the broker.
+//!
+//! Open loop: record `k` is due at `start + k / rate`. Every `--linger-ms`
+//! the records due so far go out in one Produce request (one batch per
+//! partition, round-robin), pipelined up to `--max-in-flight` requests on
+//! one connection, acks=all. A record's latency runs from its due time to
+//! the response that acknowledged it, so time spent queued behind a slow
+//! response counts (no coordinated omission). The first `--warmup-seconds`
+//! are sent but not measured. Prints one JSON line.
+//!
+//! It speaks to one broker (standalone): every partition must be led by
+//! the bootstrap broker.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+use indexmap::IndexMap;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, CreateTopicsRequest, ProduceRequest, RequestHeader, ResponseHeader, ResponseKind,
+    TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, Semaphore};
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    /// Topic (created with --partitions if it does not exist).
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    partitions: i32,
+    /// Records per second (all partitions together).
+    #[arg(long)]
+    rate: u64,
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value_t = 5)]
+    warmup_seconds: u64,
+    #[arg(long, default_value_t = 1024)]
+    record_size: usize,
+    /// How often the records due go out (librdkafka's linger.ms).
+    #[arg(long, default_value_t = 1)]
+    linger_ms: u64,
+    #[arg(long, default_value_t = 5)]
+    max_in_flight: usize,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+const PRODUCE_VERSION: i16 = 9;
+
+async fn call(
+    conn: &mut TcpStream,
+    key: ApiKey,
+    version: i16,
+    body: &[u8],
+    cid: i32,
+) -> Result<()> {
+    let mut buf = BytesMut::new();
+    let header = RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(cid)
+        .with_client_id(Some(StrBytes::from_static_str("shoal-loadgen")));
+    header
+        .encode(&mut buf, key.request_header_version(version))
+        .map_err(|e| e.to_string())?;
+    buf.extend_from_slice(body);
+    let len = i32::try_from(buf.len()).map_err(|e| e.to_string())?;
+    conn.write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+async fn read_response(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    key: ApiKey,
+    version: i16,
+) -> Result<ResponseKind> {
+    let len = rd.read_i32().await.map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    let mut body = Bytes::from(body);
+    ResponseHeader::decode(&mut body, key.response_header_version(version))
+        .map_err(|e| e.to_string())?;
+    ResponseKind::decode(key, &mut body, version).map_err(|e| e.to_string())
+}
+
+async fn create_topic(addr: &str, topic: &str, partitions: i32) -> Result<()> {
+    let mut conn = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let req = CreateTopicsRequest::default()
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1),
+        ])
+        .with_timeout_ms(30_000);
+    let mut body = BytesMut::new();
+    req.encode(&mut body, 5).map_err(|e| e.to_string())?;
+    call(&mut conn, ApiKey::CreateTopics, 5, &body, 1).await?;
+    match read_response(&mut conn, ApiKey::CreateTopics, 5).await? {
+        ResponseKind::CreateTopics(r) => match r.topics.first().map(|t| t.error_code) {
+            // 36: TOPIC_ALREADY_EXISTS
+            Some(0) | Some(36) => Ok(()),
+            other => Err(format!("CreateTopics answered {other:?}")),
+        },
+        other => Err(format!("unexpected response {other:?}")),
+    }
+}
+
+/// One batch of `n` records of `value`.
+fn batch(n: usize, value: &Bytes, now_ms: i64) -> Result<Bytes> {
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            // The encoder starts a new batch where offset - sequence
+            // changes; -1 for the first record is "no sequence".
+            sequence: i as i32 - 1,
+            timestamp: now_ms,
+            key: None,
+            value: Some(value.clone()),
+            headers: IndexMap::new(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(buf.freeze())
+}
+
+/// The record indices a request carried.
+struct InFlight {
+    first: u64,
+    end: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<String> {
+    let topic = args.topic.clone().unwrap_or_else(|| {
+        format!(
+            "loadgen-{}p-{}",
+            args.partitions,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        )
+    });
+    create_topic(&args.bootstrap, &topic, args.partitions).await?;
+    let conn = TcpStream::connect(&args.bootstrap)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = conn.into_split();
+
+    let rate = args.rate.max(1) as f64;
+    let total = args.rate * (args.seconds + args.warmup_seconds);
+    let warm = args.rate * args.warmup_seconds;
+    let start = Instant::now();
+    let due = move |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
+    let value = Bytes::from(vec![0x5au8; args.record_size]);
+    let slots = Arc::new(Semaphore::new(args.max_in_flight));
+    let pending: Arc<Mutex<VecDeque<InFlight>>> = Arc::default();
+
+    // Responses come back in order: match them to what each request carried.
+    let reader = {
+        let (slots, pending) = (slots.clone(), pending.clone());
+        tokio::spawn(async move {
+            let mut lat: Vec<f32> = Vec::with_capacity(total as usize);
+            let mut errors = 0u64;
+            let mut codes = std::collections::BTreeMap::<i16, u64>::new();
+            let mut acked = 0u64;
+            while acked < total {
+                let resp = read_response(&mut rd, ApiKey::Produce, PRODUCE_VERSION).await?;
+                let now = Instant::now();
+                let Some(req) = pending.lock().await.pop_front() else {
+                    return Err("a response nobody waited for".to_string());
+                };
+                slots.add_permits(1);
+                if let ResponseKind::Produce(r) = resp {
+                    for p in r
+                        .responses
+                        .iter()
+                        .flat_map(|t| t.partition_responses.iter())
+                    {
+                        if p.error_code != 0 {
+                            errors += 1;
+                            *codes.entry(p.error_code).or_default() += 1;
+                        }
+                    }
+                }
+                for k in req.first..req.end {
+                    if k >= warm {
+                        lat.push(now.saturating_duration_since(due(k)).as_secs_f32());
+                    }
+                }
+                acked = req.end;
+            }
+            Ok::<_, String>((lat, errors, codes))
+        })
+    };
+
+    let mut sent = 0u64;
+    let mut cid = 0i32;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.linger_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while sent < total {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut upto = sent;
+        while upto < total && due(upto) <= now {
+            upto += 1;
+        }
+        if upto == sent {
+            continue;
+        }
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        permit.forget();
+        // Records queued while waiting for a slot go out too.
+        let now = Instant::now();
+        while upto < total && due(upto) <= now {
+            upto += 1;
+        }
+        let n = (upto - sent) as usize;
+        let parts = args.partitions.max(1) as usize;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut data = Vec::new();
+        for p in 0..parts {
+            let count = n / parts + usize::from(p < n % parts);
+            if count > 0 {
+                data.push(
+                    PartitionProduceData::default()
+                        .with_index(((sent as usize + p) % parts) as i32)
+                        .with_records(Some(batch(count, &value, now_ms)?)),
+                );
+            }
+        }
+        let req = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partition_data(data),
+            ]);
+        let mut body = BytesMut::new();
+        req.encode(&mut body, PRODUCE_VERSION)
+            .map_err(|e| e.to_string())?;
+        pending.lock().await.push_back(InFlight {
+            first: sent,
+            end: upto,
+        });
+        cid = cid.wrapping_add(1);
+        let mut framed = BytesMut::new();
+        let header = RequestHeader::default()
+            .with_request_api_key(ApiKey::Produce as i16)
+            .with_request_api_version(PRODUCE_VERSION)
+            .with_correlation_id(cid)
+            .with_client_id(Some(StrBytes::from_static_str("shoal-loadgen")));
+        header
+            .encode(
+                &mut framed,
+                ApiKey::Produce.request_header_version(PRODUCE_VERSION),
+            )
+            .map_err(|e| e.to_string())?;
+        framed.extend_from_slice(&body);
+        let len = i32::try_from(framed.len()).map_err(|e| e.to_string())?;
+        wr.write_all(&len.to_be_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        wr.write_all(&framed).await.map_err(|e| e.to_string())?;
+        sent = upto;
+    }
+    let (mut lat, errors, codes) = reader.await.map_err(|e| e.to_string())??;
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_by(f32::total_cmp);
+    let pct = |q: f64| {
+        let i = ((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1));
+        lat.get(i).map_or(f64::NAN, |v| f64::from(*v) * 1e3)
+    };
+    let line = serde_json::json!({
+        "topic": topic,
+        "partitions": args.partitions,
+        "target_rate": args.rate,
+        "records": total,
+        "errors": errors,
+        "error_codes": codes,
+        "mb_per_s": (total as f64 * args.record_size as f64 / elapsed / 1e6 * 10.0).round() / 10.0,
+        "elapsed_s": (elapsed * 100.0).round() / 100.0,
+        "p50_ms": (pct(0.50) * 100.0).round() / 100.0,
+        "p90_ms": (pct(0.90) * 100.0).round() / 100.0,
+        "p99_ms": (pct(0.99) * 100.0).round() / 100.0,
+        "p999_ms": (pct(0.999) * 100.0).round() / 100.0,
+        "max_ms": (pct(1.0) * 100.0).round() / 100.0,
+    });
+    Ok(line.to_string())
+}
