@@ -97,6 +97,7 @@ pub struct Broker {
     prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Set in a cluster: the live brokers and this broker's lease.
     pub cluster: Option<crate::cluster::ClusterState>,
+    pub(crate) encoder: crate::encoder::Encoder,
 }
 
 /// Size of the batches cold reads are re-encoded into (Kafka's default
@@ -155,6 +156,7 @@ impl Broker {
         }
         let cluster = config.cluster.then(crate::cluster::ClusterState::default);
         let broker = Arc::new(Broker {
+            encoder: crate::encoder::Encoder::start()?,
             cluster,
             groups: Coordinator::new(),
             config,

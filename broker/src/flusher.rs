@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shoal_placement::{Command, Reply, SegmentCommit, SegmentRef, ShardCommit};
-use shoal_storage::{SegmentOptions, ShardRows};
 
-use crate::batch;
 use crate::broker::{Broker, now_ms};
 use crate::error::{Error, Result};
 use crate::shard::{ProducerDelta, ShardLog, TailBatch};
@@ -100,36 +98,14 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         .flat_map(|t| t.batches.iter().map(|b| b.wal_seq))
         .max()
         .unwrap_or(0);
-    let inputs: Vec<(String, i32, Vec<bytes::Bytes>)> = taken
+    let inputs: Vec<crate::encoder::ShardInput> = taken
         .iter()
         .map(|t| {
             let batches = t.batches.iter().map(|b| b.bytes.clone()).collect();
             (t.shard.stream.clone(), t.shard.shard, batches)
         })
         .collect();
-    // Decoding the batches and encoding Parquet is CPU work of tens of
-    // milliseconds per flush: keep all of it off the reactor threads, which
-    // serve the producers meanwhile.
-    let encoded = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut shard_rows = Vec::with_capacity(inputs.len());
-        for (stream, shard, batches) in inputs {
-            let mut records = Vec::new();
-            for b in &batches {
-                records.extend(batch::to_rows(b)?);
-            }
-            shard_rows.push(ShardRows {
-                stream,
-                shard,
-                records,
-            });
-        }
-        Ok(shoal_storage::encode_segment(
-            shard_rows,
-            &SegmentOptions::default(),
-        )?)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("segment encoder task: {e}")))??;
+    let encoded = broker.encoder.encode(inputs).await?;
     let size = encoded.bytes.len() as u64;
     let key = loop {
         *next_id += 1;

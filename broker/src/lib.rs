@@ -19,6 +19,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod decompress;
+mod encoder;
 pub mod error;
 pub mod flusher;
 pub mod group;

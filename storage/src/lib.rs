@@ -22,6 +22,7 @@
 
 mod error;
 mod latency;
+mod local;
 mod record;
 mod segment;
 mod store;

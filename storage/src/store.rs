@@ -233,39 +233,27 @@ impl ObjectStorage {
                 self.put_create_multipart_once(key, bytes.clone())
             })
             .await?;
-        } else {
-            self.retry(RequestKind::Put, || {
-                self.put_create_once(key, bytes.clone())
-            })
-            .await?;
+            return self.sync_local(key).await;
         }
-        self.sync_local(key).await
+        // On a file:// store this write is durable already (see local.rs).
+        self.retry(RequestKind::Put, || {
+            self.put_create_once(key, bytes.clone())
+        })
+        .await
     }
 
-    /// On a `file://` store, make a written object durable: fsync the file
-    /// and every directory from it up to the store's root (the local
-    /// backend writes a temporary file and renames it, creating directories
-    /// as it goes, and syncs none of it). A committed object must survive
-    /// the loss of power as much as the WAL records it replaces do.
+    /// On a `file://` store, make an object written through object_store
+    /// durable (its local backend syncs nothing): fsync the file and every
+    /// directory up to the store's root.
     async fn sync_local(&self, key: &str) -> Result<()> {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
         // A file:// store has no key prefix: the key is the relative path.
         let path = root.join(self.path(key)?.as_ref());
-        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::File::open(&path)?.sync_all()?;
-            let mut dir = path.parent();
-            while let Some(d) = dir {
-                std::fs::File::open(d)?.sync_all()?;
-                if d == &*root {
-                    break;
-                }
-                dir = d.parent();
-            }
-            Ok(())
-        })
-        .await;
+        let synced =
+            tokio::task::spawn_blocking(move || crate::local::sync_file_and_dirs(&root, &path))
+                .await;
         match synced {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => Err(Error::Io {
@@ -392,6 +380,29 @@ impl ObjectStorage {
         let path = self.path(key)?;
         bump(&self.counters.puts, 1);
         let len = bytes.len() as u64;
+        if let Some(root) = self.local_root.clone() {
+            let rel = path.to_string();
+            let written =
+                tokio::task::spawn_blocking(move || crate::local::create(&root, &rel, &bytes))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()));
+            return match written.and_then(|r| r) {
+                Ok(crate::local::Created::Done) => {
+                    bump(&self.counters.bytes_written, len);
+                    Ok(())
+                }
+                Ok(crate::local::Created::AlreadyExists) => Err(Error::AlreadyExists {
+                    key: key.to_owned(),
+                }),
+                Err(source) => {
+                    bump(&self.counters.errors, 1);
+                    Err(Error::Io {
+                        path: key.to_owned(),
+                        source,
+                    })
+                }
+            };
+        }
         let res = self
             .inner
             .put_opts(&path, bytes.into(), PutOptions::from(PutMode::Create))

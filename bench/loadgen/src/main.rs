@@ -56,6 +56,10 @@ struct Args {
     linger_ms: u64,
     #[arg(long, default_value_t = 5)]
     max_in_flight: usize,
+    /// Largest batch per partition (librdkafka's batch.size); records due
+    /// beyond it wait for the next request.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_batch_bytes: usize,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -124,8 +128,28 @@ async fn create_topic(addr: &str, topic: &str, partitions: i32) -> Result<()> {
     }
 }
 
-/// One batch of `n` records of `value`.
-fn batch(n: usize, value: &Bytes, now_ms: i64) -> Result<Bytes> {
+/// Incompressible bytes to cut record values from (xorshift64*), so
+/// neither the WAL nor Parquet's zstd sees data easier than real payloads.
+fn random_pool(len: usize) -> Bytes {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    Bytes::from(out)
+}
+
+/// One batch of `n` records, each a different slice of `pool`.
+fn batch(n: usize, pool: &Bytes, size: usize, first: u64, now_ms: i64) -> Result<Bytes> {
+    let span = pool.len().saturating_sub(size).max(1) as u64;
+    let value = |i: usize| {
+        let at = ((first + i as u64).wrapping_mul(7919) % span) as usize;
+        pool.slice(at..at + size.min(pool.len()))
+    };
     let records: Vec<Record> = (0..n)
         .map(|i| Record {
             transactional: false,
@@ -141,7 +165,7 @@ fn batch(n: usize, value: &Bytes, now_ms: i64) -> Result<Bytes> {
             sequence: i as i32 - 1,
             timestamp: now_ms,
             key: None,
-            value: Some(value.clone()),
+            value: Some(value(i)),
             headers: IndexMap::new(),
         })
         .collect();
@@ -198,7 +222,7 @@ async fn run(args: Args) -> Result<String> {
     let warm = args.rate * args.warmup_seconds;
     let start = Instant::now();
     let due = move |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
-    let value = Bytes::from(vec![0x5au8; args.record_size]);
+    let pool = random_pool(16 << 20);
     let slots = Arc::new(Semaphore::new(args.max_in_flight));
     let pending: Arc<Mutex<VecDeque<InFlight>>> = Arc::default();
 
@@ -247,26 +271,25 @@ async fn run(args: Args) -> Result<String> {
     while sent < total {
         tick.tick().await;
         let now = Instant::now();
-        let mut upto = sent;
-        while upto < total && due(upto) <= now {
-            upto += 1;
-        }
-        if upto == sent {
+        if sent >= total || due(sent) > now {
             continue;
         }
+        let mut upto = sent;
         let permit = slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
         permit.forget();
-        // Records queued while waiting for a slot go out too.
+        // Records queued while waiting for a slot go out too, up to a
+        // batch per partition.
+        let parts = args.partitions.max(1) as usize;
+        let cap = (args.max_batch_bytes / (args.record_size + 16)).max(1) as u64 * parts as u64;
         let now = Instant::now();
-        while upto < total && due(upto) <= now {
+        while upto < total && due(upto) <= now && upto - sent < cap {
             upto += 1;
         }
         let n = (upto - sent) as usize;
-        let parts = args.partitions.max(1) as usize;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -277,7 +300,13 @@ async fn run(args: Args) -> Result<String> {
                 data.push(
                     PartitionProduceData::default()
                         .with_index(((sent as usize + p) % parts) as i32)
-                        .with_records(Some(batch(count, &value, now_ms)?)),
+                        .with_records(Some(batch(
+                            count,
+                            &pool,
+                            args.record_size,
+                            sent + p as u64,
+                            now_ms,
+                        )?)),
                 );
             }
         }
