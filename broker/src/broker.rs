@@ -249,11 +249,15 @@ impl Broker {
         crate::cluster::coordinator_for(group, &self.live_brokers())
     }
 
+    /// Does this broker coordinate `group`? In a cluster, only while its
+    /// lease is valid: a broker out of touch (paused, cut off from
+    /// placement) may have been replaced as coordinator already.
     pub fn is_coordinator(&self, group: &str) -> bool {
         self.cluster.is_none()
-            || self
-                .coordinator(group)
-                .is_some_and(|b| b.id == self.config.broker_id)
+            || (self.lease_valid()
+                && self
+                    .coordinator(group)
+                    .is_some_and(|b| b.id == self.config.broker_id))
     }
 
     /// Replay the WAL into the shards' tails. Records are never dropped

@@ -93,10 +93,18 @@ async fn sync(broker: &Arc<Broker>, first: bool, fresh: Option<Duration>) -> Res
         .placement
         .heartbeat(&Heartbeat { info: info(broker) })
         .await?;
+    let lapsed = !cluster.lease_valid();
     let lease = Duration::from_millis(reply.session_timeout_ms).saturating_sub(LEASE_MARGIN);
     *cluster.lease_until.lock() = Some(sent + lease);
     *cluster.live.lock() = reply.live.clone();
     *last = Some(sent);
+    // Groups are coordinated here only while this broker is their
+    // coordinator without a break: after a lapse another broker may have
+    // taken them (under a newer coordinator epoch), so their state here is
+    // stale and members rejoin.
+    broker
+        .groups
+        .retain(|g| !lapsed && broker.is_coordinator(g));
     let failed = apply(broker, &reply, first).await;
     if first && failed > 0 {
         // Before the WAL is replayed every shard still ours must be taken

@@ -95,6 +95,7 @@ impl Error {
                 }
                 R::InvalidPartitions { .. } => ResponseError::InvalidPartitions,
                 R::StaleEpoch { .. } => ResponseError::NotLeaderOrFollower,
+                R::StaleCoordinator { .. } => ResponseError::NotCoordinator,
                 R::OffsetGap { .. } => ResponseError::UnknownServerError,
                 R::Invalid { .. } => ResponseError::InvalidRequest,
             },

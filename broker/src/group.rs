@@ -43,6 +43,9 @@ pub struct JoinParams {
     pub protocols: Vec<(String, Bytes)>,
     /// JoinGroup v4+: a new member first gets its id with MEMBER_ID_REQUIRED.
     pub require_known_member_id: bool,
+    /// The coordinator epoch placement granted for this group (see
+    /// [`Coordinator::epoch`]); the highest one seen is kept.
+    pub coordinator_epoch: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -104,6 +107,10 @@ struct Member {
 struct Group {
     state: GroupState,
     generation: i32,
+    /// Placement's coordinator epoch for this group when this broker began
+    /// coordinating it: its members' commits carry it, so they are refused
+    /// once another broker has taken the group over.
+    epoch: u64,
     protocol_type: Option<String>,
     protocol: Option<String>,
     leader: Option<String>,
@@ -117,6 +124,7 @@ impl Group {
         Group {
             state: GroupState::Empty,
             generation: 0,
+            epoch: 0,
             protocol_type: None,
             protocol: None,
             leader: None,
@@ -275,6 +283,7 @@ impl Coordinator {
         let g = groups
             .entry(p.group_id.clone())
             .or_insert_with(|| Group::new(now));
+        g.epoch = g.epoch.max(p.coordinator_epoch);
         if g.state != GroupState::Empty
             && g.protocol_type
                 .as_deref()
@@ -457,28 +466,68 @@ impl Coordinator {
     }
 
     /// May this member commit offsets (Kafka's rules for OffsetCommit)?
-    pub fn check_commit(&self, group: &str, generation: i32, member_id: &str) -> i16 {
+    /// `Ok` carries the group's coordinator epoch for a member's commit,
+    /// `None` for a commit outside group membership.
+    pub fn check_commit(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+    ) -> Result<Option<u64>, i16> {
         if generation < 0 && member_id.is_empty() {
-            return 0;
+            return Ok(None);
         }
         let groups = self.groups.lock();
         let Some(g) = groups.get(group) else {
             return if generation < 0 {
-                0
+                Ok(None)
             } else {
-                error(ResponseError::UnknownMemberId)
+                Err(error(ResponseError::UnknownMemberId))
             };
         };
         if !g.members.contains_key(member_id) {
-            return error(ResponseError::UnknownMemberId);
+            return Err(error(ResponseError::UnknownMemberId));
         }
         if generation != g.generation {
-            return error(ResponseError::IllegalGeneration);
+            return Err(error(ResponseError::IllegalGeneration));
         }
         if g.state == GroupState::CompletingRebalance {
-            return error(ResponseError::RebalanceInProgress);
+            return Err(error(ResponseError::RebalanceInProgress));
         }
-        0
+        Ok(Some(g.epoch))
+    }
+
+    /// Is `group` coordinated here (in memory) already?
+    pub fn has(&self, group: &str) -> bool {
+        self.groups.lock().contains_key(group)
+    }
+
+    /// Forget every group `keep` says no: their members rejoin wherever
+    /// the group is coordinated now, and a group that comes back here
+    /// starts over under a new coordinator epoch.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut groups = self.groups.lock();
+        let gone: Vec<String> = groups.keys().filter(|g| !keep(g)).cloned().collect();
+        for name in gone {
+            if let Some(g) = groups.remove(&name) {
+                // Waiting joins and syncs learn the group moved.
+                for (_, mut m) in g.members {
+                    if let Some(tx) = m.join_tx.take() {
+                        let _ = tx.send(JoinResult {
+                            error: error(ResponseError::NotCoordinator),
+                            generation: -1,
+                            ..JoinResult::default()
+                        });
+                    }
+                    if let Some(tx) = m.sync_tx.take() {
+                        let _ = tx.send(SyncResult {
+                            error: error(ResponseError::NotCoordinator),
+                            ..SyncResult::default()
+                        });
+                    }
+                }
+            }
+        }
     }
 
     pub fn describe(&self, group: &str) -> Option<GroupDescription> {
@@ -553,6 +602,7 @@ mod tests {
             protocol_type: "consumer".into(),
             protocols: vec![("range".into(), Bytes::from_static(b"m"))],
             require_known_member_id: true,
+            coordinator_epoch: 1,
         }
     }
 
@@ -646,10 +696,10 @@ mod tests {
     #[test]
     fn commit_rules() {
         let c = Coordinator::new();
-        assert_eq!(c.check_commit("g", -1, ""), 0);
+        assert_eq!(c.check_commit("g", -1, ""), Ok(None));
         assert_eq!(
             c.check_commit("g", 3, "x"),
-            ResponseError::UnknownMemberId.code()
+            Err(ResponseError::UnknownMemberId.code())
         );
     }
 }

@@ -62,6 +62,12 @@ struct State {
     committed_producers: Producers,
     /// Why the shard takes no writes, if it does not.
     stopped: Option<String>,
+    /// Per idempotent producer, the first (epoch, sequence) of its batches
+    /// a failed WAL write took out of the tail. Until that batch comes
+    /// again, later ones are refused: with its state rolled back the
+    /// producer may have none, and would be accepted at any sequence,
+    /// leaving a gap its retry could not fill.
+    gaps: std::collections::HashMap<i64, (i16, i32)>,
 }
 
 impl State {
@@ -224,6 +230,7 @@ impl ShardLog {
             producers: init.producers.clone(),
             committed_producers: init.producers,
             stopped: init.stopped,
+            gaps: std::collections::HashMap::new(),
         };
         ShardLog {
             stream: stream.to_string(),
@@ -363,6 +370,21 @@ impl ShardLog {
                 reason: reason.clone(),
             });
         }
+        if info.is_idempotent()
+            && let Some(&(epoch, seq)) = st.gaps.get(&info.producer_id)
+        {
+            if info.producer_epoch == epoch && info.base_sequence > seq {
+                return Err(Error::Wal(shoal_wal_cache::Error::Unavailable {
+                    reason: format!(
+                        "producer {} must first resend sequence {seq}, whose write failed",
+                        info.producer_id
+                    ),
+                }));
+            }
+            if info.producer_epoch != epoch || info.base_sequence == seq {
+                st.gaps.remove(&info.producer_id);
+            }
+        }
         let now = crate::broker::now_ms();
         let live = producer::Live {
             now_ms: now,
@@ -469,6 +491,11 @@ impl ShardLog {
         st.producers = st.producers_with(uncommitted.into_iter());
         self.account(&mut st, 0, bytes);
         for b in &removed {
+            if b.info.is_idempotent() {
+                st.gaps
+                    .entry(b.info.producer_id)
+                    .or_insert((b.info.producer_epoch, b.info.base_sequence));
+            }
             b.fate.send_replace(Fate::Failed);
         }
         tracing::warn!(
@@ -884,6 +911,12 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        // A later batch of the producer may not overtake the failed one.
+        let third = idem(4);
+        assert!(matches!(
+            s.append(&third, batch::info(&third), &wal),
+            Err(Error::Wal(_))
+        ));
         // The retry is new again: same offsets, no duplicate.
         let Appended::Pending {
             base_offset,

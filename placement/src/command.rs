@@ -78,6 +78,18 @@ pub enum Command {
         group: String,
         offsets: Vec<OffsetCommit>,
         now_ms: i64,
+        /// The epoch of the coordinator whose group member committed (see
+        /// [`Command::ClaimGroup`]); `None` for a commit outside group
+        /// membership, which any broker may make.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        coordinator_epoch: Option<u64>,
+    },
+    /// A broker starts coordinating `group`: the group's coordinator epoch
+    /// goes up, and commits made under an older one are refused from now
+    /// on, so a coordinator that lost its place (paused, cut off) cannot
+    /// overwrite what its successor's members committed.
+    ClaimGroup {
+        group: String,
     },
     DeleteGroup {
         group: String,
@@ -161,6 +173,9 @@ pub enum Reply {
     ProducerId {
         id: i64,
     },
+    GroupEpoch {
+        epoch: u64,
+    },
     Rejected {
         rejection: Rejection,
     },
@@ -198,6 +213,12 @@ pub enum Rejection {
         shard: i32,
         expected: i64,
         got: i64,
+    },
+    #[error("group {group}: coordinator epoch {epoch} is stale, current is {current}")]
+    StaleCoordinator {
+        group: String,
+        epoch: u64,
+        current: u64,
     },
     #[error("invalid request: {reason}")]
     Invalid { reason: String },

@@ -20,6 +20,9 @@ pub struct State {
     /// group -> stream -> shard -> offset
     pub group_offsets: BTreeMap<String, BTreeMap<String, BTreeMap<i32, GroupOffset>>>,
     pub brokers: BTreeMap<BrokerId, BrokerInfo>,
+    /// group -> coordinator epoch (see `Command::ClaimGroup`).
+    #[serde(default)]
+    pub group_epochs: BTreeMap<String, u64>,
     pub next_producer_id: i64,
     /// Bumped by every applied command; lets watchers notice change.
     pub version: u64,
@@ -119,7 +122,23 @@ impl State {
                 group,
                 offsets,
                 now_ms,
-            } => self.commit_offsets(group, offsets, now_ms),
+                coordinator_epoch,
+            } => {
+                let current = self.group_epochs.get(&group).copied().unwrap_or(0);
+                match coordinator_epoch {
+                    Some(epoch) if epoch < current => rejected(Rejection::StaleCoordinator {
+                        group,
+                        epoch,
+                        current,
+                    }),
+                    _ => self.commit_offsets(group, offsets, now_ms),
+                }
+            }
+            Command::ClaimGroup { group } => {
+                let epoch = self.group_epochs.entry(group).or_insert(0);
+                *epoch += 1;
+                Reply::GroupEpoch { epoch: *epoch }
+            }
             Command::DeleteGroup { group } => {
                 self.group_offsets.remove(&group);
                 Reply::Done
@@ -457,6 +476,49 @@ mod tests {
     }
 
     #[test]
+    fn a_superseded_coordinator_cannot_commit() {
+        let mut s = State::default();
+        create(&mut s, "a", 1);
+        let claim = |s: &mut State| match s.apply(Command::ClaimGroup { group: "g".into() }) {
+            Reply::GroupEpoch { epoch } => epoch,
+            other => panic!("{other:?}"),
+        };
+        let commit = |s: &mut State, epoch: Option<u64>, offset: i64| {
+            s.apply(Command::CommitOffsets {
+                group: "g".into(),
+                offsets: vec![OffsetCommit {
+                    stream: "a".into(),
+                    shard: 0,
+                    offset,
+                    metadata: String::new(),
+                }],
+                now_ms: 1,
+                coordinator_epoch: epoch,
+            })
+        };
+        let old = claim(&mut s);
+        assert_eq!(commit(&mut s, Some(old), 10), Reply::Done);
+        let new = claim(&mut s);
+        assert!(new > old);
+        assert_eq!(commit(&mut s, Some(new), 20), Reply::Done);
+        // The old coordinator's late commit is refused; offsets stay.
+        assert!(matches!(
+            commit(&mut s, Some(old), 15),
+            Reply::Rejected {
+                rejection: Rejection::StaleCoordinator { .. }
+            }
+        ));
+        // A commit outside group membership is always taken.
+        assert_eq!(commit(&mut s, None, 25), Reply::Done);
+        let QueryReply::GroupOffsets { offsets } =
+            s.query(&Query::GroupOffsets { group: "g".into() })
+        else {
+            panic!("unexpected reply")
+        };
+        assert_eq!(offsets["a"][&0].offset, 25);
+    }
+
+    #[test]
     fn partitions_only_grow_and_offsets_are_kept() {
         let mut s = State::default();
         create(&mut s, "a", 1);
@@ -483,6 +545,7 @@ mod tests {
                 metadata: String::new(),
             }],
             now_ms: 5,
+            coordinator_epoch: None,
         });
         let QueryReply::GroupOffsets { offsets } =
             s.query(&Query::GroupOffsets { group: "g".into() })

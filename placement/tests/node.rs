@@ -179,6 +179,7 @@ async fn restart_from_snapshot_and_log() {
                 group: "g".into(),
                 offsets,
                 now_ms: 5,
+                coordinator_epoch: None,
             })
             .await
             .unwrap();
@@ -253,6 +254,7 @@ async fn http_api_and_remote_client() {
                 metadata: "m".into(),
             }],
             now_ms: 9,
+            coordinator_epoch: None,
         })
         .await
         .unwrap();

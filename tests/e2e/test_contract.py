@@ -137,6 +137,33 @@ def test_two_batches_for_one_partition_are_refused_whole(shoal):
     assert [m.value() for m in got[0]] == [b"c"]
 
 
+def test_a_refused_batch_is_not_overtaken_by_the_next_one(shoal_factory):
+    """An idempotent producer's batch refused with a retriable error must
+    not be overtaken by its next batch: with no state on the shard that one
+    would be accepted, and the retry of the first could never be written."""
+    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
+    topic, filler = unique_name("gap"), unique_name("filler")
+    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
+    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
+    block_flushes(shoal)
+    produce_local(shoal, filler, [b"f" * 100_000] * 90)  # past the 8 MiB bound
+    conn, version = raw(shoal)
+    with conn:
+        [r] = conn.produce(version, topic, 0, idempotent_batch(99, 0, [b"first"]))
+        assert r.error_code == KAFKA_STORAGE_ERROR, r
+        unblock_flushes(shoal)
+        wait_for(lambda: metric(shoal, "shoal_unflushed_bytes") == 0, 30, "the backlog to flush")
+        # Room again, but sequence 0 has not come back yet.
+        [r] = conn.produce(version, topic, 0, idempotent_batch(99, 1, [b"second"]))
+        assert r.error_code == KAFKA_STORAGE_ERROR, r
+        [r] = conn.produce(version, topic, 0, idempotent_batch(99, 0, [b"first"]))
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 0), r
+        [r] = conn.produce(version, topic, 0, idempotent_batch(99, 1, [b"second"]))
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 1), r
+    got = ck_consume_all(shoal.bootstrap, topic, [0])
+    assert [m.value() for m in got[0]] == [b"first", b"second"]
+
+
 # --------------------------------------------------------------------------
 # 3. backpressure accounting
 

@@ -26,6 +26,9 @@ pub struct Ctx {
     pub broker: Arc<Broker>,
     pub peer: SocketAddr,
     pub client_id: String,
+    /// Idempotent batches refused on this connection before they were
+    /// written (see `produce::Gaps`).
+    pub(crate) gaps: super::produce::Gaps,
 }
 
 pub async fn serve(
@@ -150,6 +153,7 @@ async fn connection(
         broker,
         peer,
         client_id: String::new(),
+        gaps: Default::default(),
     };
     loop {
         let mut len = [0u8; 4];
@@ -240,7 +244,7 @@ async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestK
         R::DescribeConfigs(r) => admin::describe_configs(ctx, r),
         R::IncrementalAlterConfigs(r) => admin::incremental_alter_configs(ctx, r).await,
         R::InitProducerId(r) => admin::init_producer_id(ctx, r).await,
-        R::JoinGroup(r) => groups::join_group(ctx, r, version),
+        R::JoinGroup(r) => groups::join_group(ctx, r, version).await,
         R::SyncGroup(r) => groups::sync_group(ctx, r),
         R::Heartbeat(r) => groups::heartbeat(ctx, r),
         R::LeaveGroup(r) => groups::leave_group(ctx, r, version),

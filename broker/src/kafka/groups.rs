@@ -35,11 +35,33 @@ fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
 }
 
-pub fn join_group(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Pending {
+pub async fn join_group(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Pending {
     if !ctx.broker.is_coordinator(req.group_id.as_str()) {
         return ready(ResponseKind::JoinGroup(
             JoinGroupResponse::default().with_error_code(ResponseError::NotCoordinator.code()),
         ));
+    }
+    // Taking up a group: placement hands out a new coordinator epoch, which
+    // fences the commits of whichever broker coordinated it before.
+    let mut coordinator_epoch = 0;
+    if !ctx.broker.groups.has(req.group_id.as_str()) {
+        match ctx
+            .broker
+            .placement
+            .write(Command::ClaimGroup {
+                group: req.group_id.to_string(),
+            })
+            .await
+        {
+            Ok(Reply::GroupEpoch { epoch }) => coordinator_epoch = epoch,
+            other => {
+                tracing::warn!(group = %req.group_id.as_str(), "claiming the group: {other:?}");
+                return ready(ResponseKind::JoinGroup(
+                    JoinGroupResponse::default()
+                        .with_error_code(ResponseError::CoordinatorNotAvailable.code()),
+                ));
+            }
+        }
     }
     let params = JoinParams {
         group_id: req.group_id.to_string(),
@@ -61,6 +83,7 @@ pub fn join_group(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Pending {
             .map(|p| (p.name.to_string(), p.metadata))
             .collect(),
         require_known_member_id: version >= 4,
+        coordinator_epoch,
     };
     let waiting = ctx.broker.groups.join(params, Instant::now());
     Box::pin(async move {
@@ -197,14 +220,17 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
     if !standalone_commit && !b.is_coordinator(group) && b.cluster.is_some() {
         let _ = crate::cluster::refresh(b).await;
     }
-    let mut code = if standalone_commit || b.is_coordinator(group) {
-        b.groups.check_commit(
+    let (mut code, coordinator_epoch) = if standalone_commit || b.is_coordinator(group) {
+        match b.groups.check_commit(
             req.group_id.as_str(),
             req.generation_id_or_member_epoch,
             req.member_id.as_str(),
-        )
+        ) {
+            Ok(epoch) => (0, epoch),
+            Err(code) => (code, None),
+        }
     } else {
-        ResponseError::NotCoordinator.code()
+        (ResponseError::NotCoordinator.code(), None)
     };
     // Kafka answers UNKNOWN_TOPIC_OR_PARTITION for a partition that does
     // not exist, per partition, and commits the others.
@@ -257,10 +283,15 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> Pending {
                     group: req.group_id.to_string(),
                     offsets,
                     now_ms: now_ms(),
+                    coordinator_epoch,
                 })
                 .await
             {
                 Ok(Reply::Done) => 0,
+                // Another broker has taken the group over since.
+                Ok(Reply::Rejected {
+                    rejection: shoal_placement::Rejection::StaleCoordinator { .. },
+                }) => ResponseError::NotCoordinator.code(),
                 Ok(Reply::Rejected { rejection }) => {
                     tracing::debug!("offset commit rejected: {rejection}");
                     ResponseError::InvalidGroupId.code()

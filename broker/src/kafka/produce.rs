@@ -32,6 +32,85 @@ struct PartitionWork {
     outcome: Outcome,
 }
 
+/// The first sequence of each idempotent producer's batch that this
+/// connection refused before writing it, per partition: `(topic, partition,
+/// producer id) -> (producer epoch, sequence, error code)`.
+///
+/// A producer with no state on a shard is accepted at any sequence (Kafka's
+/// rule, for state that expired). So if its batch N was refused (the shard
+/// not served here yet, a full disk) while batch N+1 was already in
+/// flight, accepting N+1 would leave a gap that the retry of N can never
+/// fill: the broker would answer it OUT_OF_ORDER_SEQUENCE, which clients
+/// take for "written before". Until batch N comes again, the later ones
+/// get N's (retriable) error too, as they would have if they had arrived
+/// together.
+#[derive(Default)]
+pub(crate) struct Gaps(parking_lot::Mutex<std::collections::HashMap<GapKey, Gap>>);
+
+/// Topic, partition, producer id.
+type GapKey = (String, i32, i64);
+/// Producer epoch, first missing sequence, the error it got.
+type Gap = (i16, i32, i16);
+
+impl Gaps {
+    /// The error to answer `id`'s batch with, if an earlier one is missing.
+    fn check(&self, topic: &str, partition: i32, id: Option<BatchId>) -> Option<i16> {
+        let id = id?;
+        let mut gaps = self.0.lock();
+        let key = (topic.to_string(), partition, id.producer_id);
+        let &(epoch, seq, code) = gaps.get(&key)?;
+        if id.epoch != epoch || id.sequence == seq {
+            // A new epoch starts over; the missing batch itself goes ahead.
+            gaps.remove(&key);
+            return None;
+        }
+        (id.sequence > seq).then_some(code)
+    }
+
+    /// `id`'s batch was refused with `code` before it was written.
+    fn refused(&self, topic: &str, partition: i32, id: Option<BatchId>, code: i16) {
+        let Some(id) = id else { return };
+        if !RETRIED.contains(&code) {
+            return;
+        }
+        let mut gaps = self.0.lock();
+        let e = gaps
+            .entry((topic.to_string(), partition, id.producer_id))
+            .or_insert((id.epoch, id.sequence, code));
+        if e.0 != id.epoch || id.sequence < e.1 {
+            *e = (id.epoch, id.sequence, code);
+        }
+    }
+}
+
+/// Errors clients retry with the same sequence.
+const RETRIED: [i16; 4] = [
+    6,  // NOT_LEADER_OR_FOLLOWER
+    3,  // UNKNOWN_TOPIC_OR_PARTITION
+    56, // KAFKA_STORAGE_ERROR
+    5,  // LEADER_NOT_AVAILABLE
+];
+
+/// An idempotent batch's producer id, epoch and first sequence.
+#[derive(Debug, Clone, Copy)]
+struct BatchId {
+    producer_id: i64,
+    epoch: i16,
+    sequence: i32,
+}
+
+fn batch_id(records: &Bytes) -> Option<BatchId> {
+    if records.len() < batch::HEADER_LEN {
+        return None;
+    }
+    let info = batch::info(records);
+    info.is_idempotent().then_some(BatchId {
+        producer_id: info.producer_id,
+        epoch: info.producer_epoch,
+        sequence: info.base_sequence,
+    })
+}
+
 pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
     let started = Instant::now();
     let b = ctx.broker.clone();
@@ -42,9 +121,13 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
         let stream = b.stream_or_create(t.name.as_str(), true).await;
         let mut parts = Vec::with_capacity(t.partition_data.len());
         for p in t.partition_data {
-            let outcome = match &stream {
-                Err(e) => Outcome::Done(Err(e.code())),
-                Ok(s) => match s.shard(p.index) {
+            let records = p.records.unwrap_or_default();
+            let id = batch_id(&records);
+            let topic = t.name.as_str();
+            let outcome = match (&stream, ctx.gaps.check(topic, p.index, id)) {
+                (_, Some(code)) => Outcome::Done(Err(code)),
+                (Err(e), None) => Outcome::Done(Err(e.code())),
+                (Ok(s), None) => match s.shard(p.index) {
                     None => Outcome::Done(Err(s.not_here(p.index).code())),
                     // A cluster broker out of touch with placement may have
                     // lost its shards already: clients go and ask again.
@@ -53,7 +136,7 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                         shard: p.index,
                     }
                     .code())),
-                    Some(shard) => match append(&b, shard, p.records.unwrap_or_default()) {
+                    Some(shard) => match append(&b, shard, records) {
                         Ok(accepted) => Outcome::Wait {
                             shard: shard.clone(),
                             accepted,
@@ -66,6 +149,9 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                     },
                 },
             };
+            if let Outcome::Done(Err(code)) = outcome {
+                ctx.gaps.refused(topic, p.index, id, code);
+            }
             parts.push(PartitionWork {
                 index: p.index,
                 outcome,
