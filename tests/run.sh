@@ -7,13 +7,17 @@
 #   3. starts a moto S3 server on a free loopback port, so that the storage
 #      scenario suite in `cargo test` runs against s3:// as well as file://
 #      (SHOAL_TEST_S3_URL + the usual AWS_* variables);
-#   4. runs `cargo test --workspace`;
-#   5. runs the end-to-end suite (tests/e2e) against target/debug/shoal.
+#   4. runs `cargo test --workspace` (S3 scenarios included);
+#   5. runs the end-to-end suite (tests/e2e) against target/debug/shoal;
+#   6. runs the nemesis (tests/nemesis): each topology for about a minute
+#      of random faults, then every acknowledged write checked.
 #
 # Knobs: SHOAL_BIN (binary under test), SHOAL_E2E_WORKERS (pytest-xdist
 # workers, default 2, 0 = no xdist), SHOAL_E2E_TIMEOUT (per-test seconds,
-# default 180), SHOAL_CRASH_ROUNDS (kill -9 rounds, default 5).
-# Extra arguments are passed to pytest (e.g. `tests/run.sh -k kcat`).
+# default 180), SHOAL_CRASH_ROUNDS (kill -9 rounds, default 5),
+# SHOAL_NEMESIS_SEEDS (default 14), SHOAL_NEMESIS_SECONDS (default 60).
+# Extra arguments are passed to the e2e pytest (e.g. `tests/run.sh -k kcat`).
+# Needs root (apt, and the nemesis mounts tmpfs and makes network namespaces).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +51,11 @@ apt_install() {
 if ! command -v kcat >/dev/null 2>&1; then
     log "installing kcat"
     apt_install kcat
+fi
+
+if ! command -v ip >/dev/null 2>&1; then
+    log "installing iproute2 (network namespaces for the nemesis)"
+    apt_install iproute2
 fi
 
 if ! python3 -m pip --version >/dev/null 2>&1; then
@@ -157,3 +166,10 @@ if [ "$WORKERS" != "0" ]; then
 fi
 log "pytest tests/e2e (binary: $SHOAL_BIN)"
 python3 -m pytest "${PYTEST_ARGS[@]}" tests/e2e "$@"
+
+# --------------------------------------------------------------------------
+# 6. the nemesis: random faults against each topology in turn (one at a
+#    time: each runs a whole cluster), then every acknowledged write checked
+
+log "pytest tests/nemesis (seeds ${SHOAL_NEMESIS_SEEDS:-14}, ${SHOAL_NEMESIS_SECONDS:-60} s of faults per topology)"
+python3 -m pytest -q -p no:cacheprovider -rfE -s tests/nemesis/test_checks.py tests/nemesis/test_nemesis.py

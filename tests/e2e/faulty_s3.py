@@ -20,11 +20,15 @@ INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</
 
 
 class FaultyS3:
-    def __init__(self, upstream: str, *, max_delay=0.3, seed=None, faults=True):
+    def __init__(self, upstream: str, *, max_delay=0.3, seed=None, faults=True,
+                 host: str = "127.0.0.1"):
         self.upstream = urllib.parse.urlparse(upstream)
         # `down`: every request is refused (connection dropped), as if the
-        # store were unreachable; `enabled`: the scheduled faults below.
+        # store were unreachable; `enabled`: the scheduled faults below;
+        # `latency`: seconds every request waits before it is forwarded (a
+        # latency spike; 0 = off), independent of `enabled`.
         self.down = False
+        self.latency = 0.0
         self.max_delay = max_delay
         self.n = 0
         self.rng = random.Random(seed)
@@ -56,6 +60,9 @@ class FaultyS3:
                     return
                 if fault == "delay":
                     time.sleep(proxy.rng.uniform(0, proxy.max_delay))
+                spike = proxy.latency
+                if spike > 0:
+                    time.sleep(spike)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
                                                   timeout=30)
                 headers = {k: v for k, v in self.headers.items()
@@ -90,9 +97,9 @@ class FaultyS3:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def _choose(self) -> str:

@@ -333,9 +333,13 @@ async fn wait(
         Ok(())
     })
     .await;
-    match reached {
+    let r = match reached {
         Ok(Ok(())) => Ok(accepted.base_offset),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::Timeout),
+    };
+    if let Err(e) = &r {
+        tracing::debug!(stream = %shard.stream, shard = shard.shard, base = accepted.base_offset, last = last_offset, "an appended batch is answered with an error: {e}");
     }
+    r
 }
