@@ -268,9 +268,12 @@ impl Broker {
     async fn replay(&self) -> Result<()> {
         let entries = self.wal.replay()?;
         let mut stops: BTreeMap<(String, i32), String> = BTreeMap::new();
+        // Entries of stopped shards not applied: kept out of the WAL's reach.
+        let mut kept: BTreeMap<(String, i32), Vec<(u64, Bytes)>> = BTreeMap::new();
         let mut unattributed: Vec<String> = Vec::new();
         let mut replayed = 0u64;
         for entry in entries {
+            let entry_bytes = entry.payload.clone();
             let rec = match WalRecord::decode(entry.payload) {
                 Ok(r) => r,
                 Err(e) => {
@@ -286,10 +289,22 @@ impl Broker {
                 continue; // the stream was deleted, or the shard is elsewhere
             };
             if stops.contains_key(&key) {
+                kept.entry(key).or_default().push((entry.seq, entry_bytes));
                 continue;
             }
             match shard.replay(rec.batch, entry.seq, rec.epoch) {
                 Replayed::Applied => replayed += 1,
+                Replayed::Replaced { superseded } => {
+                    replayed += 1;
+                    self.metrics.wal_superseded.inc_by(superseded as u64);
+                    tracing::info!(
+                        stream = %rec.stream,
+                        shard = rec.shard,
+                        epoch = rec.epoch,
+                        superseded,
+                        "replaced write-ahead log entries of an older, overtaken lease"
+                    );
+                }
                 Replayed::Committed => {}
                 Replayed::Superseded => {
                     self.metrics.wal_superseded.inc();
@@ -305,6 +320,9 @@ impl Broker {
                     got,
                     epoch,
                 } => {
+                    kept.entry(key.clone())
+                        .or_default()
+                        .push((entry.seq, entry_bytes));
                     stops.insert(
                         key,
                         format!(
@@ -329,7 +347,11 @@ impl Broker {
                         if h.last_offset < shard.committed_offset() {
                             continue; // in a committed object already
                         }
-                        stops.entry((h.stream.clone(), h.shard)).or_insert_with(|| {
+                        let key = (h.stream.clone(), h.shard);
+                        kept.entry(key.clone())
+                            .or_default()
+                            .push((*seq, payload.clone()));
+                        stops.entry(key).or_insert_with(|| {
                             format!(
                                 "write-ahead log entry {seq} holding offsets {}-{} \
                                      (lease epoch {}) is unreadable",
@@ -359,9 +381,30 @@ impl Broker {
                 }
             }
         }
+        let dir = self.config.data_dir.join("quarantine");
+        for ((stream, shard), mut entries) in kept {
+            entries.sort_by_key(|e| e.0);
+            match crate::quarantine::keep(&dir, &stream, shard, &entries) {
+                Ok(path) => tracing::warn!(
+                    %stream,
+                    shard,
+                    entries = entries.len(),
+                    file = %path.display(),
+                    "kept the stopped shard's write-ahead log entries"
+                ),
+                // The WAL still holds them; a restart tries again.
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "keeping the write-ahead log entries of stopped shard {stream}/{shard} \
+                     in {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
         for ((stream, shard), reason) in stops {
             tracing::error!(%stream, shard, "stopping the shard: acknowledged records are lost: {reason}");
-            self.stop_shard(&stream, shard, &reason).await?;
+            self.stop_replayed_shard(&stream, shard, &reason).await?;
         }
         if replayed > 0 {
             tracing::info!(
@@ -371,6 +414,30 @@ impl Broker {
             self.flush_now.notify_one();
         }
         Ok(())
+    }
+
+    /// [`Broker::stop_shard`] at start-up, where placement may be briefly
+    /// unreachable (electing): retry for a minute before giving up, since
+    /// a broker that starts without recording the stop would let the next
+    /// owner serve the shard as if nothing were missing.
+    async fn stop_replayed_shard(&self, stream: &str, shard: i32, reason: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.stop_shard(stream, shard, reason).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Rejected(r)) => {
+                    // Not this broker's shard any more (its lease moved on
+                    // while it replayed): its new owner decides.
+                    tracing::warn!(%stream, shard, "placement refused to stop the shard: {r}");
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%stream, shard, "stopping the shard in placement: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stop a shard's writes, here and in placement (so it stays stopped
@@ -660,7 +727,7 @@ impl Broker {
 
     /// Wake the flusher once `flush_bytes` are waiting (the shard counted
     /// the bytes already).
-    pub(crate) fn note_appended(&self, _bytes: u64) {
+    pub(crate) fn note_appended(&self) {
         if self.unflushed_bytes() >= self.config.flush_bytes {
             self.flush_now.notify_one();
         }

@@ -196,13 +196,25 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         // In a cluster a refused commit means placement moved on without
         // this copy of the shard (a new owner, or a commit it has not seen):
         // stop serving it; the assignment brings it back from the index.
-        if broker.cluster.is_some()
-            && let Some(t) = taken
-                .iter()
-                .find(|t| t.shard.stream == r.stream && t.shard.shard == r.shard)
-            && t.shard.fence()
-        {
-            broker.metrics.shards_fenced.inc();
+        let Some(t) = taken
+            .iter()
+            .find(|t| t.shard.stream == r.stream && t.shard.shard == r.shard)
+        else {
+            continue;
+        };
+        if broker.cluster.is_some() {
+            if t.shard.fence() {
+                broker.metrics.shards_fenced.inc();
+            }
+        } else {
+            // Standalone, nothing else can own the shard: placement and
+            // this broker disagree about it. Stop it and keep its records
+            // (the WAL holds them) until an operator looks.
+            let reason = format!("segment commit refused: {}", r.rejection);
+            t.shard.refuse_flushes(&reason);
+            if let Err(e) = broker.stop_shard(&r.stream, r.shard, &reason).await {
+                tracing::warn!(stream = %r.stream, shard = r.shard, "recording the stop in placement: {e}");
+            }
         }
     }
     let mut records = 0;

@@ -37,7 +37,8 @@ pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
 
 /// `GET /health`: `{"status": "ok" | "degraded" | "starting", "checks": {...}}`.
 /// 200 while the node serves (ok or degraded: some writes are refused but
-/// reads go on), 503 while it starts or stops.
+/// reads go on), 503 while it starts or stops, or (degraded) while a
+/// cluster broker has no valid lease.
 async fn health(State(st): State<AppState>) -> Response {
     let b = &st.broker;
     let mut checks = std::collections::BTreeMap::new();
@@ -80,16 +81,25 @@ async fn health(State(st): State<AppState>) -> Response {
             .as_ref()
             .map(|(since, e)| format!("flushes failing for {}s: {e}", since.elapsed().as_secs())),
     );
+    // A cluster broker out of touch with placement refuses every write and
+    // may have lost its shards to others already: it cannot serve.
+    let cut_off = b.cluster.is_some() && !b.lease_valid();
     if b.cluster.is_some() {
         check(
             "placement",
-            (!b.lease_valid()).then(|| {
+            cut_off.then(|| {
                 "no heartbeat answered within the session timeout: writes refused".to_string()
             }),
         );
     }
     let status = if degraded { "degraded" } else { "ok" };
-    Json(serde_json::json!({ "status": status, "checks": checks })).into_response()
+    let code = if cut_off {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = serde_json::json!({ "status": status, "checks": checks });
+    (code, Json(body)).into_response()
 }
 
 /// `POST /api/v1/streams/{name}/shards/{shard}/resume`: an operator

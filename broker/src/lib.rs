@@ -27,6 +27,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod producer;
+mod quarantine;
 pub mod shard;
 pub mod topic_config;
 

@@ -38,6 +38,8 @@ pub struct TailBatch {
     pub wal_seq: u64,
     /// When it was appended (or replayed), for producer expiration.
     pub appended_ms: i64,
+    /// The lease it was written under.
+    lease_epoch: u64,
     fate: Arc<watch::Sender<Fate>>,
 }
 
@@ -68,6 +70,8 @@ struct State {
     /// producer may have none, and would be accepted at any sequence,
     /// leaving a gap its retry could not fill.
     gaps: std::collections::HashMap<i64, (i16, i32)>,
+    /// See [`ShardLog::refuse_flushes`].
+    flushes_refused: bool,
 }
 
 impl State {
@@ -125,6 +129,11 @@ pub enum Appended {
 pub enum Replayed {
     /// Added to the tail.
     Applied,
+    /// Added to the tail in place of `superseded` batches of an older lease
+    /// that were replayed before it at the same offsets: that lease was
+    /// overtaken, and this broker's later lease wrote these offsets anew
+    /// (only in a cluster).
+    Replaced { superseded: usize },
     /// Already in a committed segment.
     Committed,
     /// Written under an older lease and overtaken by another owner since
@@ -216,7 +225,15 @@ fn fate(initial: Fate) -> Arc<watch::Sender<Fate>> {
 }
 
 impl ShardLog {
-    pub fn new(stream: &str, shard: i32, init: ShardInit, env: ShardEnv) -> Self {
+    pub fn new(stream: &str, shard: i32, mut init: ShardInit, env: ShardEnv) -> Self {
+        // State stored before writes were timed has no time: count its
+        // idleness from now rather than expire all of it at once.
+        let now = crate::broker::now_ms();
+        for p in init.producers.values_mut() {
+            if p.last_write_ms == 0 {
+                p.last_write_ms = now;
+            }
+        }
         let state = State {
             epoch: init.epoch,
             next_offset: init.committed_offset,
@@ -231,6 +248,7 @@ impl ShardLog {
             committed_producers: init.producers,
             stopped: init.stopped,
             gaps: std::collections::HashMap::new(),
+            flushes_refused: false,
         };
         ShardLog {
             stream: stream.to_string(),
@@ -294,9 +312,20 @@ impl ShardLog {
             .get_or_insert_with(|| reason.to_string());
     }
 
-    /// An operator accepted the loss: take writes again.
+    /// Placement refused to commit this shard's segment where nothing else
+    /// can own it (standalone): stop it, and flush nothing more of it, as
+    /// every attempt would leave one more object nothing references.
+    pub fn refuse_flushes(&self, reason: &str) {
+        let mut st = self.state.lock();
+        st.stopped.get_or_insert_with(|| reason.to_string());
+        st.flushes_refused = true;
+    }
+
+    /// An operator accepted the loss: take writes (and flushes) again.
     pub fn resume(&self) {
-        self.state.lock().stopped = None;
+        let mut st = self.state.lock();
+        st.stopped = None;
+        st.flushes_refused = false;
     }
 
     pub fn stopped(&self) -> Option<String> {
@@ -323,6 +352,11 @@ impl ShardLog {
         if last < st.committed_offset {
             return Replayed::Committed;
         }
+        let superseded = if self.env.cluster && base < st.next_offset {
+            self.drop_overtaken(&mut st, base, epoch)
+        } else {
+            0
+        };
         if base != st.next_offset || epoch > self.replay_epoch {
             if self.env.cluster && epoch < self.replay_epoch {
                 return Replayed::Superseded;
@@ -344,13 +378,48 @@ impl ShardLog {
             bytes: batch,
             wal_seq,
             appended_ms: now,
+            lease_epoch: epoch,
             fate: fate(Fate::Durable),
         });
         st.next_offset = last + 1;
         st.high_watermark = last + 1;
         self.account(&mut st, len, 0);
         self.high_watermark.send_replace(last + 1);
-        Replayed::Applied
+        if superseded > 0 {
+            Replayed::Replaced { superseded }
+        } else {
+            Replayed::Applied
+        }
+    }
+
+    /// A replayed entry of lease `epoch` starts at `base`, below what the
+    /// tail already holds. If everything replayed from `base` on was
+    /// written under older leases, a later lease of this broker started
+    /// again from the committed offset after another owner took over, so
+    /// those batches were overtaken: drop them and say how many. Otherwise
+    /// leave the tail alone (the caller then reports a gap).
+    fn drop_overtaken(&self, st: &mut State, base: i64, epoch: u64) -> usize {
+        let Some(cut) = st.tail.iter().position(|b| b.base_offset == base) else {
+            return 0;
+        };
+        if base < st.committed_offset || st.tail.iter().skip(cut).any(|b| b.lease_epoch >= epoch) {
+            return 0;
+        }
+        let removed: Vec<TailBatch> = st.tail.drain(cut..).collect();
+        let bytes: u64 = removed.iter().map(|b| b.bytes.len() as u64).sum();
+        st.next_offset = base;
+        st.high_watermark = base;
+        let committed = st.committed_offset;
+        let uncommitted: Vec<TailBatch> = st
+            .tail
+            .iter()
+            .filter(|b| b.base_offset >= committed)
+            .cloned()
+            .collect();
+        st.producers = st.producers_with(uncommitted.into_iter());
+        self.account(st, 0, bytes);
+        self.high_watermark.send_replace(base);
+        removed.len()
     }
 
     /// Assign offsets and enqueue the batch in the WAL, in one critical
@@ -422,6 +491,7 @@ impl ShardLog {
         let ticket = wal.append(entry.encode())?;
         producer::record(&mut st.producers, &info, base, now);
         let len = bytes.len() as u64;
+        let lease_epoch = st.epoch;
         let fate = fate(Fate::Pending);
         let rx = fate.subscribe();
         st.tail.push_back(TailBatch {
@@ -432,6 +502,7 @@ impl ShardLog {
             bytes,
             wal_seq: ticket.seq(),
             appended_ms: now,
+            lease_epoch,
             fate,
         });
         st.next_offset = last + 1;
@@ -441,6 +512,17 @@ impl ShardLog {
             last_offset: last,
             ticket,
             fate: rx,
+        })
+    }
+
+    /// Whether this shard holds live sequence state for `producer_id` at
+    /// `epoch`, so that its next batch is checked against it rather than
+    /// accepted at any sequence.
+    pub fn knows_producer(&self, producer_id: i64, epoch: i16) -> bool {
+        let st = self.state.lock();
+        let now = crate::broker::now_ms();
+        st.producers.get(&producer_id).is_some_and(|s| {
+            s.producer_epoch == epoch && !producer::expired(s, now, self.env.producer_expiration_ms)
         })
     }
 
@@ -602,6 +684,9 @@ impl ShardLog {
             return None;
         }
         let st = self.state.lock();
+        if st.flushes_refused {
+            return None;
+        }
         let batches: Vec<TailBatch> = st
             .tail
             .iter()
@@ -852,6 +937,26 @@ mod tests {
         assert_eq!(s.replay(at(9, 1), 2, 6), Replayed::Superseded);
         // A gap among entries of this broker's last lease is a loss.
         assert!(matches!(s.replay(at(9, 1), 3, 7), Replayed::Gap { .. }));
+    }
+
+    #[test]
+    fn a_later_lease_replaces_what_an_overtaken_one_replayed_at_its_offsets() {
+        // Lease 5 wrote offsets 3-4; another owner took over and committed
+        // nothing; this broker's lease 7 wrote offsets 3-5 anew.
+        let s = replay_env(true);
+        assert_eq!(s.replay(at(3, 2), 1, 5), Replayed::Applied);
+        assert_eq!(
+            s.replay(at(3, 1), 2, 7),
+            Replayed::Replaced { superseded: 1 }
+        );
+        assert_eq!(s.replay(at(4, 2), 3, 7), Replayed::Applied);
+        assert_eq!(s.high_watermark(), 6);
+        assert_eq!(
+            s.unflushed_bytes(),
+            (at(3, 1).len() + at(4, 2).len()) as u64
+        );
+        // Entries of the same lease never replace each other: that is a gap.
+        assert!(matches!(s.replay(at(4, 1), 4, 7), Replayed::Gap { .. }));
     }
 
     #[tokio::test]

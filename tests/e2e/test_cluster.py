@@ -316,7 +316,7 @@ def test_consumer_group_survives_a_broker_failure(cluster):
         t.start()
     try:
         wait_for(lambda: len(seen) >= total // 2, 90, "the group to consume the first half")
-        # Kill the broker coordinating the group (or any, if that is unclear).
+        # Kill the broker coordinating the group.
         victim = cluster.broker(group_coordinator(cluster, group))
         victim.kill9()
         live = [b for b in cluster.brokers if b is not victim]

@@ -281,9 +281,14 @@ async fn assert_recovered_without_last(dir: &Path, seqs: &[u64]) {
     for (i, entry) in (0..).zip(&entries) {
         assert_eq!(entry.payload, payload(i));
     }
-    // The dropped group never became durable, so its seq is handed out again.
+    // The dropped group never became durable; numbering goes on after the
+    // readable log (and after the torn record, where its header still reads).
     let ticket = wal.append(payload(99)).unwrap();
-    assert_eq!(ticket.seq(), seqs[seqs.len() - 1]);
+    assert!(
+        ticket.seq() >= seqs[seqs.len() - 1],
+        "{} reused",
+        ticket.seq()
+    );
     ticket.durable().await.unwrap();
     drop(wal);
     let wal = open(dir);
@@ -482,7 +487,11 @@ async fn failed_write_recovers(fail_after_write: bool) {
     flag.store(false, std::sync::atomic::Ordering::SeqCst);
     wait_until(|| wal.health() == WalHealth::Ok).await;
     let again = append_each_durable(&wal, 6..8).await;
-    assert_eq!(again[0], first_failed, "failed seqs are handed out again");
+    assert_eq!(
+        again[0],
+        first_failed + 3,
+        "failed seqs are never handed out again"
+    );
     assert!(wal.stats().write_errors >= 2);
     drop(wal);
 
@@ -498,6 +507,38 @@ async fn failed_write_recovers(fail_after_write: bool) {
         entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [durable, again].concat()
     );
+}
+
+#[tokio::test]
+async fn a_segment_whose_header_is_damaged_is_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seqs = {
+        let wal = open(dir.path());
+        append_each_durable(&wal, 0..5).await
+    };
+    let (path, mut bytes, _) = locate(dir.path(), &payload(0));
+    bytes[20] ^= 0xff; // inside the header, under its checksum
+    std::fs::write(&path, &bytes).unwrap();
+
+    let wal = open(dir.path());
+    // Nothing after it would show its entries missing: the open says so.
+    assert!(
+        wal.damage()
+            .iter()
+            .any(|d| matches!(d, Damage::Unreadable { before: None, .. })),
+        "{:?}",
+        wal.damage()
+    );
+    assert!(wal.replay().unwrap().is_empty());
+    // New seqs cannot be mistaken for anything the damaged file holds, and
+    // the file is never reused.
+    let ticket = wal.append(payload(9)).unwrap();
+    assert!(ticket.seq() > seqs[seqs.len() - 1] + (1 << 31));
+    ticket.durable().await.unwrap();
+    drop(wal);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let wal = open(dir.path());
+    assert_eq!(wal.replay().unwrap().len(), 1);
 }
 
 #[tokio::test]

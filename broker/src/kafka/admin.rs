@@ -485,19 +485,21 @@ async fn max_timestamp(
     let start = shard.log_start_offset();
     let mut best: Option<(i64, i64)> = None;
     let better = |best: Option<(i64, i64)>, ts: i64| best.is_none_or(|(_, t)| ts > t);
-    // The index knows each range's largest timestamp: only the first range
-    // holding the overall largest one is read.
-    let mut top: Option<shoal_placement::SegmentRef> = None;
-    for seg in shard.segments() {
-        if seg.last_offset >= start
-            && top
-                .as_ref()
-                .is_none_or(|t| seg.max_timestamp_ms > t.max_timestamp_ms)
-        {
-            top = Some(seg);
+    // The index knows each range's largest timestamp. Ranges are read
+    // from the largest down until the best row found is at least the next
+    // range's largest: usually one read. (A range that starts below the
+    // log start may owe its largest timestamp to rows no longer in the log.)
+    let mut ranges: Vec<shoal_placement::SegmentRef> = shard
+        .segments()
+        .into_iter()
+        .filter(|s| s.last_offset >= start)
+        .collect();
+    // Earliest first among equal timestamps: Kafka answers the first offset.
+    ranges.sort_by_key(|s| (std::cmp::Reverse(s.max_timestamp_ms), s.first_offset));
+    for seg in ranges {
+        if best.is_some_and(|(_, t)| t >= seg.max_timestamp_ms) {
+            break;
         }
-    }
-    if let Some(seg) = top {
         for r in batch::to_rows(&b.read_segment(&seg).await?)? {
             if r.offset >= start && better(best, r.timestamp_ms) {
                 best = Some((r.offset, r.timestamp_ms));

@@ -44,6 +44,12 @@ struct PartitionWork {
 /// take for "written before". Until batch N comes again, the later ones
 /// get N's (retriable) error too, as they would have if they had arrived
 /// together.
+///
+/// The guard only covers that "any sequence" case: once the shard served
+/// here holds state for the producer (the retry of N was written here or
+/// elsewhere and its state came with the shard), the ordinary sequence
+/// checks apply and the entry is dropped, so a producer whose N went to
+/// another broker is not refused when the shard comes back.
 #[derive(Default)]
 pub(crate) struct Gaps(parking_lot::Mutex<std::collections::HashMap<GapKey, Gap>>);
 
@@ -54,13 +60,21 @@ type Gap = (i16, i32, i16);
 
 impl Gaps {
     /// The error to answer `id`'s batch with, if an earlier one is missing.
-    fn check(&self, topic: &str, partition: i32, id: Option<BatchId>) -> Option<i16> {
+    fn check(
+        &self,
+        topic: &str,
+        partition: i32,
+        id: Option<BatchId>,
+        shard: Option<&ShardLog>,
+    ) -> Option<i16> {
         let id = id?;
         let mut gaps = self.0.lock();
         let key = (topic.to_string(), partition, id.producer_id);
         let &(epoch, seq, code) = gaps.get(&key)?;
-        if id.epoch != epoch || id.sequence == seq {
-            // A new epoch starts over; the missing batch itself goes ahead.
+        let known = shard.is_some_and(|s| s.knows_producer(id.producer_id, id.epoch));
+        if id.epoch != epoch || id.sequence == seq || known {
+            // A new epoch starts over; the missing batch itself goes ahead;
+            // a shard with state for the producer checks sequences itself.
             gaps.remove(&key);
             return None;
         }
@@ -74,6 +88,11 @@ impl Gaps {
             return;
         }
         let mut gaps = self.0.lock();
+        if gaps.len() >= MAX_GAPS {
+            // A connection cycling through producer ids must not grow this
+            // without bound; forgetting fails open to Kafka's rule.
+            gaps.clear();
+        }
         let e = gaps
             .entry((topic.to_string(), partition, id.producer_id))
             .or_insert((id.epoch, id.sequence, code));
@@ -82,6 +101,9 @@ impl Gaps {
         }
     }
 }
+
+/// Refused batches remembered per connection at most.
+const MAX_GAPS: usize = 4096;
 
 /// Errors clients retry with the same sequence.
 const RETRIED: [i16; 4] = [
@@ -124,7 +146,9 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
             let records = p.records.unwrap_or_default();
             let id = batch_id(&records);
             let topic = t.name.as_str();
-            let outcome = match (&stream, ctx.gaps.check(topic, p.index, id)) {
+            let here = stream.as_ref().ok().and_then(|s| s.shard(p.index));
+            let gap = ctx.gaps.check(topic, p.index, id, here.map(|s| &**s));
+            let outcome = match (&stream, gap) {
                 (_, Some(code)) => Outcome::Done(Err(code)),
                 (Err(e), None) => Outcome::Done(Err(e.code())),
                 (Ok(s), None) => match s.shard(p.index) {
@@ -259,7 +283,7 @@ fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted>
                 .produce_records
                 .inc_by(u64::from(info.record_count.unsigned_abs()));
             b.metrics.produce_bytes.inc_by(bt.len() as u64);
-            b.note_appended(bt.len() as u64);
+            b.note_appended();
             // Make the batch visible (high watermark, flusher) as soon as
             // the fsync is done, not when this connection's writer gets to
             // the response: responses are sent in order, and an earlier one
@@ -342,4 +366,86 @@ async fn wait(
         tracing::debug!(stream = %shard.stream, shard = shard.shard, base = accepted.base_offset, last = last_offset, "an appended batch is answered with an error: {e}");
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use shoal_placement::{ProducerBatch, ProducerState};
+
+    use super::*;
+    use crate::producer::Producers;
+    use crate::shard::{ShardEnv, ShardInit};
+
+    fn id(sequence: i32) -> Option<BatchId> {
+        Some(BatchId {
+            producer_id: 7,
+            epoch: 0,
+            sequence,
+        })
+    }
+
+    fn shard_with(producers: Producers) -> ShardLog {
+        let init = ShardInit {
+            epoch: 1,
+            replay_epoch: 0,
+            log_start_offset: 0,
+            committed_offset: 0,
+            segments: vec![],
+            producers,
+            stopped: None,
+        };
+        let env = ShardEnv {
+            tail_keep_bytes: 0,
+            producer_expiration_ms: 86_400_000,
+            unflushed_bytes: Arc::new(AtomicU64::new(0)),
+            cluster: false,
+        };
+        ShardLog::new("t", 0, init, env)
+    }
+
+    #[test]
+    fn later_batches_wait_for_a_refused_one_while_the_shard_knows_nothing() {
+        let gaps = Gaps::default();
+        gaps.refused("t", 0, id(5), 6);
+        let fresh = shard_with(Producers::new());
+        assert_eq!(gaps.check("t", 0, id(6), None), Some(6));
+        assert_eq!(gaps.check("t", 0, id(6), Some(&fresh)), Some(6));
+        // The refused batch itself goes ahead and clears the guard.
+        assert_eq!(gaps.check("t", 0, id(5), Some(&fresh)), None);
+        assert_eq!(gaps.check("t", 0, id(6), Some(&fresh)), None);
+    }
+
+    #[test]
+    fn a_shard_that_knows_the_producer_lifts_the_guard() {
+        // Batch 5 was refused here and then written by another broker; the
+        // shard came back with that state, so batch 6 is checked by it.
+        let gaps = Gaps::default();
+        gaps.refused("t", 0, id(5), 6);
+        let mut producers = Producers::new();
+        producers.insert(
+            7,
+            ProducerState {
+                producer_epoch: 0,
+                batches: vec![ProducerBatch {
+                    first_sequence: 5,
+                    last_sequence: 5,
+                    base_offset: 0,
+                    last_offset: 0,
+                }],
+                last_write_ms: 0,
+            },
+        );
+        let known = shard_with(producers);
+        assert_eq!(gaps.check("t", 0, id(6), Some(&known)), None);
+        assert_eq!(gaps.check("t", 0, id(7), None), None);
+    }
+
+    #[test]
+    fn errors_clients_do_not_retry_leave_no_guard() {
+        let gaps = Gaps::default();
+        gaps.refused("t", 0, id(5), 87);
+        assert_eq!(gaps.check("t", 0, id(6), None), None);
+    }
 }

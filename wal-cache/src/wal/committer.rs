@@ -362,7 +362,9 @@ impl Committer {
     /// the durable log ended), proving the disk takes writes again, then
     /// take appends again.
     fn restart(&mut self) -> std::io::Result<()> {
-        self.start_segment(self.durable + 1)?;
+        // The failed seqs stay used: the segment begins after them.
+        let next = self.shared.lock().next_seq;
+        self.start_segment(next)?;
         let synced = self
             .faults
             .check(Fault::Sync)
@@ -398,11 +400,12 @@ impl Committer {
     }
 
     /// A failed write or fsync: nothing of this group or queued behind it
-    /// can be promised durable. Every waiting ticket gets the error, the
-    /// seqs from the group on are handed out again, and the log refuses
-    /// appends until the caller resumes it. What the failed write left in
-    /// the active segment is never read: the next segment's header marks
-    /// the durable end.
+    /// can be promised durable. Every waiting ticket gets the error and the
+    /// log refuses appends until the caller resumes it. The failed seqs
+    /// are never handed out again, so nothing the failed write left in a
+    /// file can pass for a later record; once the log writes again, the
+    /// next segment's header marks the durable end and what the failed
+    /// write left is never read.
     fn fail(&mut self, round: Round, err: std::io::Error) {
         let first_failed_seq = self.durable + 1;
         tracing::error!(error = %err, group = round.group.len(), first_failed_seq, "wal write failed");
@@ -422,10 +425,6 @@ impl Committer {
                 resumed: false,
             });
             let queued = std::mem::take(&mut st.queue);
-            st.next_seq = first_failed_seq;
-            // The failed seqs are handed out again: none of them may count
-            // as truncated.
-            st.truncated_through = st.truncated_through.min(self.durable);
             while st
                 .live
                 .back()

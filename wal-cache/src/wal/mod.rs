@@ -15,8 +15,13 @@
 //! caller must first take back what it built on those entries (the broker
 //! rolls back its shards' tails), then call [`Wal::resume`]. The log then
 //! continues in a new segment whose header marks where the durable log
-//! ended, so the failed group's bytes are never replayed, and appends are
-//! accepted again as soon as a segment can be written.
+//! ended, so from then on the failed group's bytes are never replayed, and
+//! appends are accepted again as soon as a segment can be written. (A crash
+//! before that segment exists replays whatever of the failed group reached
+//! the disk: its callers were told it failed, not that it was not written.)
+//!
+//! Seqs strictly increase for the life of the directory: those of a failed
+//! or torn group are never handed out again.
 
 mod committer;
 mod faults;
@@ -297,9 +302,27 @@ impl Wal {
         }
 
         let mark = mark::Mark::open(&dir).map_err(|e| io_err(&dir, e))?;
-        let (scanned, spares, max_id) = read_segments(&dir, opts.segment_bytes, true)?;
+        let found = read_segments(&dir, opts.segment_bytes, true)?;
+        let (scanned, spares, max_id) = (found.scanned, found.spares, found.max_id);
         let live_files: Vec<u64> = scanned.iter().map(|s| s.id).collect();
-        let recovered = recovery::recover(scanned, mark.through());
+        let mut recovered = recovery::recover(scanned, mark.through());
+        if !found.broken.is_empty() {
+            // A segment whose header is damaged may have been the newest:
+            // nothing after it would show its entries missing. They are
+            // reported (the file is left alone, never recycled), and their
+            // seqs are unknown, so new ones start well above anything seen.
+            for id in &found.broken {
+                tracing::error!(
+                    path = %segments::path_of(&dir, *id).display(),
+                    "wal: a segment's header is unreadable; its entries are lost"
+                );
+            }
+            recovered.damage.push(Damage::Unreadable {
+                after: recovered.last_seq,
+                before: None,
+            });
+            recovered.max_seq = recovered.max_seq.saturating_add(BROKEN_SEQ_SKIP);
+        }
         // What was read must be on disk before a new segment's header
         // says it is durable (a process crash leaves it in the page cache).
         for id in &live_files {
@@ -395,8 +418,8 @@ impl Wal {
     /// committer has written them; call this before appending.
     pub fn replay(&self) -> Result<Vec<WalEntry>> {
         let floor = self.shared.lock().truncated_through;
-        let (scanned, _, _) = read_segments(&self.dir, self.pool.segment_bytes(), false)?;
-        Ok(recovery::recover(scanned, floor)
+        let found = read_segments(&self.dir, self.pool.segment_bytes(), false)?;
+        Ok(recovery::recover(found.scanned, floor)
             .entries
             .into_iter()
             .filter(|(seq, _)| *seq > floor)
@@ -569,17 +592,29 @@ impl fmt::Debug for ShortDamage<'_> {
     }
 }
 
+/// Seqs skipped after a segment with a damaged header: more than one
+/// segment can hold, so none of its records can look newer than new ones.
+const BROKEN_SEQ_SKIP: u64 = 1 << 32;
+
+/// The segment files of a WAL directory.
+struct Found {
+    /// Segments with a readable header.
+    scanned: Vec<recovery::ScannedSegment>,
+    /// Files of the right size with a zeroed header.
+    spares: Vec<SegmentFile>,
+    /// Ids of files whose header is neither valid nor zeroed.
+    broken: Vec<u64>,
+    /// The highest segment id seen.
+    max_id: u64,
+}
+
 /// Read every segment file of `dir`: readable ones scanned, spares kept
-/// (files of the right size without a valid header). With `cleanup` (at
-/// open, when nothing else writes) half-prepared spares are removed. Also
-/// returns the highest segment id seen.
-fn read_segments(
-    dir: &std::path::Path,
-    segment_bytes: u64,
-    cleanup: bool,
-) -> Result<(Vec<recovery::ScannedSegment>, Vec<SegmentFile>, u64)> {
+/// (files of the right size whose header was zeroed). With `cleanup` (at
+/// open, when nothing else writes) half-prepared spares are removed.
+fn read_segments(dir: &std::path::Path, segment_bytes: u64, cleanup: bool) -> Result<Found> {
     let mut scanned = Vec::new();
     let mut spares = Vec::new();
+    let mut broken = Vec::new();
     let mut max_id = 0;
     let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
     for entry in entries {
@@ -606,9 +641,14 @@ fn read_segments(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(&path, e)),
         };
-        let zeroed = bytes.iter().take(8).all(|b| *b == 0);
+        // Recycling and preparing zero a segment's whole header.
+        let zeroed = bytes
+            .iter()
+            .take(format::SEGMENT_HEADER_LEN)
+            .all(|b| *b == 0);
         match recovery::scan(id, Bytes::from(bytes)) {
             Some(s) => scanned.push(s),
+            None if !zeroed => broken.push(id),
             None if len == segment_bytes => {
                 let file = File::options()
                     .read(true)
@@ -617,21 +657,19 @@ fn read_segments(
                     .map_err(|e| io_err(&path, e))?;
                 spares.push(SegmentFile { id, file });
             }
-            // A spare being prepared (zeroed header), or a header that does
-            // not read: kept for whoever investigates. If it held live
-            // entries, the next segment's header shows them missing and they
-            // are reported as damage.
             // Half-prepared when the process stopped: nothing in it.
-            None if zeroed && cleanup => {
+            None if cleanup => {
                 let _ = std::fs::remove_file(&path);
             }
-            None if zeroed => {}
-            None => {
-                tracing::warn!(path = %path.display(), "wal: ignoring a segment without a readable header")
-            }
+            None => {}
         }
     }
-    Ok((scanned, spares, max_id))
+    Ok(Found {
+        scanned,
+        spares,
+        broken,
+        max_id,
+    })
 }
 
 impl fmt::Debug for Wal {

@@ -168,8 +168,8 @@ pub(super) struct Recovered {
     /// The last seq of the readable log (what a new segment's header
     /// records as durable before it).
     pub last_seq: u64,
-    /// Numbering continues above this: the readable log's end, or a
-    /// header's durable mark if higher.
+    /// Numbering continues above this: the highest seq any record or
+    /// header shows, dead ones (a torn or failed group) included.
     pub max_seq: u64,
     /// Ids of the segments still holding live data, oldest first, with
     /// their first and last seq.
@@ -265,11 +265,18 @@ pub(super) fn recover(mut segments: Vec<ScannedSegment>, truncated_through: u64)
         }
         out.last_seq = out.last_seq.max(last.min(ceiling));
         out.live.push((s.id, s.header.first_seq, last));
-        out.max_seq = out.max_seq.max(s.header.prev_last_seq);
+        // Every seq ever written here stays used, readable or not, so that
+        // no record left in a file (after a failed or torn group) can look
+        // newer than a record written after it.
+        let seen = s.items.iter().filter_map(|it| match it {
+            Item::Record { seq, .. } => Some(*seq),
+            _ => None,
+        });
+        out.max_seq = seen
+            .chain([s.header.prev_last_seq, s.header.first_seq.saturating_sub(1)])
+            .fold(out.max_seq, u64::max);
         out.max_number = out.max_number.max(s.header.number);
     }
-    // Records past the readable end (a torn or failed group) are dead:
-    // their seqs are handed out again.
     out.max_seq = out.max_seq.max(out.last_seq).max(truncated_through);
     let t = truncated_through;
     out.entries = entries.into_iter().filter(|(seq, _)| *seq > t).collect();

@@ -1,12 +1,14 @@
 //! Segment files: naming, the pool of spare (pre-written) segments and the
 //! keeper thread that fills and recycles it.
 //!
-//! A segment is written in place and never grows while it is in use, so an
-//! `fdatasync` after a group has no file metadata to commit. Spares are
-//! filled with zeros ahead of need by the keeper thread (blocks allocated
-//! and written once); fully truncated segments go back to the pool with
-//! their header zeroed instead of being deleted. On a busy WAL the file
-//! system therefore allocates, frees and discards nothing.
+//! A segment is written in place; it only grows when one group is larger
+//! than a segment. Fully truncated segments go back to the pool with their
+//! header zeroed instead of being deleted, and the keeper thread fills a new
+//! spare with zeros (blocks allocated and written once) only when none is
+//! left. On a busy WAL the file system therefore allocates, frees and
+//! discards almost nothing, and an `fdatasync` after a group rarely has file
+//! metadata to commit. A segment taken when no spare was ready is reserved
+//! but not zero-filled.
 
 use std::{
     collections::VecDeque,
