@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PEAK1=${1:-210000}
 PEAK16=${2:-190000}
 SECONDS_PER_POINT=${SECONDS_PER_POINT:-20}
-cargo build --release --bin shoal -p shoal-loadgen
+cargo build --release -p shoal --bin shoal && cargo build --release -p shoal-loadgen
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
 echo -n "disk (dd 4 MiB blocks, oflag=dsync, 1 GiB): "
