@@ -8,6 +8,7 @@ partitions that do not exist."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 import uuid
@@ -194,10 +195,24 @@ def test_a_refused_commit_keeps_its_bytes_counted(shoal):
     resp = http_request(shoal.http_base + "/placement/v1/write", method="POST", body=body)
     assert resp.status == 200, resp.text
     unblock_flushes(shoal)
+    wait_for(lambda: metric(shoal, "shoal_segment_commits_refused_total") >= 1, 30,
+             "the refused commit")
+    # Standalone, nothing else can own the shard: the broker stops it and
+    # says so rather than flush it again and again.
+    wait_for(lambda: f"{topic}/0" in shoal.http("/health").json()["checks"]["shards"], 30,
+             "the shard to be reported stopped")
+    assert "segment commit refused" in shoal.http("/health").json()["checks"]["shards"]
+    # Other topics go on flushing; the stopped shard is not flushed again
+    # (each attempt would leave one more object nothing references).
+    other = unique_name("other")
+    ck_create_topic(shoal.bootstrap, other, 1, {"shoal.durability": "local"})
     flushes = metric(shoal, "shoal_flush_total")
-    wait_for(lambda: metric(shoal, "shoal_flush_total") >= flushes + 3, 30,
-             "several flush attempts, each refused")
-    # The records are still held (uncommitted): they still count, once.
+    produce_local(shoal, other, [b"z" * 1000] * 10)
+    wait_for(lambda: metric(shoal, "shoal_flush_total") >= flushes + 1
+             and metric(shoal, "shoal_unflushed_bytes") == held, 30,
+             "the other topic to be flushed")
+    assert metric(shoal, "shoal_segment_commits_refused_total") == 1
+    # The refused records are still held (uncommitted): they still count, once.
     assert metric(shoal, "shoal_unflushed_bytes") == held
 
 
@@ -239,6 +254,17 @@ def test_a_damaged_wal_entry_stops_its_shard_and_says_so(shoal):
     assert metric(shoal, "shoal_shards_stopped") == 1
     assert "acknowledged records are lost" in shoal.log_text()
     assert shoal.stream(damaged)["shards"][0]["stopped"], shoal.stream(damaged)
+    # The entries the stopped shard did not apply (the damaged one and the
+    # readable one after it) are kept out of the WAL's truncation.
+    [kept] = (shoal.data_dir / "quarantine").glob(f"{damaged}.0.*.entries")
+    frames, data = [], kept.read_bytes()
+    while data:
+        seq, n = struct.unpack(">QI", data[:12])
+        frames.append((seq, data[12:12 + n]))
+        data = data[12 + n:]
+    assert len(frames) == 2, frames
+    assert frames[0][0] < frames[1][0]
+    assert b"after" in frames[1][1] and b"after" not in frames[0][1]
 
     conn, version = raw(shoal)
     with conn:
