@@ -270,6 +270,9 @@ impl Broker {
         let mut stops: BTreeMap<(String, i32), String> = BTreeMap::new();
         // Entries of stopped shards not applied: kept out of the WAL's reach.
         let mut kept: BTreeMap<(String, i32), Vec<(u64, Bytes)>> = BTreeMap::new();
+        // Entries judged superseded by a later owner: kept too if their
+        // shard ends up stopped, as the judgement assumed an intact log.
+        let mut superseded: BTreeMap<(String, i32), Vec<(u64, Bytes)>> = BTreeMap::new();
         let mut unattributed: Vec<String> = Vec::new();
         let mut replayed = 0u64;
         for entry in entries {
@@ -307,6 +310,10 @@ impl Broker {
                 }
                 Replayed::Committed => {}
                 Replayed::Superseded => {
+                    superseded
+                        .entry(key)
+                        .or_default()
+                        .push((entry.seq, entry_bytes));
                     self.metrics.wal_superseded.inc();
                     tracing::info!(
                         stream = %rec.stream,
@@ -379,6 +386,11 @@ impl Broker {
                         .entry((log.stream.clone(), log.shard))
                         .or_insert_with(|| reason.clone());
                 }
+            }
+        }
+        for (key, entries) in superseded {
+            if stops.contains_key(&key) {
+                kept.entry(key).or_default().extend(entries);
             }
         }
         let dir = self.config.data_dir.join("quarantine");

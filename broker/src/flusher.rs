@@ -212,6 +212,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             // (the WAL holds them) until an operator looks.
             let reason = format!("segment commit refused: {}", r.rejection);
             t.shard.refuse_flushes(&reason);
+            quarantine_refused(broker, &t.shard);
             if let Err(e) = broker.stop_shard(&r.stream, r.shard, &reason).await {
                 tracing::warn!(stream = %r.stream, shard = r.shard, "recording the stop in placement: {e}");
             }
@@ -250,4 +251,33 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         .observe(started.elapsed().as_secs_f64());
     tracing::debug!(object = %key, bytes = size, records, "flushed segment");
     Ok(records)
+}
+
+/// Copy a flush-refused shard's un-committed WAL entries to the quarantine
+/// directory so that the WAL may truncate past them. If that fails the
+/// WAL keeps them (and keeps growing) until an operator resumes the shard.
+fn quarantine_refused(broker: &Broker, shard: &ShardLog) {
+    let entries = shard.uncommitted_wal_entries();
+    if entries.is_empty() {
+        return;
+    }
+    let dir = broker.config.data_dir.join("quarantine");
+    match crate::quarantine::keep(&dir, &shard.stream, shard.shard, &entries) {
+        Ok(path) => {
+            shard.quarantined();
+            tracing::warn!(
+                stream = %shard.stream,
+                shard = shard.shard,
+                entries = entries.len(),
+                file = %path.display(),
+                "kept the flush-refused shard's write-ahead log entries"
+            );
+        }
+        Err(e) => tracing::error!(
+            stream = %shard.stream,
+            shard = shard.shard,
+            "keeping the flush-refused shard's entries in {}: {e}; the write-ahead log holds them",
+            dir.display()
+        ),
+    }
 }

@@ -72,6 +72,9 @@ struct State {
     gaps: std::collections::HashMap<i64, (i16, i32)>,
     /// See [`ShardLog::refuse_flushes`].
     flushes_refused: bool,
+    /// The un-committed entries of a flush-refused shard are kept outside
+    /// the WAL (see [`ShardLog::quarantined`]): the WAL need not keep them.
+    quarantined: bool,
 }
 
 impl State {
@@ -249,6 +252,7 @@ impl ShardLog {
             stopped: init.stopped,
             gaps: std::collections::HashMap::new(),
             flushes_refused: false,
+            quarantined: false,
         };
         ShardLog {
             stream: stream.to_string(),
@@ -326,6 +330,37 @@ impl ShardLog {
         let mut st = self.state.lock();
         st.stopped = None;
         st.flushes_refused = false;
+        st.quarantined = false;
+    }
+
+    /// The WAL entries (sequence, payload as the WAL holds it) of the
+    /// batches not committed yet, oldest first.
+    pub fn uncommitted_wal_entries(&self) -> Vec<(u64, Bytes)> {
+        let st = self.state.lock();
+        st.tail
+            .iter()
+            .filter(|b| b.base_offset >= st.committed_offset)
+            .map(|b| {
+                let rec = WalRecord {
+                    stream: self.stream.clone(),
+                    shard: self.shard,
+                    epoch: b.lease_epoch,
+                    batch: b.bytes.clone(),
+                };
+                (b.wal_seq, rec.encode())
+            })
+            .collect()
+    }
+
+    /// The un-committed entries of this flush-refused shard are durable
+    /// elsewhere (quarantine): stop holding the WAL back for them, which
+    /// would otherwise keep every other shard's traffic until the disk
+    /// fills.
+    pub fn quarantined(&self) {
+        let mut st = self.state.lock();
+        if st.flushes_refused {
+            st.quarantined = true;
+        }
     }
 
     pub fn stopped(&self) -> Option<String> {
@@ -768,6 +803,9 @@ impl ShardLog {
     /// Lowest WAL sequence still needed by this shard (not yet committed).
     pub fn min_unflushed_seq(&self) -> Option<u64> {
         let st = self.state.lock();
+        if st.quarantined {
+            return None;
+        }
         st.tail
             .iter()
             .find(|b| b.base_offset >= st.committed_offset)
@@ -957,6 +995,87 @@ mod tests {
         );
         // Entries of the same lease never replace each other: that is a gap.
         assert!(matches!(s.replay(at(4, 1), 4, 7), Replayed::Gap { .. }));
+    }
+
+    #[test]
+    fn a_commit_carries_only_the_producers_that_wrote_or_expired() {
+        let now = crate::broker::now_ms();
+        let state = |last_write_ms| shoal_placement::ProducerState {
+            producer_epoch: 0,
+            batches: vec![],
+            last_write_ms,
+        };
+        // 5 is idle past the expiration, 6 wrote recently; neither writes now.
+        let producers = Producers::from([(5, state(1)), (6, state(now - 1000))]);
+        let s = ShardLog::new(
+            "s",
+            0,
+            ShardInit {
+                epoch: 1,
+                replay_epoch: 1,
+                log_start_offset: 0,
+                committed_offset: 0,
+                segments: vec![],
+                producers,
+                stopped: None,
+            },
+            env(),
+        );
+        use kafka_protocol::records::{
+            Compression, Record as KafkaRecord, RecordBatchEncoder, RecordEncodeOptions,
+            TimestampType,
+        };
+        // Producer 7's first two records.
+        let records: Vec<KafkaRecord> = (0..2)
+            .map(|o| KafkaRecord {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: 7,
+                producer_epoch: 0,
+                timestamp_type: TimestampType::Creation,
+                offset: o,
+                sequence: o as i32,
+                timestamp: 1000,
+                key: None,
+                value: Some(Bytes::from_static(b"v")),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = bytes::BytesMut::new();
+        let options = RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        };
+        RecordBatchEncoder::encode(&mut buf, records.iter(), &options).unwrap();
+        assert_eq!(s.replay(buf.freeze(), 1, 1), Replayed::Applied);
+        let slice = s.flush_slice().unwrap();
+        let delta = s.producer_delta(&slice.batches, now);
+        assert_eq!(delta.changed.keys().copied().collect::<Vec<_>>(), [7]);
+        assert_eq!(delta.expired, [5]);
+    }
+
+    #[test]
+    fn a_quarantined_refused_shard_no_longer_holds_the_wal_back() {
+        let s = replay_env(false);
+        assert_eq!(s.replay(at(3, 2), 11, 7), Replayed::Applied);
+        assert_eq!(s.replay(at(5, 1), 12, 7), Replayed::Applied);
+        assert_eq!(s.min_unflushed_seq(), Some(11));
+        // Only a flush-refused shard can be released.
+        s.quarantined();
+        assert_eq!(s.min_unflushed_seq(), Some(11));
+        s.refuse_flushes("segment commit refused");
+        let entries = s.uncommitted_wal_entries();
+        assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), [11, 12]);
+        let rec = WalRecord::decode(entries[1].1.clone()).unwrap();
+        assert_eq!((rec.stream.as_str(), rec.shard, rec.epoch), ("s", 0, 7));
+        assert_eq!(rec.batch, at(5, 1));
+        s.quarantined();
+        assert_eq!(s.min_unflushed_seq(), None);
+        // Resumed, it flushes again, so it counts again.
+        s.resume();
+        assert_eq!(s.min_unflushed_seq(), Some(11));
     }
 
     #[tokio::test]

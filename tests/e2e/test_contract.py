@@ -93,6 +93,17 @@ def produce_local(shoal, topic: str, values: list[bytes], partition: int = 0) ->
     return log
 
 
+def quarantined(shoal, stream: str) -> list[tuple[int, bytes]]:
+    """The (WAL sequence, entry) frames kept for `stream`'s shard 0."""
+    [kept] = (shoal.data_dir / "quarantine").glob(f"{stream}.0.*.entries")
+    frames, data = [], kept.read_bytes()
+    while data:
+        seq, n = struct.unpack(">QI", data[:12])
+        frames.append((seq, data[12:12 + n]))
+        data = data[12 + n:]
+    return frames
+
+
 # --------------------------------------------------------------------------
 # 1. a retry is answered as its original
 
@@ -214,6 +225,9 @@ def test_a_refused_commit_keeps_its_bytes_counted(shoal):
     assert metric(shoal, "shoal_segment_commits_refused_total") == 1
     # The refused records are still held (uncommitted): they still count, once.
     assert metric(shoal, "shoal_unflushed_bytes") == held
+    # Their WAL entries are copied out of the WAL's way: all 50 records.
+    frames = quarantined(shoal, topic)
+    assert sum(p.count(b"y" * 1000) for _, p in frames) == 50
 
 
 # --------------------------------------------------------------------------
@@ -256,12 +270,7 @@ def test_a_damaged_wal_entry_stops_its_shard_and_says_so(shoal):
     assert shoal.stream(damaged)["shards"][0]["stopped"], shoal.stream(damaged)
     # The entries the stopped shard did not apply (the damaged one and the
     # readable one after it) are kept out of the WAL's truncation.
-    [kept] = (shoal.data_dir / "quarantine").glob(f"{damaged}.0.*.entries")
-    frames, data = [], kept.read_bytes()
-    while data:
-        seq, n = struct.unpack(">QI", data[:12])
-        frames.append((seq, data[12:12 + n]))
-        data = data[12 + n:]
+    frames = quarantined(shoal, damaged)
     assert len(frames) == 2, frames
     assert frames[0][0] < frames[1][0]
     assert b"after" in frames[1][1] and b"after" not in frames[0][1]

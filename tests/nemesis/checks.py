@@ -7,14 +7,15 @@ make the summary line.
 
 from __future__ import annotations
 
-import io
+import os
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-import pyarrow.parquet as pq
+import duckdb
 
 from clients import ck_config, ck_consume_all  # tests/e2e
 from confluent_kafka import Consumer, TopicPartition
@@ -155,61 +156,88 @@ def final_read(bootstrap: str, topics: list[Topic], history: History, attempts: 
 def parquet_records(topo: Topology, views: dict[TP, dict], topics: list[Topic]
                     ) -> tuple[dict[TP, dict[int, str]], list[str], int]:
     """The records of the live row groups the segment index references, per
-    (topic, shard); problems found on the way; objects read."""
+    (topic, shard), read with DuckDB; problems found on the way; objects
+    read."""
     names = {t.name for t in topics}
     keys = sorted({seg["object"] for (topic, _), sh in views.items() if topic in names
                    for seg in sh["segments"]})
-    files: dict[str, pq.ParquetFile] = {}
-    fetch_errors: dict[str, str] = {}
-
-    def fetch(key: str) -> None:
-        try:
-            files[key] = pq.ParquetFile(io.BytesIO(topo.fetch_object(key)))
-        except Exception as e:  # noqa: BLE001 - reported per row group below
-            fetch_errors[key] = repr(e)
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(fetch, keys))
     out: dict[TP, dict[int, str]] = defaultdict(dict)
     problems: list[str] = []
-    for (topic, shard), sh in sorted(views.items()):
-        if topic not in names:
-            continue
-        expect = sh["log_start_offset"]
-        for seg in sorted(sh["segments"], key=lambda s: s["first_offset"]):
-            where = f"{topic}/{shard} {seg['object']}#rg{seg['row_group']}"
-            if seg["first_offset"] != expect:
-                problems.append(f"{where}: starts at {seg['first_offset']}, expected {expect} "
-                                f"(gap or overlap in the segment index)")
-            expect = seg["last_offset"] + 1
+    with tempfile.TemporaryDirectory(prefix="nemesis-parquet-") as tmp:
+        paths: dict[str, str] = {}
+        fetch_errors: dict[str, str] = {}
+
+        def fetch(item: tuple[int, str]) -> None:
+            i, key = item
             try:
-                f = files.get(seg["object"])
-                if f is None:
-                    raise RuntimeError(fetch_errors.get(seg["object"], "not fetched"))
-                rg = f.read_row_group(seg["row_group"], columns=["stream", "shard", "offset", "value"])
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"{where}: unreadable: {e!r}")
+                path = os.path.join(tmp, f"{i}.parquet")
+                with open(path, "wb") as f:
+                    f.write(topo.fetch_object(key))
+                paths[key] = path
+            except Exception as e:  # noqa: BLE001 - reported per row group below
+                fetch_errors[key] = repr(e)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(fetch, enumerate(keys)))
+        con = duckdb.connect()
+        groups: dict[str, list[list[tuple]]] = {}
+
+        def row_group(key: str, index: int) -> list[tuple]:
+            """(stream, shard, offset, value) of row group `index` of `key`."""
+            if key not in groups:
+                path = paths.get(key)
+                if path is None:
+                    raise RuntimeError(fetch_errors.get(key, "not fetched"))
+                # Row groups are consecutive runs of rows: their sizes from
+                # the footer cut the file's rows (in file order) into them.
+                sizes = [n for (n,) in con.execute(
+                    f"SELECT row_group_num_rows FROM parquet_metadata('{path}') "
+                    "WHERE path_in_schema = 'offset' ORDER BY row_group_id").fetchall()]
+                rows = con.execute(
+                    f"SELECT stream, shard, \"offset\", value FROM "
+                    f"read_parquet('{path}', file_row_number = true) "
+                    "ORDER BY file_row_number").fetchall()
+                cut, at = [], 0
+                for n in sizes:
+                    cut.append(rows[at:at + n])
+                    at += n
+                groups[key] = cut
+            return groups[key][index]
+
+        for (topic, shard), sh in sorted(views.items()):
+            if topic not in names:
                 continue
-            streams = rg.column("stream").to_pylist()
-            shards = rg.column("shard").to_pylist()
-            offsets = rg.column("offset").to_pylist()
-            values = rg.column("value").to_pylist()
-            want = list(range(seg["first_offset"], seg["last_offset"] + 1))
-            if offsets != want:
-                problems.append(f"{where}: offsets {offsets[:3]}..{offsets[-3:]} ({len(offsets)} rows), "
-                                f"index says {seg['first_offset']}..{seg['last_offset']}")
-            if set(streams) != {topic} or set(shards) != {shard}:
-                problems.append(f"{where}: rows of {set(streams)} / shards {set(shards)}")
-            if seg.get("record_count") is not None and seg["record_count"] != len(offsets):
-                problems.append(f"{where}: {len(offsets)} rows, index says {seg['record_count']}")
-            for o, v in zip(offsets, values):
-                if o in out[(topic, shard)]:
-                    problems.append(f"{where}: offset {o} also in another referenced row group")
-                out[(topic, shard)][o] = text(v)
-        if expect != sh["committed_offset"]:
-            problems.append(f"{topic}/{shard}: segments end at {expect}, committed offset is "
-                            f"{sh['committed_offset']}")
-    return out, problems, len(files)
+            expect = sh["log_start_offset"]
+            for seg in sorted(sh["segments"], key=lambda s: s["first_offset"]):
+                where = f"{topic}/{shard} {seg['object']}#rg{seg['row_group']}"
+                if seg["first_offset"] != expect:
+                    problems.append(f"{where}: starts at {seg['first_offset']}, expected {expect} "
+                                    f"(gap or overlap in the segment index)")
+                expect = seg["last_offset"] + 1
+                try:
+                    rows = row_group(seg["object"], seg["row_group"])
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"{where}: unreadable: {e!r}")
+                    continue
+                offsets = [r[2] for r in rows]
+                want = list(range(seg["first_offset"], seg["last_offset"] + 1))
+                if offsets != want:
+                    problems.append(f"{where}: offsets {offsets[:3]}..{offsets[-3:]} ({len(offsets)} rows), "
+                                    f"index says {seg['first_offset']}..{seg['last_offset']}")
+                if {r[0] for r in rows} != {topic} or {r[1] for r in rows} != {shard}:
+                    problems.append(f"{where}: rows of {({r[0] for r in rows})} / shards "
+                                    f"{({r[1] for r in rows})}")
+                if seg.get("record_count") is not None and seg["record_count"] != len(offsets):
+                    problems.append(f"{where}: {len(offsets)} rows, index says {seg['record_count']}")
+                for _, _, o, v in rows:
+                    if o in out[(topic, shard)]:
+                        problems.append(f"{where}: offset {o} also in another referenced row group")
+                    out[(topic, shard)][o] = text(v)
+            if expect != sh["committed_offset"]:
+                problems.append(f"{topic}/{shard}: segments end at {expect}, committed offset is "
+                                f"{sh['committed_offset']}")
+        con.close()
+    return out, problems, len(paths)
 
 
 # --------------------------------------------------------------------------

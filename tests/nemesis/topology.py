@@ -144,7 +144,7 @@ def supports_wal_dir(role: str) -> bool:
 
 
 def health(proc: Shoal) -> tuple[bool, str]:
-    """(healthy, detail) from GET /health: the text "ok" or JSON
+    """(healthy, detail) from GET /health, JSON
     {"status": "ok"|"degraded"|"starting", "checks": {...}}."""
     try:
         resp = proc.http("/health", timeout=3)
@@ -153,8 +153,6 @@ def health(proc: Shoal) -> tuple[bool, str]:
     body = resp.text.strip()
     if resp.status != 200:
         return False, f"HTTP {resp.status} {body[:200]}"
-    if body == "ok":
-        return True, "ok"
     try:
         doc = json.loads(body)
     except ValueError:
