@@ -499,19 +499,7 @@ impl ShardLog {
             SeqCheck::Duplicate {
                 base_offset,
                 last_offset,
-            } => {
-                let fate = st
-                    .tail
-                    .iter()
-                    .rev()
-                    .find(|b| b.base_offset == base_offset)
-                    .map(|b| b.fate.subscribe());
-                return Ok(Appended::Duplicate {
-                    base_offset,
-                    last_offset,
-                    fate,
-                });
-            }
+            } => return Ok(duplicate(&st, base_offset, last_offset)),
             SeqCheck::Reject(e) => return Err(e),
         }
         let base = st.next_offset;
@@ -548,6 +536,28 @@ impl ShardLog {
             ticket,
             fate: rx,
         })
+    }
+
+    /// The retry of a batch this shard already holds, answered as its
+    /// original; `None` for any other batch. Lets a caller that would refuse
+    /// new writes (backpressure) still answer retries of written ones: an
+    /// error would tell the client they were not written.
+    pub fn duplicate_of(&self, info: &BatchInfo) -> Option<Appended> {
+        let st = self.state.lock();
+        if !info.is_idempotent() || self.is_fenced() || st.stopped.is_some() {
+            return None;
+        }
+        let live = producer::Live {
+            now_ms: crate::broker::now_ms(),
+            expiration_ms: self.env.producer_expiration_ms,
+        };
+        match producer::check(&st.producers, info, live) {
+            SeqCheck::Duplicate {
+                base_offset,
+                last_offset,
+            } => Some(duplicate(&st, base_offset, last_offset)),
+            _ => None,
+        }
     }
 
     /// Whether this shard holds live sequence state for `producer_id` at
@@ -810,6 +820,22 @@ impl ShardLog {
             .iter()
             .find(|b| b.base_offset >= st.committed_offset)
             .map(|b| b.wal_seq)
+    }
+}
+
+/// The answer to a retry of the batch at `base_offset..=last_offset`: its
+/// original's fate while it is still in the tail.
+fn duplicate(st: &State, base_offset: i64, last_offset: i64) -> Appended {
+    let fate = st
+        .tail
+        .iter()
+        .rev()
+        .find(|b| b.base_offset == base_offset)
+        .map(|b| b.fate.subscribe());
+    Appended::Duplicate {
+        base_offset,
+        last_offset,
+        fate,
     }
 }
 

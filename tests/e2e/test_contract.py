@@ -176,6 +176,31 @@ def test_a_refused_batch_is_not_overtaken_by_the_next_one(shoal_factory):
     assert [m.value() for m in got[0]] == [b"first", b"second"]
 
 
+def test_a_retry_of_a_written_batch_is_answered_under_backpressure(shoal_factory):
+    """Backpressure holds back new bytes only: the retry of a batch already
+    written gets its original's answer, not an error that says (to the
+    client) it was not written, which would let the client give the
+    records new sequence numbers later."""
+    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
+    topic, filler = unique_name("retrybp"), unique_name("filler")
+    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
+    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
+    block_flushes(shoal)
+    written = idempotent_batch(77, 0, [b"written"])
+    conn, version = raw(shoal)
+    with conn:
+        [r] = conn.produce(version, topic, 0, written)
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 0), r
+        produce_local(shoal, filler, [b"f" * 100_000] * 90)  # past the 8 MiB bound
+        [r] = conn.produce(version, topic, 0, idempotent_batch(77, 1, [b"new"]))
+        assert r.error_code == KAFKA_STORAGE_ERROR, r
+        [r] = conn.produce(version, topic, 0, written)
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 0), r
+    unblock_flushes(shoal)
+    got = ck_consume_all(shoal.bootstrap, topic, [0])
+    assert [m.value() for m in got[0]] == [b"written"]
+
+
 # --------------------------------------------------------------------------
 # 3. backpressure accounting
 

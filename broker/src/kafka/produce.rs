@@ -240,13 +240,6 @@ struct Accepted {
 /// in the WAL. A partition carries one batch per request (Kafka's rule
 /// for Produce v3 and later), so a request never half-applies.
 fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted> {
-    let pending = b.unflushed_bytes();
-    if pending >= b.config.max_unflushed_bytes {
-        return Err(Error::Backpressure {
-            pending,
-            limit: b.config.max_unflushed_bytes,
-        });
-    }
     let mut batches = batch::split(records)?;
     let bt = match batches.len() {
         0 => return Err(Error::Corrupt("empty produce".into())),
@@ -263,7 +256,20 @@ fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted>
     }
     batch::validate(&bt)?;
     b.metrics.produce_requests.inc();
-    match shard.append(&bt, info, &b.wal)? {
+    let pending = b.unflushed_bytes();
+    let appended = if pending < b.config.max_unflushed_bytes {
+        shard.append(&bt, info, &b.wal)?
+    } else if let Some(retry) = shard.duplicate_of(&info) {
+        // Its original is written: answer as it, as backpressure only
+        // holds back new bytes.
+        retry
+    } else {
+        return Err(Error::Backpressure {
+            pending,
+            limit: b.config.max_unflushed_bytes,
+        });
+    };
+    match appended {
         Appended::Duplicate {
             base_offset,
             last_offset,
