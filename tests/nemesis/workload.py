@@ -121,12 +121,12 @@ class ProducerWorker(threading.Thread):
         if self.idempotent:
             # Long enough to ride out a 30 s object store outage plus a failover.
             extra = {"enable.idempotence": True, "message.timeout.ms": 300000}
-            if os.environ.get("SHOAL_NEMESIS_RDKAFKA_DEBUG"):
-                extra["debug"] = os.environ["SHOAL_NEMESIS_RDKAFKA_DEBUG"]
-                RDKAFKA_LOGGER.setLevel(logging.DEBUG)
         else:
             extra = {"enable.idempotence": False, "retries": 0, "message.timeout.ms": 60000,
                      "max.in.flight.requests.per.connection": 5}
+        if os.environ.get("SHOAL_NEMESIS_RDKAFKA_DEBUG"):
+            extra["debug"] = os.environ["SHOAL_NEMESIS_RDKAFKA_DEBUG"]
+            RDKAFKA_LOGGER.setLevel(logging.DEBUG)
         return ck_config(self.bootstrap(), **common, **extra)
 
     @property
