@@ -72,11 +72,7 @@ pub fn check(producers: &Producers, info: &BatchInfo, live: Live) -> SeqCheck {
             last_offset: b.last_offset,
         };
     }
-    let expected = state
-        .batches
-        .last()
-        .map(|b| next_sequence(b.last_sequence))
-        .unwrap_or(0);
+    let expected = next_expected(state);
     if info.base_sequence == expected {
         SeqCheck::Accept
     } else {
@@ -86,6 +82,15 @@ pub fn check(producers: &Producers, info: &BatchInfo, live: Live) -> SeqCheck {
             got: info.base_sequence,
         })
     }
+}
+
+/// The first sequence of the batch `state`'s producer must send next.
+pub fn next_expected(state: &ProducerState) -> i32 {
+    state
+        .batches
+        .last()
+        .map(|b| next_sequence(b.last_sequence))
+        .unwrap_or(0)
 }
 
 fn next_sequence(s: i32) -> i32 {

@@ -560,15 +560,18 @@ impl ShardLog {
         }
     }
 
-    /// Whether this shard holds live sequence state for `producer_id` at
-    /// `epoch`, so that its next batch is checked against it rather than
-    /// accepted at any sequence.
-    pub fn knows_producer(&self, producer_id: i64, epoch: i16) -> bool {
+    /// The sequence this shard expects next from `producer_id` at `epoch`,
+    /// if it holds live state for it (else any sequence is accepted).
+    pub fn next_sequence(&self, producer_id: i64, epoch: i16) -> Option<i32> {
         let st = self.state.lock();
         let now = crate::broker::now_ms();
-        st.producers.get(&producer_id).is_some_and(|s| {
-            s.producer_epoch == epoch && !producer::expired(s, now, self.env.producer_expiration_ms)
-        })
+        st.producers
+            .get(&producer_id)
+            .filter(|s| {
+                s.producer_epoch == epoch
+                    && !producer::expired(s, now, self.env.producer_expiration_ms)
+            })
+            .map(producer::next_expected)
     }
 
     /// The WAL made everything up to `last_offset` durable: make it visible.

@@ -93,6 +93,18 @@ def produce_local(shoal, topic: str, values: list[bytes], partition: int = 0) ->
     return log
 
 
+def fill_past_the_bound(shoal, topic: str, bound: int) -> None:
+    """Write 1 MB batches to `topic` until the unflushed bytes reach `bound`
+    (--max-unflushed-bytes). A batch is taken while the total is under the
+    bound, so each of these is taken and the last one crosses it."""
+    conn, version = raw(shoal)
+    with conn:
+        while metric(shoal, "shoal_unflushed_bytes") < bound:
+            [r] = conn.produce(version, topic, 0,
+                               encode_record_batch([Record(value=b"f" * 1_000_000)]))
+            assert r.error_code == NO_ERROR, r
+
+
 def quarantined(shoal, stream: str) -> list[tuple[int, bytes]]:
     """The (WAL sequence, entry) frames kept for `stream`'s shard 0."""
     [kept] = (shoal.data_dir / "quarantine").glob(f"{stream}.0.*.entries")
@@ -158,7 +170,7 @@ def test_a_refused_batch_is_not_overtaken_by_the_next_one(shoal_factory):
     ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
     ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
     block_flushes(shoal)
-    produce_local(shoal, filler, [b"f" * 100_000] * 90)  # past the 8 MiB bound
+    fill_past_the_bound(shoal, filler, 8 << 20)
     conn, version = raw(shoal)
     with conn:
         [r] = conn.produce(version, topic, 0, idempotent_batch(99, 0, [b"first"]))
@@ -191,7 +203,7 @@ def test_a_retry_of_a_written_batch_is_answered_under_backpressure(shoal_factory
     with conn:
         [r] = conn.produce(version, topic, 0, written)
         assert (r.error_code, r.base_offset) == (NO_ERROR, 0), r
-        produce_local(shoal, filler, [b"f" * 100_000] * 90)  # past the 8 MiB bound
+        fill_past_the_bound(shoal, filler, 8 << 20)
         [r] = conn.produce(version, topic, 0, idempotent_batch(77, 1, [b"new"]))
         assert r.error_code == KAFKA_STORAGE_ERROR, r
         [r] = conn.produce(version, topic, 0, written)
@@ -199,6 +211,36 @@ def test_a_retry_of_a_written_batch_is_answered_under_backpressure(shoal_factory
     unblock_flushes(shoal)
     got = ck_consume_all(shoal.bootstrap, topic, [0])
     assert [m.value() for m in got[0]] == [b"written"]
+
+
+def test_a_batch_after_a_refused_one_gets_its_error_not_out_of_order(shoal_factory):
+    """The shard knows the producer and still expects batch 1, which was
+    refused: batch 2 gets batch 1's retriable error. OUT_OF_ORDER_SEQUENCE
+    would make librdkafka bump its epoch and renumber every unacknowledged
+    record, including records of other partitions that may be written."""
+    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
+    topic, filler = unique_name("order"), unique_name("filler")
+    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
+    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
+    block_flushes(shoal)
+    conn, version = raw(shoal)
+    with conn:
+        [r] = conn.produce(version, topic, 0, idempotent_batch(78, 0, [b"zero"]))
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 0), r
+        fill_past_the_bound(shoal, filler, 8 << 20)
+        [r] = conn.produce(version, topic, 0, idempotent_batch(78, 1, [b"one"]))
+        assert r.error_code == KAFKA_STORAGE_ERROR, r
+        unblock_flushes(shoal)
+        wait_for(lambda: metric(shoal, "shoal_unflushed_bytes") == 0, 30, "the backlog to flush")
+        # Room again; batch 2 (in flight behind batch 1) arrives first.
+        [r] = conn.produce(version, topic, 0, idempotent_batch(78, 2, [b"two"]))
+        assert r.error_code == KAFKA_STORAGE_ERROR, r
+        [r] = conn.produce(version, topic, 0, idempotent_batch(78, 1, [b"one"]))
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 1), r
+        [r] = conn.produce(version, topic, 0, idempotent_batch(78, 2, [b"two"]))
+        assert (r.error_code, r.base_offset) == (NO_ERROR, 2), r
+    got = ck_consume_all(shoal.bootstrap, topic, [0])
+    assert [m.value() for m in got[0]] == [b"zero", b"one", b"two"]
 
 
 # --------------------------------------------------------------------------

@@ -45,11 +45,16 @@ struct PartitionWork {
 /// get N's (retriable) error too, as they would have if they had arrived
 /// together.
 ///
-/// The guard only covers that "any sequence" case: once the shard served
-/// here holds state for the producer (the retry of N was written here or
-/// elsewhere and its state came with the shard), the ordinary sequence
-/// checks apply and the entry is dropped, so a producer whose N went to
-/// another broker is not refused when the shard comes back.
+/// With state for the producer the shard would answer N+1 with
+/// OUT_OF_ORDER_SEQUENCE_NUMBER, which librdkafka takes as a reason to bump
+/// its epoch and number every unacknowledged record anew, including
+/// records of other partitions that may have been written already: those
+/// would then be written twice. So while the shard still expects N, N+1
+/// gets N's error too. Once the shard expects something else (the retry of
+/// N was written here or elsewhere and its state came with the shard), the
+/// ordinary sequence checks apply and the entry is dropped, so a producer
+/// whose N went to another broker is not refused when the shard comes
+/// back.
 #[derive(Default)]
 pub(crate) struct Gaps(parking_lot::Mutex<std::collections::HashMap<GapKey, Gap>>);
 
@@ -71,10 +76,12 @@ impl Gaps {
         let mut gaps = self.0.lock();
         let key = (topic.to_string(), partition, id.producer_id);
         let &(epoch, seq, code) = gaps.get(&key)?;
-        let known = shard.is_some_and(|s| s.knows_producer(id.producer_id, id.epoch));
-        if id.epoch != epoch || id.sequence == seq || known {
+        let moved_on = shard
+            .and_then(|s| s.next_sequence(id.producer_id, id.epoch))
+            .is_some_and(|next| next != seq);
+        if id.epoch != epoch || id.sequence == seq || moved_on {
             // A new epoch starts over; the missing batch itself goes ahead;
-            // a shard with state for the producer checks sequences itself.
+            // a shard past the missing batch checks sequences itself.
             gaps.remove(&key);
             return None;
         }
@@ -446,6 +453,31 @@ mod tests {
         let known = shard_with(producers);
         assert_eq!(gaps.check("t", 0, id(6), Some(&known)), None);
         assert_eq!(gaps.check("t", 0, id(7), None), None);
+    }
+
+    #[test]
+    fn a_shard_still_expecting_the_refused_batch_keeps_the_guard() {
+        // Batch 5 was refused and this shard still expects it: batch 6 gets
+        // batch 5's retriable error, not OUT_OF_ORDER_SEQUENCE_NUMBER.
+        let gaps = Gaps::default();
+        gaps.refused("t", 0, id(5), 56);
+        let mut producers = Producers::new();
+        producers.insert(
+            7,
+            ProducerState {
+                producer_epoch: 0,
+                batches: vec![ProducerBatch {
+                    first_sequence: 4,
+                    last_sequence: 4,
+                    base_offset: 0,
+                    last_offset: 0,
+                }],
+                last_write_ms: 0,
+            },
+        );
+        let waiting = shard_with(producers);
+        assert_eq!(gaps.check("t", 0, id(6), Some(&waiting)), Some(56));
+        assert_eq!(gaps.check("t", 0, id(5), Some(&waiting)), None);
     }
 
     #[test]
