@@ -49,19 +49,27 @@ struct PartitionWork {
 /// OUT_OF_ORDER_SEQUENCE_NUMBER, which librdkafka takes as a reason to bump
 /// its epoch and number every unacknowledged record anew, including
 /// records of other partitions that may have been written already: those
-/// would then be written twice. So while the shard still expects N, N+1
-/// gets N's error too. Once the shard expects something else (the retry of
-/// N was written here or elsewhere and its state came with the shard), the
-/// ordinary sequence checks apply and the entry is dropped, so a producer
-/// whose N went to another broker is not refused when the shard comes
-/// back.
+/// would then be written twice. So while the shard, under the lease that
+/// refused N, still expects N, N+1 gets N's error too. Once the shard
+/// expects something else (the retry of N was written here), or serves
+/// under another lease (its state came from another owner, which may have
+/// taken N), the ordinary sequence checks apply and the entry is dropped,
+/// so a producer whose N went to another broker is not refused when the
+/// shard comes back.
 #[derive(Default)]
 pub(crate) struct Gaps(parking_lot::Mutex<std::collections::HashMap<GapKey, Gap>>);
 
 /// Topic, partition, producer id.
 type GapKey = (String, i32, i64);
-/// Producer epoch, first missing sequence, the error it got.
-type Gap = (i16, i32, i16);
+/// Producer epoch, first missing sequence, the error it got, and the lease
+/// epoch of the shard that refused it (if one was served here).
+type Gap = (i16, i32, i16, Option<u64>);
+
+/// Is sequence `a` after `b`? Kafka sequences wrap at `i32::MAX`.
+fn later(a: i32, b: i32) -> bool {
+    let d = (i64::from(a) - i64::from(b)).rem_euclid(1 << 31);
+    d > 0 && d < 1 << 30
+}
 
 impl Gaps {
     /// The error to answer `id`'s batch with, if an earlier one is missing.
@@ -75,21 +83,31 @@ impl Gaps {
         let id = id?;
         let mut gaps = self.0.lock();
         let key = (topic.to_string(), partition, id.producer_id);
-        let &(epoch, seq, code) = gaps.get(&key)?;
-        let moved_on = shard
-            .and_then(|s| s.next_sequence(id.producer_id, id.epoch))
-            .is_some_and(|next| next != seq);
+        let &(epoch, seq, code, lease) = gaps.get(&key)?;
+        // Only the lease that refused N still missing N says N is still to
+        // come; under another lease the shard's state came from elsewhere.
+        let moved_on = shard.is_some_and(|s| {
+            s.next_sequence(id.producer_id, id.epoch)
+                .is_some_and(|next| next != seq || lease != Some(s.epoch()))
+        });
         if id.epoch != epoch || id.sequence == seq || moved_on {
             // A new epoch starts over; the missing batch itself goes ahead;
-            // a shard past the missing batch checks sequences itself.
+            // a shard that no longer waits for it checks sequences itself.
             gaps.remove(&key);
             return None;
         }
-        (id.sequence > seq).then_some(code)
+        later(id.sequence, seq).then_some(code)
     }
 
     /// `id`'s batch was refused with `code` before it was written.
-    fn refused(&self, topic: &str, partition: i32, id: Option<BatchId>, code: i16) {
+    fn refused(
+        &self,
+        topic: &str,
+        partition: i32,
+        id: Option<BatchId>,
+        code: i16,
+        lease: Option<u64>,
+    ) {
         let Some(id) = id else { return };
         if !RETRIED.contains(&code) {
             return;
@@ -102,9 +120,9 @@ impl Gaps {
         }
         let e = gaps
             .entry((topic.to_string(), partition, id.producer_id))
-            .or_insert((id.epoch, id.sequence, code));
-        if e.0 != id.epoch || id.sequence < e.1 {
-            *e = (id.epoch, id.sequence, code);
+            .or_insert((id.epoch, id.sequence, code, lease));
+        if e.0 != id.epoch || later(e.1, id.sequence) {
+            *e = (id.epoch, id.sequence, code, lease);
         }
     }
 }
@@ -181,7 +199,8 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                 },
             };
             if let Outcome::Done(Err(code)) = outcome {
-                ctx.gaps.refused(topic, p.index, id, code);
+                ctx.gaps
+                    .refused(topic, p.index, id, code, here.map(|s| s.epoch()));
             }
             parts.push(PartitionWork {
                 index: p.index,
@@ -421,7 +440,7 @@ mod tests {
     #[test]
     fn later_batches_wait_for_a_refused_one_while_the_shard_knows_nothing() {
         let gaps = Gaps::default();
-        gaps.refused("t", 0, id(5), 6);
+        gaps.refused("t", 0, id(5), 6, None);
         let fresh = shard_with(Producers::new());
         assert_eq!(gaps.check("t", 0, id(6), None), Some(6));
         assert_eq!(gaps.check("t", 0, id(6), Some(&fresh)), Some(6));
@@ -435,7 +454,7 @@ mod tests {
         // Batch 5 was refused here and then written by another broker; the
         // shard came back with that state, so batch 6 is checked by it.
         let gaps = Gaps::default();
-        gaps.refused("t", 0, id(5), 6);
+        gaps.refused("t", 0, id(5), 6, None);
         let mut producers = Producers::new();
         producers.insert(
             7,
@@ -460,7 +479,7 @@ mod tests {
         // Batch 5 was refused and this shard still expects it: batch 6 gets
         // batch 5's retriable error, not OUT_OF_ORDER_SEQUENCE_NUMBER.
         let gaps = Gaps::default();
-        gaps.refused("t", 0, id(5), 56);
+        gaps.refused("t", 0, id(5), 56, Some(1));
         let mut producers = Producers::new();
         producers.insert(
             7,
@@ -475,15 +494,31 @@ mod tests {
                 last_write_ms: 0,
             },
         );
-        let waiting = shard_with(producers);
+        let waiting = shard_with(producers.clone());
         assert_eq!(gaps.check("t", 0, id(6), Some(&waiting)), Some(56));
         assert_eq!(gaps.check("t", 0, id(5), Some(&waiting)), None);
+        // Under another lease (the shard moved away and back) its state came
+        // from elsewhere: batch 5 may have been written there, so the shard
+        // checks sequences itself.
+        gaps.refused("t", 0, id(5), 56, Some(0));
+        assert_eq!(gaps.check("t", 0, id(6), Some(&waiting)), None);
+    }
+
+    #[test]
+    fn sequences_wrap_at_i32_max() {
+        let gaps = Gaps::default();
+        gaps.refused("t", 0, id(i32::MAX), 56, None);
+        assert_eq!(gaps.check("t", 0, id(0), None), Some(56));
+        // An earlier batch refused later replaces the entry, across the wrap.
+        gaps.refused("t", 0, id(i32::MAX - 1), 56, None);
+        assert_eq!(gaps.check("t", 0, id(i32::MAX), None), Some(56));
+        assert!(later(0, i32::MAX) && !later(i32::MAX, 0) && later(3, 2) && !later(2, 2));
     }
 
     #[test]
     fn errors_clients_do_not_retry_leave_no_guard() {
         let gaps = Gaps::default();
-        gaps.refused("t", 0, id(5), 87);
+        gaps.refused("t", 0, id(5), 87, None);
         assert_eq!(gaps.check("t", 0, id(6), None), None);
     }
 }
