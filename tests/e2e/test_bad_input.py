@@ -1,6 +1,6 @@
 """Bad input from one client gets a protocol error or a closed connection for
 that client alone: never a crash, never unbounded memory, never lost data
-(DESIGN.md, invariant 5).
+(docs/reliability.md).
 
 After every scenario the broker process must still be alive, /health must be
 200 and a well-behaved client (kafka-python) must still produce and consume.

@@ -1,6 +1,6 @@
 """Crash safety: kill -9 the broker while a producer with acks=all is writing;
 every acknowledged record must survive, exactly once, at the offset it was
-acknowledged at (DESIGN.md invariants 1 and 2).
+acknowledged at (docs/reliability.md, "The contract").
 
 Rounds: SHOAL_CRASH_ROUNDS (default 5).
 """

@@ -1,5 +1,5 @@
 """The data-lake contract: what Kafka clients wrote can be read in place from
-the Parquet segments with DuckDB (DESIGN.md section 5)."""
+the Parquet segments with DuckDB (docs/segment-format.md)."""
 
 from __future__ import annotations
 
