@@ -236,8 +236,24 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
                     _ => {}
                 }
             }
-            if let (Some(log), Some(to)) = (&log, sh.handoff_to) {
-                hand_off(broker, log.clone(), to);
+            if let Some(log) = &log {
+                match sh.handoff_to {
+                    Some(to) => hand_off(broker, log.clone(), to),
+                    // Still ours under the same epoch and no handoff asked
+                    // (withdrawn, or an ambiguous answer that did not move
+                    // it): take writes again.
+                    None => {
+                        let handing_off = broker.cluster.as_ref().is_some_and(|c| {
+                            c.handing_off
+                                .lock()
+                                .contains(&(log.stream.clone(), log.shard))
+                        });
+                        if log.is_draining() && !handing_off {
+                            tracing::info!(stream = %sa.name, shard = sh.shard, "handoff withdrawn; taking writes again");
+                            log.undrain();
+                        }
+                    }
+                }
             }
             let leader = if log.is_some() {
                 Some(me)
@@ -327,8 +343,19 @@ fn log_from_index(
     ))
 }
 
-/// Hand a shard to `to`: refuse new writes, flush what is held, then give
-/// the lease over (a new epoch for `to`). Runs once per shard.
+/// How long one handoff attempt waits for the shard's records to commit.
+const HANDOFF_WAIT: Duration = Duration::from_secs(8);
+
+/// Hand a shard to `to` without losing or stalling what producers send:
+/// first commit what is held while still taking writes, then refuse new
+/// writes, commit the short rest and give the lease over (a new epoch for
+/// `to`). Runs once per shard at a time.
+///
+/// When the records do not commit in time (an object-store outage), the
+/// shard takes writes again and placement is not asked: the controller
+/// withdraws the handoff, and moving the shard would have dropped what it
+/// acknowledged. After an `AssignShard` whose answer is unknown the shard
+/// stays drained until the next heartbeat shows who owns it.
 fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
     let Some(cluster) = broker.cluster.as_ref() else {
         return;
@@ -337,15 +364,18 @@ fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
     if !cluster.handing_off.lock().insert(key.clone()) {
         return;
     }
-    log.drain();
     let broker = broker.clone();
     tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while !log.all_committed() && !log.is_fenced() && Instant::now() < deadline {
-            broker.flush_now.notify_one();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if log.all_committed() && !log.is_fenced() {
+        let deadline = Instant::now() + HANDOFF_WAIT;
+        let held = log.high_watermark();
+        let ready = committed_by(&broker, &log, deadline, |l| l.committed_offset() >= held).await
+            && {
+                log.drain();
+                committed_by(&broker, &log, deadline, ShardLog::all_committed).await
+            };
+        let mut asked = false;
+        if ready {
+            asked = true;
             let cmd = Command::AssignShard {
                 stream: log.stream.clone(),
                 shard: log.shard,
@@ -361,10 +391,29 @@ fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
                 Err(e) => tracing::warn!("handoff failed: {e}"),
             }
         }
+        if !asked && !log.is_fenced() {
+            tracing::info!(stream = %log.stream, shard = log.shard, to, "handoff not ready in time; taking writes again");
+            log.undrain();
+        }
         if let Some(c) = broker.cluster.as_ref() {
             c.handing_off.lock().remove(&key);
         }
     });
+}
+
+/// Wait, flushing, until `done` holds for `log` (true) or the deadline
+/// passes or the shard is fenced (false).
+async fn committed_by(
+    broker: &Broker,
+    log: &ShardLog,
+    deadline: Instant,
+    done: impl Fn(&ShardLog) -> bool,
+) -> bool {
+    while !done(log) && !log.is_fenced() && Instant::now() < deadline {
+        broker.flush_now.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done(log) && !log.is_fenced()
 }
 
 /// The broker that coordinates `group`: the same answer on every broker

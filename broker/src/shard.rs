@@ -304,6 +304,11 @@ impl ShardLog {
         self.draining.store(true, Ordering::Release);
     }
 
+    /// Take writes again: the handoff did not happen.
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::Release);
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -490,11 +495,7 @@ impl ShardLog {
             }
         }
         let now = crate::broker::now_ms();
-        let live = producer::Live {
-            now_ms: now,
-            expiration_ms: self.env.producer_expiration_ms,
-        };
-        match producer::check(&st.producers, &info, live) {
+        match producer::check(&st.producers, &info, self.producers_live_at(now)) {
             SeqCheck::Accept => {}
             SeqCheck::Duplicate {
                 base_offset,
@@ -547,16 +548,21 @@ impl ShardLog {
         if !info.is_idempotent() || self.is_fenced() || st.stopped.is_some() {
             return None;
         }
-        let live = producer::Live {
-            now_ms: crate::broker::now_ms(),
-            expiration_ms: self.env.producer_expiration_ms,
-        };
+        let live = self.producers_live_at(crate::broker::now_ms());
         match producer::check(&st.producers, info, live) {
             SeqCheck::Duplicate {
                 base_offset,
                 last_offset,
             } => Some(duplicate(&st, base_offset, last_offset)),
             _ => None,
+        }
+    }
+
+    /// Which producer states count as live at `now_ms`.
+    fn producers_live_at(&self, now_ms: i64) -> producer::Live {
+        producer::Live {
+            now_ms,
+            expiration_ms: self.env.producer_expiration_ms,
         }
     }
 

@@ -59,6 +59,13 @@ pub enum Command {
         to: BrokerId,
         expected_epoch: u64,
     },
+    /// Withdraw a handoff the owner did not finish in time (it could not
+    /// commit what it holds): the owner keeps the shard and its epoch.
+    CancelHandoff {
+        stream: String,
+        shard: i32,
+        expected_epoch: u64,
+    },
     /// Register one flushed object holding ranges of many shards.
     CommitSegment(SegmentCommit),
     /// Stop a shard's writes: records it acknowledged are lost (a damaged

@@ -8,7 +8,11 @@
 //! ([`Command::RequestHandoff`]): the owner stops accepting writes for it,
 //! commits what it holds and then assigns it to the new broker itself, so a
 //! rebalance loses nothing even for `local` durability. An owner that does
-//! not finish a handoff in time loses the shard anyway.
+//! not finish a handoff in time (it cannot commit, say during an
+//! object-store outage) keeps the shard: moving it would drop the records it
+//! acknowledged and has not committed. The handoff is withdrawn
+//! ([`Command::CancelHandoff`]) and that shard is not asked for again
+//! before [`HANDOFF_RETRY`] has passed.
 //!
 //! A leader that was just elected has not heard from anyone yet: brokers it
 //! has not seen count as alive for one session timeout from its election.
@@ -29,8 +33,11 @@ use crate::state::State;
 /// How long a broker stays alive without a heartbeat (Kafka's
 /// `broker.session.timeout.ms` is 9 s; 6 s keeps failover short).
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-/// How long an owner has to hand a shard over before it is moved anyway.
+/// How long an owner has to hand a shard over before the handoff is
+/// withdrawn.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a withdrawn handoff's shard is left with its owner.
+pub const HANDOFF_RETRY: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(300);
 
 /// A broker's heartbeat: who it is and where clients reach it.
@@ -110,15 +117,18 @@ impl Liveness {
         *self.leading.lock() = None;
     }
 
+    /// Alive if heard from within the session timeout, counting a new
+    /// term's start as news from everyone: a new leader has not heard from
+    /// anyone yet, and a heartbeat it took in an earlier term of its own
+    /// says nothing about now. Without that, the first replies of a new
+    /// term would list only the brokers heard so far, and a Kafka client
+    /// that reads such a list drops its connections to the others, failing
+    /// their in-flight requests even if they were written.
     pub fn is_live(&self, id: BrokerId) -> bool {
-        let now = Instant::now();
-        match self.seen.lock().get(&id) {
-            Some(t) => now.duration_since(*t) < self.session_timeout,
-            None => self
-                .leading
-                .lock()
-                .is_some_and(|(_, since)| now.duration_since(since) < self.session_timeout),
-        }
+        let seen = self.seen.lock().get(&id).copied();
+        let term_start = self.leading.lock().map(|(_, since)| since);
+        seen.max(term_start)
+            .is_some_and(|t| t.elapsed() < self.session_timeout)
     }
 
     /// Has every registered broker had a chance to heartbeat since this node
@@ -166,19 +176,24 @@ pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<Strea
 pub enum Move {
     Assign(Command),
     Handoff(Command),
+    Withdraw(Command),
+}
+
+/// Handoffs the controller tracks over time, by (stream, shard).
+#[derive(Debug, Default)]
+pub struct HandoffTimes {
+    /// Pending handoffs that ran out of time.
+    pub expired: Vec<(String, i32)>,
+    /// Shards whose handoff was withdrawn lately: not asked for again yet.
+    pub withdrawn: Vec<(String, i32)>,
 }
 
 /// What the controller would do now: a pure function of the state, the
-/// live set and the handoffs that ran out of time, so it is unit-tested.
+/// live set and the handoffs' times, so it is unit-tested.
 ///
 /// Until `settled` (a new leader has not yet heard from every broker) only
 /// shards without any owner are placed.
-pub fn plan(
-    state: &State,
-    live: &[BrokerId],
-    expired_handoffs: &[(String, i32)],
-    settled: bool,
-) -> Vec<Move> {
+pub fn plan(state: &State, live: &[BrokerId], handoffs: &HandoffTimes, settled: bool) -> Vec<Move> {
     if live.is_empty() {
         return Vec::new();
     }
@@ -204,18 +219,21 @@ pub fn plan(
                 None => true,
                 Some(o) => settled && !load.contains_key(&o),
             };
-            let expired = expired_handoffs
-                .iter()
-                .any(|(n, i)| *n == s.name && *i == sh.shard);
-            let target = if expired {
-                sh.handoff_to.filter(|t| load.contains_key(t))
-            } else {
-                None
-            };
-            if !orphan && target.is_none() {
+            if !orphan {
+                let expired = handoffs
+                    .expired
+                    .iter()
+                    .any(|(n, i)| *n == s.name && *i == sh.shard);
+                if expired && sh.handoff_to.is_some() {
+                    moves.push(Move::Withdraw(Command::CancelHandoff {
+                        stream: s.name.clone(),
+                        shard: sh.shard,
+                        expected_epoch: sh.epoch,
+                    }));
+                }
                 continue;
             }
-            let Some(to) = target.or_else(|| least(&load)) else {
+            let Some(to) = least(&load) else {
                 continue;
             };
             if let Some(o) = sh.owner
@@ -258,7 +276,14 @@ pub fn plan(
     let candidate = state.streams.values().find_map(|s| {
         s.shards
             .iter()
-            .find(|sh| sh.owner == Some(busiest) && sh.handoff_to.is_none())
+            .find(|sh| {
+                sh.owner == Some(busiest)
+                    && sh.handoff_to.is_none()
+                    && !handoffs
+                        .withdrawn
+                        .iter()
+                        .any(|(n, i)| *n == s.name && *i == sh.shard)
+            })
             .map(|sh| (s.name.clone(), sh.shard, sh.epoch))
     });
     if let Some((stream, shard, epoch)) = candidate {
@@ -276,6 +301,8 @@ pub fn plan(
 pub async fn run(node: Arc<PlacementNode>) {
     // When each pending handoff was first seen: (stream, shard, epoch).
     let mut handoffs: HashMap<(String, i32, u64), Instant> = HashMap::new();
+    // When each withdrawn handoff was withdrawn: (stream, shard).
+    let mut withdrawn: HashMap<(String, i32), Instant> = HashMap::new();
     loop {
         tokio::time::sleep(TICK).await;
         let status = node.status();
@@ -283,8 +310,10 @@ pub async fn run(node: Arc<PlacementNode>) {
         if !status.is_leader {
             live.not_leading();
             handoffs.clear();
+            withdrawn.clear();
             continue;
         }
+        withdrawn.retain(|_, at| at.elapsed() < HANDOFF_RETRY);
         live.leading(status.term);
         let settled = live.settled();
         // Decide under the read lock, without copying the state (it holds
@@ -305,16 +334,19 @@ pub async fn run(node: Arc<PlacementNode>) {
                 }
             }
             let now = Instant::now();
-            let expired: Vec<(String, i32)> = current
-                .iter()
-                .filter(|k| {
-                    handoffs
-                        .get(*k)
-                        .is_some_and(|since| now.duration_since(*since) >= HANDOFF_TIMEOUT)
-                })
-                .map(|k| (k.0.clone(), k.1))
-                .collect();
-            let moves: Vec<(Command, bool)> = plan(state, &live_ids, &expired, settled)
+            let times = HandoffTimes {
+                expired: current
+                    .iter()
+                    .filter(|k| {
+                        handoffs
+                            .get(*k)
+                            .is_some_and(|since| now.duration_since(*since) >= HANDOFF_TIMEOUT)
+                    })
+                    .map(|k| (k.0.clone(), k.1))
+                    .collect(),
+                withdrawn: withdrawn.keys().cloned().collect(),
+            };
+            let moves: Vec<(Command, bool)> = plan(state, &live_ids, &times, settled)
                 .into_iter()
                 .map(|m| match m {
                     Move::Assign(cmd) => {
@@ -330,7 +362,7 @@ pub async fn run(node: Arc<PlacementNode>) {
                         };
                         (cmd, failover)
                     }
-                    Move::Handoff(cmd) => (cmd, false),
+                    Move::Handoff(cmd) | Move::Withdraw(cmd) => (cmd, false),
                 })
                 .collect();
             (current, moves)
@@ -342,11 +374,20 @@ pub async fn run(node: Arc<PlacementNode>) {
         }
         for (cmd, failover) in moves {
             tracing::info!(?cmd, "controller");
+            let withdrawing = match &cmd {
+                Command::CancelHandoff { stream, shard, .. } => Some((stream.clone(), *shard)),
+                _ => None,
+            };
             match node.write(cmd).await {
                 Ok(Reply::Lease { .. }) => {
                     live.lease_changes.fetch_add(1, Ordering::Relaxed);
                     if failover {
                         live.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Reply::Done) => {
+                    if let Some(key) = withdrawing {
+                        withdrawn.insert(key, Instant::now());
                     }
                 }
                 Ok(_) => {}
@@ -362,6 +403,25 @@ pub async fn run(node: Arc<PlacementNode>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_term_counts_every_broker_live_until_the_session_timeout() {
+        let timeout = Duration::from_millis(100);
+        let live = Liveness::new(timeout);
+        live.leading(1);
+        live.saw(1);
+        std::thread::sleep(timeout + Duration::from_millis(20));
+        assert!(!live.is_live(1), "silent for a whole session");
+        assert!(!live.is_live(2), "never heard of, grace over");
+        // Leadership lost and won again: what was heard in term 1 is stale,
+        // and neither broker has had a chance to reach this leader.
+        live.not_leading();
+        live.leading(3);
+        assert!(live.is_live(1));
+        assert!(live.is_live(2));
+        std::thread::sleep(timeout + Duration::from_millis(20));
+        assert!(!live.is_live(1));
+    }
 
     fn state(owners: &[Option<BrokerId>], brokers: &[BrokerId]) -> State {
         let mut st = State::default();
@@ -401,25 +461,25 @@ mod tests {
     #[test]
     fn new_shards_are_spread_over_live_brokers() {
         let st = state(&[None; 6], &[1, 2, 3]);
-        let got = assigned(&plan(&st, &[1, 2, 3], &[], true));
+        let got = assigned(&plan(&st, &[1, 2, 3], &HandoffTimes::default(), true));
         assert_eq!(got, [(0, 1), (1, 2), (2, 3), (3, 1), (4, 2), (5, 3)]);
     }
 
     #[test]
     fn a_new_leader_places_only_ownerless_shards_until_settled() {
         let st = state(&[Some(1), None], &[1, 2]);
-        let got = assigned(&plan(&st, &[2], &[], false));
+        let got = assigned(&plan(&st, &[2], &HandoffTimes::default(), false));
         assert_eq!(got, [(1, 2)]);
     }
 
     #[test]
     fn a_dead_brokers_shards_move_to_the_others() {
         let st = state(&[Some(1), Some(2), Some(3), Some(1)], &[1, 2, 3]);
-        let got = assigned(&plan(&st, &[2, 3], &[], true));
+        let got = assigned(&plan(&st, &[2, 3], &HandoffTimes::default(), true));
         assert_eq!(got, [(0, 2), (3, 3)]);
         // The epoch a move expects is the current one: a stale plan is refused.
         let mut st2 = st.clone();
-        let Move::Assign(cmd) = plan(&st, &[2, 3], &[], true).remove(0) else {
+        let Move::Assign(cmd) = plan(&st, &[2, 3], &HandoffTimes::default(), true).remove(0) else {
             panic!("not an assignment")
         };
         assert!(matches!(st2.apply(cmd.clone()), Reply::Lease { epoch: 2 }));
@@ -429,20 +489,58 @@ mod tests {
     #[test]
     fn a_joining_broker_gets_shards_by_handoff() {
         let mut st = state(&[Some(1), Some(1), Some(2), Some(2)], &[1, 2, 3]);
-        let moves = plan(&st, &[1, 2, 3], &[], true);
+        let moves = plan(&st, &[1, 2, 3], &HandoffTimes::default(), true);
         assert_eq!(moves.len(), 1);
         let Move::Handoff(cmd) = moves[0].clone() else {
             panic!("expected a handoff, got {moves:?}")
         };
         assert_eq!(st.apply(cmd), Reply::Done);
         // While it is pending nothing else moves from that owner.
-        let again = plan(&st, &[1, 2, 3], &[], true);
+        let again = plan(&st, &[1, 2, 3], &HandoffTimes::default(), true);
         assert!(
             again.iter().all(|m| !matches!(m, Move::Handoff(Command::RequestHandoff { stream, shard: 0, .. }) if stream == "t")),
             "{again:?}"
         );
-        // Past its time the controller moves it itself.
-        let forced = assigned(&plan(&st, &[1, 2, 3], &[("t".into(), 0)], true));
-        assert_eq!(forced, [(0, 3)]);
+        // Past its time the handoff is withdrawn, not forced: the owner is
+        // alive and may hold records it acknowledged and has not committed.
+        let late = HandoffTimes {
+            expired: vec![("t".into(), 0)],
+            withdrawn: vec![],
+        };
+        let moves = plan(&st, &[1, 2, 3], &late, true);
+        assert!(assigned(&moves).is_empty(), "{moves:?}");
+        let [Move::Withdraw(cmd)] = moves.as_slice() else {
+            panic!("expected one withdrawal, got {moves:?}")
+        };
+        assert_eq!(st.apply(cmd.clone()), Reply::Done);
+        let sh = &st.streams["t"].shards[0];
+        assert_eq!((sh.owner, sh.epoch, sh.handoff_to), (Some(1), 1, None));
+        // For a while that shard is not asked for again; another one is.
+        let cooling = HandoffTimes {
+            expired: vec![],
+            withdrawn: vec![("t".into(), 0)],
+        };
+        let moves = plan(&st, &[1, 2, 3], &cooling, true);
+        let [Move::Handoff(Command::RequestHandoff { shard, to, .. })] = moves.as_slice() else {
+            panic!("expected one handoff, got {moves:?}")
+        };
+        assert_eq!((*shard, *to), (1, 3));
+    }
+
+    #[test]
+    fn an_expired_handoff_of_a_dead_owner_goes_to_the_least_loaded() {
+        let mut st = state(&[Some(1), Some(1), Some(2), Some(2)], &[1, 2, 3]);
+        let Move::Handoff(cmd) = plan(&st, &[1, 2, 3], &HandoffTimes::default(), true).remove(0)
+        else {
+            panic!("expected a handoff")
+        };
+        st.apply(cmd);
+        let late = HandoffTimes {
+            expired: vec![("t".into(), 0)],
+            withdrawn: vec![],
+        };
+        // Owner 1 is gone: its shards are orphans, placed by load.
+        let got = assigned(&plan(&st, &[2, 3], &late, true));
+        assert_eq!(got, [(0, 3), (1, 3)]);
     }
 }

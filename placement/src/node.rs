@@ -485,6 +485,12 @@ impl PlacementNode {
             })
             .await?;
         }
+        // The controller notes the term on its next tick; a heartbeat can
+        // come first, and its reply must already count the others as live.
+        let status = self.status();
+        if status.is_leader {
+            self.liveness.leading(status.term);
+        }
         self.liveness.saw(hb.info.id);
         let st = state_machine::read(&self.state);
         let (live, streams) = crate::controller::assignment(&st.state, &self.liveness);

@@ -94,6 +94,17 @@ impl State {
                 }
                 Err(r) => rejected(r),
             },
+            Command::CancelHandoff {
+                stream,
+                shard,
+                expected_epoch,
+            } => match self.shard_at(&stream, shard, expected_epoch) {
+                Ok(s) => {
+                    s.handoff_to = None;
+                    Reply::Done
+                }
+                Err(r) => rejected(r),
+            },
             Command::CommitSegment(commit) => self.commit_segment(commit),
             Command::StopShard {
                 stream,

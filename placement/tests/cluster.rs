@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_placement::{
-    Command, NodeConfig, PlacementClient, PlacementNode, Query, QueryReply, Reply, router,
+    BrokerInfo, Command, Heartbeat, NodeConfig, PlacementClient, PlacementNode, Query, QueryReply,
+    Reply, router,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +38,17 @@ fn create(name: &str) -> Command {
         config: BTreeMap::new(),
         id: 42,
         now_ms: 0,
+    }
+}
+
+fn heartbeat(id: u64) -> Heartbeat {
+    Heartbeat {
+        info: BrokerInfo {
+            id,
+            kafka_addr: format!("b{id}:9092"),
+            http_addr: format!("b{id}:8080"),
+            registered_ms: 0,
+        },
     }
 }
 
@@ -129,9 +141,23 @@ async fn three_nodes_replicate_and_fail_over() {
         other => panic!("expected NotLeader, got {other:?}"),
     }
 
+    for id in [1, 2] {
+        client.heartbeat(&heartbeat(id)).await.unwrap();
+    }
+
     members.remove(&leader).unwrap().kill().await;
     let new_leader = agreed_leader(&members).await;
     assert_ne!(new_leader, leader);
+
+    // The new leader has heard from neither broker yet; its first reply
+    // still lists both, so no client drops a broker that is alive.
+    let reply = members[&new_leader]
+        .node
+        .heartbeat(heartbeat(1))
+        .await
+        .unwrap();
+    let live: Vec<_> = reply.live.iter().map(|b| b.id).collect();
+    assert_eq!(live, [1, 2]);
 
     // The client finds the new leader by itself; the old write is still there.
     assert!(client.get_stream("first").await.unwrap().is_some());

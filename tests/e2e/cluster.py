@@ -85,23 +85,35 @@ class Cluster:
     def processes(self) -> list[Shoal]:
         return [*self.placements, *self.brokers]
 
-    def start(self) -> "Cluster":
+    def start(self, brokers: Optional[int] = None) -> "Cluster":
+        """Start the placement nodes and the first `brokers` brokers (all by
+        default); `add_broker` starts the others later."""
         for p in self.placements:
             p.spawn()
         for p in self.placements:
             wait_for(lambda p=p: p.is_running() and p.health_status() == 200, 60,
                      f"{p.name} to see a leader", interval=0.1)
-        for b in self.brokers:
+        for b in self.brokers[:brokers]:
             b.start()
-        wait_for(lambda: len(self.live_brokers()) == len(self.brokers), 30,
-                 "every broker to be live in the leader's view", interval=0.1)
+        self._wait_every_broker_listed()
+        return self
+
+    def add_broker(self, node_id: int) -> BrokerNode:
+        b = self.broker(node_id)
+        b.start()
+        self._wait_every_broker_listed()
+        return b
+
+    def _wait_every_broker_listed(self) -> None:
+        running = [b for b in self.brokers if b.is_running()]
+        wait_for(lambda: len(self.live_brokers()) == len(running), 30,
+                 "every running broker to be live in the leader's view", interval=0.1)
         # ... and in every broker's own view (its next heartbeat).
         from confluent_kafka.admin import AdminClient
-        for b in self.brokers:
+        for b in running:
             admin = AdminClient({"bootstrap.servers": b.bootstrap})
-            wait_for(lambda: len(admin.list_topics(timeout=5).brokers) == len(self.brokers), 30,
-                     f"{b.name} to list every broker", interval=0.1)
-        return self
+            wait_for(lambda: len(admin.list_topics(timeout=5).brokers) == len(running), 30,
+                     f"{b.name} to list every running broker", interval=0.1)
 
     def bootstrap(self) -> str:
         return ",".join(b.bootstrap for b in self.brokers if b.is_running())

@@ -3,6 +3,7 @@ processes (cluster.py), real Kafka clients, kill -9 and SIGSTOP."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cluster import Cluster
+from cluster import S3_URL, Cluster
 from harness import unique_name, wait_for
 from kafka_wire import (
     RawConnection,
@@ -408,3 +409,68 @@ def test_broker_restarted_at_once_keeps_its_local_records(cluster):
     got = read_all(cluster.bootstrap(), topic, 1, 300)
     assert_exactly_once_in_order(acked, got)
     assert len(got[0]) == 300
+
+
+def shard_views(c: Cluster, topic: str) -> dict[int, dict]:
+    for s in c.view()["streams"]:
+        if s["name"] == topic:
+            return {sh["shard"]: sh for sh in s["shards"]}
+    return {}
+
+
+def test_a_handoff_the_owner_cannot_finish_is_withdrawn_not_forced(tmp_path, request):
+    """A broker joins while the object store is down: the controller asks an
+    owner to hand it a shard, but the owner cannot commit its `local`
+    records. The shard stays with its owner and keeps taking writes, the
+    handoff is withdrawn, nothing acknowledged is lost, and once the store is
+    back a later handoff moves a shard to the new broker."""
+    from faulty_s3 import FaultyS3
+
+    if not S3_URL:
+        pytest.skip("needs the S3 emulator (SHOAL_TEST_S3_URL); CI always sets it")
+    upstream = os.environ.get("AWS_ENDPOINT_URL") or os.environ["AWS_ENDPOINT"]
+    with FaultyS3(upstream, faults=False) as proxy:
+        c = Cluster(tmp_path)
+        request.node._shoal_instances = c.processes
+        # The two first brokers reach the store through the proxy; the one
+        # that joins goes direct, so only the owners see the outage.
+        for b in c.brokers[:2]:
+            b.env.update({"AWS_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT": proxy.url})
+        try:
+            c.start(brokers=2)
+            topic = unique_name("handoff")
+            create_topic(c.bootstrap(), topic, 6, durability="local")
+            owners = c.owners(topic)
+            assert set(owners.values()) == {1, 2}, owners
+            p, acked, stop, sent, t = start_producing(c.bootstrap(), topic)
+            try:
+                wait_for(lambda: acked.count() > 300, 60, "records acknowledged")
+                proxy.down = True
+                c.add_broker(3)
+                asked = wait_for(lambda: next((sh for sh in shard_views(c, topic).values()
+                                               if sh.get("handoff_to") == 3), None), 30,
+                                 "the controller to ask for a handoff to broker 3")
+                shard = asked["shard"]
+                wait_for(lambda: shard_views(c, topic)[shard].get("handoff_to") is None, 40,
+                         "the handoff to be withdrawn")
+                after = shard_views(c, topic)[shard]
+                assert (after["owner"], after["epoch"]) == (asked["owner"], asked["epoch"]), after
+                assert c.owners(topic) == owners
+                # Still taking writes, with the store still down.
+                n = len(acked.by_partition.get(shard, []))
+                wait_for(lambda: len(acked.by_partition.get(shard, [])) > n + 50, 30,
+                         f"partition {shard} to take writes after the withdrawal")
+                proxy.down = False
+                wait_for(lambda: 3 in c.owners(topic).values(), 90,
+                         "a shard to reach broker 3 once the store is back")
+            finally:
+                stop.set()
+                t.join()
+            assert p.flush(120) == 0
+            assert not acked.errors, acked.errors[:5]
+            assert acked.count() == sent[0]
+            got = read_all(c.bootstrap(), topic, 6, acked.count())
+            assert_exactly_once_in_order(acked, got)
+            index_is_clean(c, topic)
+        finally:
+            c.cleanup()
