@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use shoal_placement::{BrokerId, BrokerInfo, Command, Heartbeat, HeartbeatReply, Reply, Stream};
+use shoal_placement::{
+    BrokerId, BrokerInfo, Command, Heartbeat, HeartbeatReply, Rejection, Reply, Stream,
+};
 use tokio::time::Instant;
 
 use crate::broker::{Broker, Partition, StreamHandle, now_ms};
@@ -238,21 +240,22 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             }
             if let Some(log) = &log {
                 match sh.handoff_to {
-                    Some(to) => hand_off(broker, log.clone(), to),
-                    // Still ours under the same epoch and no handoff asked
-                    // (withdrawn, or an ambiguous answer that did not move
-                    // it): take writes again.
-                    None => {
+                    Some(to) => hand_off(broker, log.clone(), to, sh.handoff_id),
+                    // Still ours under the same epoch with no handoff
+                    // pending: one whose completion's answer was lost was
+                    // withdrawn, and placement refuses a withdrawn one.
+                    None if log.is_draining() => {
                         let handing_off = broker.cluster.as_ref().is_some_and(|c| {
                             c.handing_off
                                 .lock()
                                 .contains(&(log.stream.clone(), log.shard))
                         });
-                        if log.is_draining() && !handing_off {
-                            tracing::info!(stream = %sa.name, shard = sh.shard, "handoff withdrawn; taking writes again");
+                        if !handing_off {
+                            tracing::info!(stream = %sa.name, shard = sh.shard, "no handoff pending; taking writes again");
                             log.undrain();
                         }
                     }
+                    None => {}
                 }
             }
             let leader = if log.is_some() {
@@ -343,20 +346,32 @@ fn log_from_index(
     ))
 }
 
-/// How long one handoff attempt waits for the shard's records to commit.
-const HANDOFF_WAIT: Duration = Duration::from_secs(8);
+/// How long a handoff waits for what the shard held to commit while it
+/// still takes writes.
+const HANDOFF_COMMIT_WAIT: Duration = Duration::from_secs(6);
+/// How long it then refuses writes, waiting for the rest to commit.
+const HANDOFF_DRAIN_WAIT: Duration = Duration::from_secs(3);
+// An attempt ends before the controller withdraws the handoff, so a slow
+// store costs one attempt per request, not a completion that is refused.
+const _: () = assert!(
+    HANDOFF_COMMIT_WAIT.as_secs() + HANDOFF_DRAIN_WAIT.as_secs()
+        < shoal_placement::controller::HANDOFF_TIMEOUT.as_secs()
+);
 
-/// Hand a shard to `to` without losing or stalling what producers send:
-/// first commit what is held while still taking writes, then refuse new
-/// writes, commit the short rest and give the lease over (a new epoch for
-/// `to`). Runs once per shard at a time.
+/// Complete handoff `handoff_id` of a shard to `to` without losing or
+/// stalling what producers send: first commit what is held while still
+/// taking writes, then refuse new writes, commit the short rest and
+/// complete the handoff (a new epoch for `to`). Runs once per shard at a
+/// time.
 ///
 /// When the records do not commit in time (an object-store outage), the
 /// shard takes writes again and placement is not asked: the controller
-/// withdraws the handoff, and moving the shard would have dropped what it
-/// acknowledged. After an `AssignShard` whose answer is unknown the shard
-/// stays drained until the next heartbeat shows who owns it.
-fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
+/// withdraws the handoff, and moving the shard would drop what it
+/// acknowledged. Placement refuses the completion of a withdrawn handoff,
+/// so when the answer is lost the shard stays drained only until a
+/// heartbeat shows the handoff pending (try again), withdrawn (take writes
+/// again) or done (fenced).
+fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId, handoff_id: u64) {
     let Some(cluster) = broker.cluster.as_ref() else {
         return;
     };
@@ -366,33 +381,49 @@ fn hand_off(broker: &Arc<Broker>, log: Arc<ShardLog>, to: BrokerId) {
     }
     let broker = broker.clone();
     tokio::spawn(async move {
-        let deadline = Instant::now() + HANDOFF_WAIT;
         let held = log.high_watermark();
-        let ready = committed_by(&broker, &log, deadline, |l| l.committed_offset() >= held).await
+        let commit_by = Instant::now() + HANDOFF_COMMIT_WAIT;
+        let ready = committed_by(&broker, &log, commit_by, |l| l.committed_offset() >= held).await
             && {
                 log.drain();
-                committed_by(&broker, &log, deadline, ShardLog::all_committed).await
+                let drain_by = Instant::now() + HANDOFF_DRAIN_WAIT;
+                committed_by(&broker, &log, drain_by, ShardLog::all_committed).await
             };
-        let mut asked = false;
-        if ready {
-            asked = true;
-            let cmd = Command::AssignShard {
+        // Whether the shard surely stays here under its epoch.
+        let stays = if ready {
+            let cmd = Command::CompleteHandoff {
                 stream: log.stream.clone(),
                 shard: log.shard,
-                broker: to,
+                to,
                 expected_epoch: log.epoch(),
+                handoff_id,
             };
             match broker.placement.write(cmd).await {
                 Ok(Reply::Lease { epoch }) => {
                     tracing::info!(stream = %log.stream, shard = log.shard, to, epoch, "handed the shard over");
                     let _ = log.fence();
+                    false
                 }
-                Ok(other) => tracing::warn!("handoff refused: {other:?}"),
-                Err(e) => tracing::warn!("handoff failed: {e}"),
+                Ok(Reply::Rejected {
+                    rejection: Rejection::NoSuchHandoff { .. },
+                }) => {
+                    tracing::info!(stream = %log.stream, shard = log.shard, to, "handoff withdrawn before it was done");
+                    true
+                }
+                Ok(other) => {
+                    tracing::warn!(stream = %log.stream, shard = log.shard, "handoff refused: {other:?}");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %log.stream, shard = log.shard, "handoff answer lost: {e}");
+                    false
+                }
             }
-        }
-        if !asked && !log.is_fenced() {
+        } else {
             tracing::info!(stream = %log.stream, shard = log.shard, to, "handoff not ready in time; taking writes again");
+            true
+        };
+        if stays && !log.is_fenced() {
             log.undrain();
         }
         if let Some(c) = broker.cluster.as_ref() {

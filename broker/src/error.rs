@@ -96,7 +96,7 @@ impl Error {
                 R::InvalidPartitions { .. } => ResponseError::InvalidPartitions,
                 R::StaleEpoch { .. } => ResponseError::NotLeaderOrFollower,
                 R::StaleCoordinator { .. } => ResponseError::NotCoordinator,
-                R::OffsetGap { .. } => ResponseError::UnknownServerError,
+                R::OffsetGap { .. } | R::NoSuchHandoff { .. } => ResponseError::UnknownServerError,
                 R::Invalid { .. } => ResponseError::InvalidRequest,
             },
             Error::Storage(_) | Error::Placement(_) | Error::Internal(_) => {

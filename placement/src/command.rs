@@ -59,6 +59,17 @@ pub enum Command {
         to: BrokerId,
         expected_epoch: u64,
     },
+    /// The owner finishes handoff `handoff_id` after committing everything
+    /// it accepted: the lease goes to `to` with a new epoch. Refused once
+    /// that handoff is withdrawn, so a late or repeated completion never
+    /// moves a shard whose owner took writes again.
+    CompleteHandoff {
+        stream: String,
+        shard: i32,
+        to: BrokerId,
+        expected_epoch: u64,
+        handoff_id: u64,
+    },
     /// Withdraw a handoff the owner did not finish in time (it could not
     /// commit what it holds): the owner keeps the shard and its epoch.
     CancelHandoff {
@@ -226,6 +237,13 @@ pub enum Rejection {
         group: String,
         epoch: u64,
         current: u64,
+    },
+    #[error("no handoff {handoff_id} of {stream}/{shard} to broker {to} is pending")]
+    NoSuchHandoff {
+        stream: String,
+        shard: i32,
+        to: BrokerId,
+        handoff_id: u64,
     },
     #[error("invalid request: {reason}")]
     Invalid { reason: String },

@@ -5,13 +5,14 @@
 //! leader gives every shard without a live owner to the least-loaded live
 //! broker with a new epoch ([`Command::AssignShard`]), and spreads shards
 //! when a broker joins by asking an owner to hand a shard over
-//! ([`Command::RequestHandoff`]): the owner stops accepting writes for it,
-//! commits what it holds and then assigns it to the new broker itself, so a
-//! rebalance loses nothing even for `local` durability. An owner that does
-//! not finish a handoff in time (it cannot commit, say during an
-//! object-store outage) keeps the shard: moving it would drop the records it
-//! acknowledged and has not committed. The handoff is withdrawn
-//! ([`Command::CancelHandoff`]) and that shard is not asked for again
+//! ([`Command::RequestHandoff`]): the owner commits what it holds, stops
+//! accepting writes for it, commits the rest and then completes the handoff
+//! itself ([`Command::CompleteHandoff`]), so a rebalance loses nothing even
+//! for `local` durability. An owner that does not finish a handoff in time
+//! (it cannot commit, say during an object-store outage) keeps the shard:
+//! moving it would drop the records it acknowledged and has not committed.
+//! The handoff is withdrawn ([`Command::CancelHandoff`]), after which its
+//! completion is refused, and that owner is not asked for another one
 //! before [`HANDOFF_RETRY`] has passed.
 //!
 //! A leader that was just elected has not heard from anyone yet: brokers it
@@ -36,7 +37,7 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long an owner has to hand a shard over before the handoff is
 /// withdrawn.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a withdrawn handoff's shard is left with its owner.
+/// How long an owner whose handoff was withdrawn is not asked for another.
 pub const HANDOFF_RETRY: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(300);
 
@@ -74,6 +75,9 @@ pub struct ShardAssignment {
     pub epoch: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_to: Option<BrokerId>,
+    /// Names the pending handoff; the owner completes it with this id.
+    #[serde(default)]
+    pub handoff_id: u64,
     /// Why the shard is stopped, if it is (see
     /// [`crate::model::Shard::stopped`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,6 +167,7 @@ pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<Strea
                     owner: sh.owner,
                     epoch: sh.epoch,
                     handoff_to: sh.handoff_to,
+                    handoff_id: sh.handoff_id,
                     stopped: sh.stopped.as_ref().map(|s| s.reason.clone()),
                 })
                 .collect(),
@@ -176,16 +181,17 @@ pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<Strea
 pub enum Move {
     Assign(Command),
     Handoff(Command),
-    Withdraw(Command),
+    /// Withdraw a handoff of this owner's.
+    Withdraw(Command, BrokerId),
 }
 
-/// Handoffs the controller tracks over time, by (stream, shard).
+/// What the controller remembers of handoffs over time.
 #[derive(Debug, Default)]
 pub struct HandoffTimes {
-    /// Pending handoffs that ran out of time.
+    /// Pending handoffs that ran out of time, by (stream, shard).
     pub expired: Vec<(String, i32)>,
-    /// Shards whose handoff was withdrawn lately: not asked for again yet.
-    pub withdrawn: Vec<(String, i32)>,
+    /// Owners whose handoff was withdrawn lately: not asked again yet.
+    pub withdrawn: Vec<BrokerId>,
 }
 
 /// What the controller would do now: a pure function of the state, the
@@ -224,12 +230,15 @@ pub fn plan(state: &State, live: &[BrokerId], handoffs: &HandoffTimes, settled: 
                     .expired
                     .iter()
                     .any(|(n, i)| *n == s.name && *i == sh.shard);
-                if expired && sh.handoff_to.is_some() {
-                    moves.push(Move::Withdraw(Command::CancelHandoff {
-                        stream: s.name.clone(),
-                        shard: sh.shard,
-                        expected_epoch: sh.epoch,
-                    }));
+                if let (true, Some(_), Some(owner)) = (expired, sh.handoff_to, sh.owner) {
+                    moves.push(Move::Withdraw(
+                        Command::CancelHandoff {
+                            stream: s.name.clone(),
+                            shard: sh.shard,
+                            expected_epoch: sh.epoch,
+                        },
+                        owner,
+                    ));
                 }
                 continue;
             }
@@ -261,6 +270,7 @@ pub fn plan(state: &State, live: &[BrokerId], handoffs: &HandoffTimes, settled: 
         .flat_map(|s| s.shards.iter())
         .filter(|sh| sh.handoff_to.is_some())
         .filter_map(|sh| sh.owner)
+        .chain(handoffs.withdrawn.iter().copied())
         .collect();
     let (Some((&busiest, &most)), Some(idlest)) = (
         load.iter()
@@ -276,14 +286,7 @@ pub fn plan(state: &State, live: &[BrokerId], handoffs: &HandoffTimes, settled: 
     let candidate = state.streams.values().find_map(|s| {
         s.shards
             .iter()
-            .find(|sh| {
-                sh.owner == Some(busiest)
-                    && sh.handoff_to.is_none()
-                    && !handoffs
-                        .withdrawn
-                        .iter()
-                        .any(|(n, i)| *n == s.name && *i == sh.shard)
-            })
+            .find(|sh| sh.owner == Some(busiest) && sh.handoff_to.is_none())
             .map(|sh| (s.name.clone(), sh.shard, sh.epoch))
     });
     if let Some((stream, shard, epoch)) = candidate {
@@ -301,8 +304,8 @@ pub fn plan(state: &State, live: &[BrokerId], handoffs: &HandoffTimes, settled: 
 pub async fn run(node: Arc<PlacementNode>) {
     // When each pending handoff was first seen: (stream, shard, epoch).
     let mut handoffs: HashMap<(String, i32, u64), Instant> = HashMap::new();
-    // When each withdrawn handoff was withdrawn: (stream, shard).
-    let mut withdrawn: HashMap<(String, i32), Instant> = HashMap::new();
+    // When each owner last had a handoff withdrawn.
+    let mut withdrawn: HashMap<BrokerId, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(TICK).await;
         let status = node.status();
@@ -344,27 +347,29 @@ pub async fn run(node: Arc<PlacementNode>) {
                     })
                     .map(|k| (k.0.clone(), k.1))
                     .collect(),
-                withdrawn: withdrawn.keys().cloned().collect(),
+                withdrawn: withdrawn.keys().copied().collect(),
             };
-            let moves: Vec<(Command, bool)> = plan(state, &live_ids, &times, settled)
-                .into_iter()
-                .map(|m| match m {
-                    Move::Assign(cmd) => {
-                        let failover = match &cmd {
-                            Command::AssignShard { stream, shard, .. } => state
-                                .streams
-                                .get(stream)
-                                .and_then(|s| {
-                                    usize::try_from(*shard).ok().and_then(|i| s.shards.get(i))
-                                })
-                                .is_some_and(|sh| sh.owner.is_some()),
-                            _ => false,
-                        };
-                        (cmd, failover)
-                    }
-                    Move::Handoff(cmd) | Move::Withdraw(cmd) => (cmd, false),
-                })
-                .collect();
+            let moves: Vec<(Command, bool, Option<BrokerId>)> =
+                plan(state, &live_ids, &times, settled)
+                    .into_iter()
+                    .map(|m| match m {
+                        Move::Assign(cmd) => {
+                            let failover = match &cmd {
+                                Command::AssignShard { stream, shard, .. } => state
+                                    .streams
+                                    .get(stream)
+                                    .and_then(|s| {
+                                        usize::try_from(*shard).ok().and_then(|i| s.shards.get(i))
+                                    })
+                                    .is_some_and(|sh| sh.owner.is_some()),
+                                _ => false,
+                            };
+                            (cmd, failover, None)
+                        }
+                        Move::Handoff(cmd) => (cmd, false, None),
+                        Move::Withdraw(cmd, owner) => (cmd, false, Some(owner)),
+                    })
+                    .collect();
             (current, moves)
         });
         let now = Instant::now();
@@ -372,12 +377,8 @@ pub async fn run(node: Arc<PlacementNode>) {
         for k in handoff_keys {
             handoffs.entry(k).or_insert(now);
         }
-        for (cmd, failover) in moves {
+        for (cmd, failover, withdrawing) in moves {
             tracing::info!(?cmd, "controller");
-            let withdrawing = match &cmd {
-                Command::CancelHandoff { stream, shard, .. } => Some((stream.clone(), *shard)),
-                _ => None,
-            };
             match node.write(cmd).await {
                 Ok(Reply::Lease { .. }) => {
                     live.lease_changes.fetch_add(1, Ordering::Relaxed);
@@ -386,8 +387,8 @@ pub async fn run(node: Arc<PlacementNode>) {
                     }
                 }
                 Ok(Reply::Done) => {
-                    if let Some(key) = withdrawing {
-                        withdrawn.insert(key, Instant::now());
+                    if let Some(owner) = withdrawing {
+                        withdrawn.insert(owner, Instant::now());
                     }
                 }
                 Ok(_) => {}
@@ -404,13 +405,13 @@ pub async fn run(node: Arc<PlacementNode>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_new_term_counts_every_broker_live_until_the_session_timeout() {
-        let timeout = Duration::from_millis(100);
+    #[tokio::test(start_paused = true)]
+    async fn a_new_term_counts_every_broker_live_until_the_session_timeout() {
+        let timeout = Duration::from_secs(6);
         let live = Liveness::new(timeout);
         live.leading(1);
         live.saw(1);
-        std::thread::sleep(timeout + Duration::from_millis(20));
+        tokio::time::advance(timeout).await;
         assert!(!live.is_live(1), "silent for a whole session");
         assert!(!live.is_live(2), "never heard of, grace over");
         // Leadership lost and won again: what was heard in term 1 is stale,
@@ -419,8 +420,11 @@ mod tests {
         live.leading(3);
         assert!(live.is_live(1));
         assert!(live.is_live(2));
-        std::thread::sleep(timeout + Duration::from_millis(20));
+        tokio::time::advance(timeout - Duration::from_millis(1)).await;
+        assert!(live.is_live(1));
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!live.is_live(1));
+        assert!(!live.is_live(2));
     }
 
     fn state(owners: &[Option<BrokerId>], brokers: &[BrokerId]) -> State {
@@ -509,38 +513,40 @@ mod tests {
         };
         let moves = plan(&st, &[1, 2, 3], &late, true);
         assert!(assigned(&moves).is_empty(), "{moves:?}");
-        let [Move::Withdraw(cmd)] = moves.as_slice() else {
+        let [Move::Withdraw(cmd, 1)] = moves.as_slice() else {
             panic!("expected one withdrawal, got {moves:?}")
         };
         assert_eq!(st.apply(cmd.clone()), Reply::Done);
         let sh = &st.streams["t"].shards[0];
         assert_eq!((sh.owner, sh.epoch, sh.handoff_to), (Some(1), 1, None));
-        // For a while that shard is not asked for again; another one is.
+        // For a while that owner is not asked again; another one is.
         let cooling = HandoffTimes {
             expired: vec![],
-            withdrawn: vec![("t".into(), 0)],
+            withdrawn: vec![1],
         };
         let moves = plan(&st, &[1, 2, 3], &cooling, true);
         let [Move::Handoff(Command::RequestHandoff { shard, to, .. })] = moves.as_slice() else {
             panic!("expected one handoff, got {moves:?}")
         };
-        assert_eq!((*shard, *to), (1, 3));
+        assert_eq!((*shard, *to), (2, 3));
     }
 
     #[test]
     fn an_expired_handoff_of_a_dead_owner_goes_to_the_least_loaded() {
-        let mut st = state(&[Some(1), Some(1), Some(2), Some(2)], &[1, 2, 3]);
-        let Move::Handoff(cmd) = plan(&st, &[1, 2, 3], &HandoffTimes::default(), true).remove(0)
-        else {
-            panic!("expected a handoff")
-        };
-        st.apply(cmd);
+        let mut st = state(&[Some(1), Some(1), Some(3), Some(3), Some(2)], &[1, 2, 3]);
+        st.apply(Command::RequestHandoff {
+            stream: "t".into(),
+            shard: 0,
+            to: 3,
+            expected_epoch: 1,
+        });
         let late = HandoffTimes {
             expired: vec![("t".into(), 0)],
             withdrawn: vec![],
         };
-        // Owner 1 is gone: its shards are orphans, placed by load.
+        // Owner 1 is gone: its shards are orphans, placed by load (broker 2
+        // holds one shard, broker 3, the handoff's target, two).
         let got = assigned(&plan(&st, &[2, 3], &late, true));
-        assert_eq!(got, [(0, 3), (1, 3)]);
+        assert_eq!(got, [(0, 2), (1, 2)]);
     }
 }

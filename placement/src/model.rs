@@ -47,6 +47,10 @@ pub struct Shard {
     /// A rebalance asked the owner to hand the shard to this broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_to: Option<BrokerId>,
+    /// How many handoffs were ever asked for: names the pending one, so a
+    /// completion meant for a withdrawn request never applies to a later one.
+    #[serde(default)]
+    pub handoff_id: u64,
     /// The shard takes no writes: records it acknowledged were found
     /// unreadable (a damaged write-ahead log). Cleared only by an operator
     /// who accepts the loss.

@@ -89,9 +89,26 @@ impl State {
                 expected_epoch,
             } => match self.shard_at(&stream, shard, expected_epoch) {
                 Ok(s) => {
+                    s.handoff_id += 1;
                     s.handoff_to = Some(to);
                     Reply::Done
                 }
+                Err(r) => rejected(r),
+            },
+            Command::CompleteHandoff {
+                stream,
+                shard,
+                to,
+                expected_epoch,
+                handoff_id,
+            } => match self.shard_at(&stream, shard, expected_epoch) {
+                Ok(s) if s.handoff_to == Some(to) && s.handoff_id == handoff_id => grant(s, to),
+                Ok(_) => rejected(Rejection::NoSuchHandoff {
+                    stream,
+                    shard,
+                    to,
+                    handoff_id,
+                }),
                 Err(r) => rejected(r),
             },
             Command::CancelHandoff {
@@ -389,6 +406,61 @@ mod tests {
             id: 7,
             now_ms: 1,
         })
+    }
+
+    #[test]
+    fn a_withdrawn_handoff_cannot_be_completed() {
+        let mut st = State::default();
+        create(&mut st, "t", 1);
+        let lease = |broker| Command::AssignShard {
+            stream: "t".into(),
+            shard: 0,
+            broker,
+            expected_epoch: 0,
+        };
+        assert_eq!(st.apply(lease(1)), Reply::Lease { epoch: 1 });
+        let request = || Command::RequestHandoff {
+            stream: "t".into(),
+            shard: 0,
+            to: 2,
+            expected_epoch: 1,
+        };
+        let complete = |handoff_id| Command::CompleteHandoff {
+            stream: "t".into(),
+            shard: 0,
+            to: 2,
+            expected_epoch: 1,
+            handoff_id,
+        };
+        let refused = |r: Reply| {
+            matches!(
+                r,
+                Reply::Rejected {
+                    rejection: Rejection::NoSuchHandoff { .. }
+                }
+            )
+        };
+        assert_eq!(st.apply(request()), Reply::Done);
+        let cancel = Command::CancelHandoff {
+            stream: "t".into(),
+            shard: 0,
+            expected_epoch: 1,
+        };
+        assert_eq!(st.apply(cancel), Reply::Done);
+        assert!(refused(st.apply(complete(1))));
+        // Asked again: only the new request's id completes it.
+        assert_eq!(st.apply(request()), Reply::Done);
+        assert!(refused(st.apply(complete(1))));
+        assert_eq!(st.apply(complete(2)), Reply::Lease { epoch: 2 });
+        let sh = &st.streams["t"].shards[0];
+        assert_eq!((sh.owner, sh.handoff_to), (Some(2), None));
+        // A repeated completion meets the new epoch.
+        assert!(matches!(
+            st.apply(complete(2)),
+            Reply::Rejected {
+                rejection: Rejection::StaleEpoch { .. }
+            }
+        ));
     }
 
     fn shard_commit(stream: &str, epoch: u64, first: i64, last: i64) -> ShardCommit {
