@@ -15,7 +15,8 @@
 # Knobs: SHOAL_BIN (binary under test), SHOAL_E2E_WORKERS (pytest-xdist
 # workers, default 2, 0 = no xdist), SHOAL_E2E_TIMEOUT (per-test seconds,
 # default 180), SHOAL_CRASH_ROUNDS (kill -9 rounds, default 5),
-# SHOAL_NEMESIS_SEEDS (default 14), SHOAL_NEMESIS_SECONDS (default 60).
+# SHOAL_NEMESIS_SEEDS (default: 14 per standalone topology, 14 and 2407
+# for the cluster), SHOAL_NEMESIS_SECONDS (default 60).
 # Extra arguments are passed to the e2e pytest (e.g. `tests/run.sh -k kcat`).
 # Needs root (apt, and the nemesis mounts tmpfs and makes network namespaces).
 set -euo pipefail
@@ -159,7 +160,7 @@ cargo test --workspace -- --include-ignored
 # --------------------------------------------------------------------------
 # 5. end-to-end tests against the binary
 
-PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=15 --timeout "${SHOAL_E2E_TIMEOUT:-180}")
+PYTEST_ARGS=(-q -p no:cacheprovider -rfEs --durations=15 --timeout "${SHOAL_E2E_TIMEOUT:-180}")
 WORKERS="${SHOAL_E2E_WORKERS:-2}"
 if [ "$WORKERS" != "0" ]; then
     PYTEST_ARGS+=(-n "$WORKERS")
@@ -171,5 +172,5 @@ python3 -m pytest "${PYTEST_ARGS[@]}" tests/e2e "$@"
 # 6. the nemesis: random faults against each topology in turn (one at a
 #    time: each runs a whole cluster), then every acknowledged write checked
 
-log "pytest tests/nemesis (seeds ${SHOAL_NEMESIS_SEEDS:-14}, ${SHOAL_NEMESIS_SECONDS:-60} s of faults per topology)"
-python3 -m pytest -q -p no:cacheprovider -rfE -s tests/nemesis/test_checks.py tests/nemesis/test_nemesis.py
+log "pytest tests/nemesis (seeds ${SHOAL_NEMESIS_SEEDS:-14 (cluster: 14 2407)}, ${SHOAL_NEMESIS_SECONDS:-60} s of faults per topology)"
+python3 -m pytest -q -p no:cacheprovider -rfEs -s tests/nemesis/test_checks.py tests/nemesis/test_nemesis.py

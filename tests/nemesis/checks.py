@@ -32,6 +32,16 @@ SIGNAL_GRACE = 1.0
 #: How long after a broker fault ends its shards' moving away is still
 #: attributed to it.
 MOVE_WINDOW = 15.0
+#: The cluster's session timeout (`shoal placement --session-timeout`'s
+#: default): placement gives a broker's shards away only after this long
+#: without a heartbeat.
+SESSION_TIMEOUT = 6.0
+#: The shortest broker fault that can have lasted a session timeout for
+#: placement: the broker's silence is at most the fault (a kill's restart
+#: included, until the first heartbeat) plus one heartbeat interval (0.5 s),
+#: and 0.5 s of slack. A shorter fault cannot explain a lost record, even if
+#: the shard moved for another reason (a handoff commits everything first).
+FAILOVER_FAULT = SESSION_TIMEOUT - 1.0
 
 #: Kafka protocol error codes that are retriable (a RetriableException in
 #: Kafka's Errors). librdkafka's KafkaError.retriable() cannot be used for
@@ -357,7 +367,10 @@ class Judge:
     # ---- acknowledged writes ---------------------------------------------------
 
     def _broker_faults(self) -> list[dict]:
-        return [f for f in self.h.faults if f.get("victim") is not None and "owned" in f]
+        """The broker faults that may have cost the victim its shards: it
+        was away from placement for a session timeout."""
+        return [f for f in self.h.faults if f.get("victim") is not None and "owned" in f
+                and f["end"] - f["start"] >= FAILOVER_FAULT]
 
     def _moved_at(self, key: str, victim: int, start: float, end: float) -> Optional[float]:
         """When (first seen) the shard `key` had an owner other than the

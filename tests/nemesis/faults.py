@@ -82,7 +82,13 @@ def _params(kind: str, rng: random.Random) -> dict:
         long = rng.random() < 0.5
         return {"broker": rng.randrange(3), "seconds": _u(rng, 7, 12) if long else _u(rng, 1, 4)}
     if kind == "cut-broker":
-        return {"broker": rng.randrange(3), "seconds": _u(rng, 3, 12)}
+        broker, seconds = rng.randrange(3), _u(rng, 3, 12)
+        # Black-holed (packets vanish, connections hang) or refused
+        # (connections fail at once). Derived from the other parameters, not
+        # drawn, so that every seed keeps the schedule it had (CI's seeds 14
+        # and 2407 get one of each).
+        mode = "refuse" if (broker + round(seconds * 100)) % 2 else "blackhole"
+        return {"broker": broker, "seconds": seconds, "mode": mode}
     raise ValueError(kind)
 
 
@@ -351,8 +357,20 @@ class Nemesis:
                 "errors": state["errors"], "codes": sorted(state["codes"]), "fatal": state["fatal"],
                 "undelivered": left, "seconds": round(time.monotonic() - started, 2)}
 
+    def _disk_full_victim(self, broker: int) -> Shoal:
+        """In a cluster, the owner of ballast partition `broker` (so the
+        burst lands in the full WAL), else broker number `broker`."""
+        brokers = self.topo.brokers
+        if isinstance(self.topo, ClusterTopology) and self.ballast is not None:
+            owner = (self.topo.ownership() or {}).get(
+                f"{self.ballast.name}/{broker % self.ballast.partitions}")
+            for b in brokers:
+                if owner is not None and b.node_id == owner[0]:
+                    return b
+        return brokers[broker % len(brokers)]
+
     def _fault_disk_full(self, doc: dict, hold: float, broker: int = 0) -> None:
-        victim = self.topo.brokers[broker % len(self.topo.brokers)]
+        victim = self._disk_full_victim(broker)
         disk = self.topo.disks.get(victim.name)
         doc["victim_process"] = victim.name
         if disk is None:
@@ -513,13 +531,14 @@ class Nemesis:
         doc["end"] = self.history.now()
         self._line("heal ", doc, f"{b.name} continued (SIGCONT)")
 
-    def _fault_cut_broker(self, doc: dict, broker: int, seconds: float) -> None:
+    def _fault_cut_broker(self, doc: dict, broker: int, seconds: float,
+                          mode: str = "blackhole") -> None:
         topo: ClusterTopology = self.topo  # type: ignore[assignment]
         b = topo.brokers[broker]
         self._loss_snapshot(doc, b)
-        topo.net.cut(b.node_id)
+        topo.net.cut(b.node_id, mode)
         self._line("fault", doc, f"{b.name} (owner of {len(doc['owned'])} shards) cut off from "
-                                 f"placement (blackhole {topo.net.placement_ip}) for {seconds}s")
+                                 f"placement ({mode} {topo.net.placement_ip}) for {seconds}s")
         time.sleep(seconds)
         topo.net.uncut(b.node_id)
         doc["end"] = self.history.now()

@@ -79,14 +79,13 @@ class Run:
         shutil.copy2(source, binary)
         os.environ["SHOAL_BIN"] = str(binary)
         role = "broker" if a.topology == "cluster" else "standalone"
-        wal = supports_wal_dir(role)
-        if not wal:
-            say(f"disk-full fault unavailable: `shoal {role} --help` has no --wal-dir "
-                f"(scheduled disk-full faults are skipped)")
-        elif os.geteuid() != 0:
-            wal = False
-            say("disk-full fault unavailable: not root, no tmpfs for the WAL "
-                "(scheduled disk-full faults are skipped)")
+        # The disk-full fault is part of the contract, not an extra: a run
+        # that cannot inject it fails instead of passing without it.
+        if not supports_wal_dir(role):
+            raise SystemExit(f"`shoal {role} --help` has no --wal-dir: no disk-full fault")
+        if os.geteuid() != 0:
+            raise SystemExit("the nemesis needs root (a tmpfs WAL disk to fill, network namespaces)")
+        wal = True
         log_clients_to(self.run_dir / "clients.log")
         self.history.meta = {"topology": a.topology, "seed": a.seed, "seconds": a.seconds,
                              "rate": a.rate, "binary": source, "wal_dir": wal,

@@ -119,7 +119,7 @@ def test_cluster_local_window_loss_is_allowed_only_for_local_topics():
     s = Scenario(cluster=True)
     # broker 1 owned both shards; killed at t=10 after committing offset 1 of
     # each; the shards moved to broker 2.
-    s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 12.0, "victim": 1,
+    s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 16.0, "victim": 1,
                        "owned": ["t-obj/0", "t-loc/0"],
                        "committed_at_fault": {"t-obj/0": 1, "t-loc/0": 1}})
     s.h.ownership = [[0.0, {"t-obj/0": [1, 1], "t-loc/0": [1, 1]}],
@@ -137,6 +137,23 @@ def test_cluster_local_window_loss_is_allowed_only_for_local_topics():
     assert counts.lost == 1
 
 
+def test_a_short_broker_fault_explains_no_loss():
+    """A broker back within the session timeout keeps its shards; if one
+    moves anyway (a handoff, which commits everything first), a lost record
+    is still a loss."""
+    s = Scenario(cluster=True)
+    s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 11.0, "victim": 1,
+                       "owned": ["t-loc/0"], "committed_at_fault": {"t-loc/0": 1}})
+    s.h.ownership = [[0.0, {"t-loc/0": [1, 1]}], [16.0, {"t-loc/0": [2, 2]}]]
+    s.final[("t-loc", 0)].pop()
+    checks, counts = s.judge()
+    assert "acknowledged-read-back" in failed(checks)
+    assert counts.lost == 1 and counts.allowed_local_losses == 0
+    s.h.faults[0]["end"] = 16.0  # down long enough for a failover: allowed
+    checks, counts = s.judge()
+    assert counts.lost == 0 and counts.allowed_local_losses == 1
+
+
 def test_ack_without_offset_must_be_somewhere():
     s = Scenario()
     s.h.acks.append([9.0, "idem0.0", "t-obj", 0, None, "idem0.0:9", None, False, False, None])
@@ -152,7 +169,7 @@ def test_offset_of_an_allowed_loss_acknowledged_again():
     """The new owner reuses the offsets of a lost local window: a second
     acknowledgement at such an offset is not a conflict; any other is."""
     s = Scenario(cluster=True)
-    s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 12.0, "victim": 1,
+    s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 16.0, "victim": 1,
                        "owned": ["t-loc/0"], "committed_at_fault": {"t-loc/0": 1}})
     s.h.ownership = [[0.0, {"t-loc/0": [1, 1]}], [16.0, {"t-loc/0": [2, 2]}]]
     s.h.sends.append([20.0, "plain0.0", "t-loc", 0, "plain0.0:7"])
@@ -199,7 +216,7 @@ def test_cut_broker_window_ends_when_the_shard_moves():
 def test_idempotent_fatal_only_after_its_own_allowed_loss():
     def scenario(durability: str) -> Scenario:
         s = Scenario(cluster=True, topics=[Topic("t-obj", durability, 1), TOPICS[1]])
-        s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 12.0, "victim": 1,
+        s.h.faults.append({"id": 1, "kind": "kill-broker", "start": 10.0, "end": 16.0, "victim": 1,
                            "owned": ["t-obj/0"], "committed_at_fault": {"t-obj/0": 4}})
         s.h.ownership = [[0.0, {"t-obj/0": [1, 1]}], [16.0, {"t-obj/0": [2, 2]}]]
         s.h.sends.append([19.0, "idem0.0", "t-obj", 0, "idem0.0:9"])

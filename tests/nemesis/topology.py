@@ -430,6 +430,7 @@ class NetSlot:
         self.made_links: list[str] = []
         self.made_ns: list[str] = []
         self.made_addrs: list[str] = []
+        self.cuts: dict[int, str] = {}  # broker -> route type cutting it off
 
     def ns(self, b: int) -> str:
         return f"shnem{self.s}b{b}"
@@ -494,12 +495,19 @@ class NetSlot:
             sh(*inside, "ip", "link", "set", "lo", "up")
             sh(*inside, "ip", "route", "add", "default", "via", f"10.{200 + b}.{self.s}.1")
 
-    def cut(self, b: int) -> None:
-        sh("ip", "netns", "exec", self.ns(b), "ip", "route", "add", "blackhole",
+    #: Route types for cutting a broker off from placement: `blackhole`
+    #: drops packets silently (connections hang until they time out),
+    #: `prohibit` answers them with an ICMP error (connections fail at once).
+    CUT_ROUTES = {"blackhole": "blackhole", "refuse": "prohibit"}
+
+    def cut(self, b: int, mode: str = "blackhole") -> None:
+        self.cuts[b] = self.CUT_ROUTES[mode]
+        sh("ip", "netns", "exec", self.ns(b), "ip", "route", "add", self.cuts[b],
            f"{self.placement_ip}/32")
 
     def uncut(self, b: int) -> None:
-        sh("ip", "netns", "exec", self.ns(b), "ip", "route", "del", "blackhole",
+        route = self.cuts.pop(b, "blackhole")
+        sh("ip", "netns", "exec", self.ns(b), "ip", "route", "del", route,
            f"{self.placement_ip}/32", check=False)
 
     def teardown(self) -> None:

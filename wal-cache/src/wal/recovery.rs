@@ -230,7 +230,16 @@ pub(super) fn recover(mut segments: Vec<ScannedSegment>, truncated_through: u64)
                             last = *seq;
                             continue;
                         }
-                        break; // torn last group
+                        // A torn last group, or one damaged on disk after
+                        // it was acknowledged: nothing later tells which.
+                        // Say so, since in the second case records are lost.
+                        tracing::warn!(
+                            segment = s.id,
+                            seq = *seq,
+                            "wal: the last group written before the crash is unreadable \
+                             from here on; dropped as a write the crash cut short"
+                        );
+                        break;
                     }
                     entries.push((*seq, s.bytes.slice(payload.clone())));
                     last = *seq;
@@ -357,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_group_is_dropped_silently() {
+    fn a_torn_last_group_is_dropped_not_reported_as_damage() {
         // 3 and 4 form the last group (durable 2): damage there was never
         // acknowledged.
         let torn_payload = Builder::new(1, 0)
