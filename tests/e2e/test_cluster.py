@@ -89,6 +89,14 @@ def start_producing(bootstrap: str, topic: str):
     return p, acked, stop, sent, t
 
 
+def all_acknowledged(p: Producer, acked: Acked, sent: list[int]) -> None:
+    """After `start_producing`'s thread stopped: every record it sent was
+    acknowledged, none failed."""
+    assert p.flush(120) == 0
+    assert not acked.errors, acked.errors[:5]
+    assert acked.count() == sent[0]
+
+
 def read_all(bootstrap: str, topic: str, partitions: int, expected: int,
              timeout: float = 90) -> dict[int, list[tuple[int, bytes]]]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("check"),
@@ -188,9 +196,7 @@ def test_broker_kill_fails_over_without_loss(cluster):
     finally:
         stop.set()
         t.join()
-    assert p.flush(120) == 0
-    assert not acked.errors, acked.errors[:5]
-    assert acked.count() == sent[0]
+    all_acknowledged(p, acked, sent)
     got = read_all(",".join(others), topic, 6, acked.count())
     assert_exactly_once_in_order(acked, got)
     index_is_clean(cluster, topic)
@@ -473,9 +479,7 @@ def test_a_handoff_the_owner_cannot_finish_is_withdrawn_not_forced(tmp_path, req
             finally:
                 stop.set()
                 t.join()
-            assert p.flush(120) == 0
-            assert not acked.errors, acked.errors[:5]
-            assert acked.count() == sent[0]
+            all_acknowledged(p, acked, sent)
             got = read_all(c.bootstrap(), topic, 6, acked.count())
             assert_exactly_once_in_order(acked, got)
             index_is_clean(c, topic)

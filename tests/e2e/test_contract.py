@@ -161,15 +161,22 @@ def test_two_batches_for_one_partition_are_refused_whole(shoal):
     assert [m.value() for m in got[0]] == [b"c"]
 
 
+def bounded_with_flushes_blocked(shoal_factory, prefix: str):
+    """A broker bounded at 8 MiB of unflushed bytes with its flushes blocked,
+    a `local` topic and a `local` filler topic for `fill_past_the_bound`."""
+    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
+    topic, filler = unique_name(prefix), unique_name("filler")
+    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
+    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
+    block_flushes(shoal)
+    return shoal, topic, filler
+
+
 def test_a_refused_batch_is_not_overtaken_by_the_next_one(shoal_factory):
     """An idempotent producer's batch refused with a retriable error must
     not be overtaken by its next batch: with no state on the shard that one
     would be accepted, and the retry of the first could never be written."""
-    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
-    topic, filler = unique_name("gap"), unique_name("filler")
-    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
-    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
-    block_flushes(shoal)
+    shoal, topic, filler = bounded_with_flushes_blocked(shoal_factory, "gap")
     fill_past_the_bound(shoal, filler, 8 << 20)
     conn, version = raw(shoal)
     with conn:
@@ -193,11 +200,7 @@ def test_a_retry_of_a_written_batch_is_answered_under_backpressure(shoal_factory
     written gets its original's answer, not an error that says (to the
     client) it was not written, which would let the client give the
     records new sequence numbers later."""
-    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
-    topic, filler = unique_name("retrybp"), unique_name("filler")
-    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
-    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
-    block_flushes(shoal)
+    shoal, topic, filler = bounded_with_flushes_blocked(shoal_factory, "retrybp")
     written = idempotent_batch(77, 0, [b"written"])
     conn, version = raw(shoal)
     with conn:
@@ -218,11 +221,7 @@ def test_a_batch_after_a_refused_one_gets_its_error_not_out_of_order(shoal_facto
     refused: batch 2 gets batch 1's retriable error. OUT_OF_ORDER_SEQUENCE
     would make librdkafka bump its epoch and renumber every unacknowledged
     record, including records of other partitions that may be written."""
-    shoal = shoal_factory(extra_args=["--max-unflushed-bytes", "8MiB"]).start()
-    topic, filler = unique_name("order"), unique_name("filler")
-    ck_create_topic(shoal.bootstrap, topic, 1, {"shoal.durability": "local"})
-    ck_create_topic(shoal.bootstrap, filler, 1, {"shoal.durability": "local"})
-    block_flushes(shoal)
+    shoal, topic, filler = bounded_with_flushes_blocked(shoal_factory, "order")
     conn, version = raw(shoal)
     with conn:
         [r] = conn.produce(version, topic, 0, idempotent_batch(78, 0, [b"zero"]))
