@@ -58,6 +58,15 @@ pub struct StandaloneArgs {
     /// producer.id.expiration.ms; e.g. 1d, 15m).
     #[arg(long, env = "SHOAL_PRODUCER_ID_EXPIRATION")]
     pub producer_id_expiration: Option<String>,
+    /// Run compaction, retention and garbage collection in this process.
+    #[arg(long, env = "SHOAL_COMPACTION")]
+    pub compaction: Option<bool>,
+    /// `retention.ms` of new topics that set none, cluster-wide (e.g. 7d;
+    /// -1 keeps everything). Unset: placement's current value (7d at first).
+    #[arg(long, env = "SHOAL_DEFAULT_RETENTION")]
+    pub default_retention: Option<String>,
+    #[command(flatten)]
+    pub compaction_settings: crate::compaction::CompactionArgs,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +100,19 @@ struct FileConfig {
     wal_dir: Option<PathBuf>,
     #[serde(alias = "producer_id_expiration")]
     producer_id_expiration: Option<String>,
+    compaction: Option<bool>,
+    #[serde(alias = "default_retention")]
+    default_retention: Option<String>,
+    #[serde(alias = "compaction_delay")]
+    compaction_delay: Option<String>,
+    #[serde(alias = "compaction_interval")]
+    compaction_interval: Option<String>,
+    #[serde(alias = "gc_grace")]
+    gc_grace: Option<String>,
+    #[serde(alias = "orphan_grace")]
+    orphan_grace: Option<String>,
+    #[serde(alias = "compaction_target_size")]
+    compaction_target_size: Option<toml::Value>,
 }
 
 /// Resolved settings.
@@ -111,6 +133,9 @@ pub struct Standalone {
     pub bucket_lease_ttl: Duration,
     pub wal_dir: Option<PathBuf>,
     pub producer_id_expiration: Duration,
+    pub compaction_enabled: bool,
+    pub compaction: crate::compaction::Compaction,
+    pub default_retention_ms: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +288,25 @@ impl StandaloneArgs {
                 .or(file.producer_id_expiration)
                 .as_deref(),
         )?;
+        let compaction_enabled = self.compaction.or(file.compaction).unwrap_or(true);
+        let default_retention_ms = self
+            .default_retention
+            .or(file.default_retention)
+            .map(|s| crate::compaction::parse_retention(&s))
+            .transpose()?;
+        let compaction = self
+            .compaction_settings
+            .resolve(crate::compaction::CompactionFile {
+                compaction_delay: file.compaction_delay,
+                compaction_interval: file.compaction_interval,
+                gc_grace: file.gc_grace,
+                orphan_grace: file.orphan_grace,
+                compaction_target_size: file.compaction_target_size,
+            })?;
         Ok(Standalone {
+            compaction_enabled,
+            compaction,
+            default_retention_ms,
             wal_dir: self.wal_dir.or(file.wal_dir),
             producer_id_expiration,
             placement_in_bucket,

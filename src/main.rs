@@ -1,5 +1,6 @@
 //! The `shoal` binary: CLI, configuration and wiring of the crates.
 
+mod compaction;
 mod config;
 mod roles;
 mod serving;
@@ -33,6 +34,9 @@ enum Cmd {
     Placement(roles::PlacementArgs),
     /// A stateless broker of a cluster.
     Broker(roles::BrokerArgs),
+    /// Compaction, retention and garbage collection for a cluster (or a
+    /// standalone node, through its HTTP address).
+    Compactor(compaction::CompactorArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         },
         Cmd::Placement(args) => runtime.block_on(roles::placement(args)),
         Cmd::Broker(args) => runtime.block_on(roles::broker(args)),
+        Cmd::Compactor(args) => runtime.block_on(compaction::compactor(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,8 +99,9 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         .map_err(|e| format!("object store {}: {e}", cfg.object_store))?;
     let mut node_cfg =
         NodeConfig::standalone(1, cfg.data_dir.join("placement"), cfg.http_addr.to_string());
+    let identity = node_identity(&cfg.data_dir)?;
     if cfg.placement_in_bucket {
-        let mut b = BucketConfig::new(store.clone(), node_identity(&cfg.data_dir)?);
+        let mut b = BucketConfig::new(store.clone(), identity.clone());
         b.lease_ttl = cfg.bucket_lease_ttl;
         b.contact = Some(contact_url(&cfg));
         node_cfg.bucket = Some(b);
@@ -116,7 +122,11 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.http_addr = cfg.http_addr.to_string();
     bc.wal_dir = cfg.wal_dir.clone();
     bc.producer_expiration = cfg.producer_id_expiration;
-    let broker = Broker::start(bc, PlacementClient::local(node.clone()), store)
+    let placement = PlacementClient::local(node.clone());
+    if let Some(ms) = cfg.default_retention_ms {
+        compaction::set_default_retention(&placement, ms).await;
+    }
+    let broker = Broker::start(bc, placement.clone(), store.clone())
         .await
         .map_err(|e| format!("broker: {e}"))?;
 
@@ -134,11 +144,32 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         "shoal standalone is ready"
     );
 
+    let (compaction_stop, compaction_rx) = tokio::sync::watch::channel(false);
+    let compaction = cfg.compaction_enabled.then(|| {
+        let compactor = shoal_compactor::Compactor::new(
+            placement,
+            store,
+            // The node's own name: after a restart it takes its lease back
+            // at once instead of waiting for the dead run's lease to lapse.
+            cfg.compaction
+                .compactor_config(format!("standalone-{identity}")),
+        );
+        tokio::spawn(shoal_compactor::run_every(
+            compactor,
+            cfg.compaction.interval,
+            compaction_rx,
+        ))
+    });
+
     let fenced = tokio::select! {
         _ = wait_for_signal() => None,
         why = node.fenced() => Some(why),
     };
     tracing::info!("shutting down");
+    let _ = compaction_stop.send(true);
+    if let Some(task) = compaction {
+        let _ = task.await;
+    }
     serving.stop().await;
     node.shutdown()
         .await

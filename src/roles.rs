@@ -39,6 +39,10 @@ pub struct PlacementArgs {
     /// A broker that has not heartbeated for this long loses its shards.
     #[arg(long, env = "SHOAL_SESSION_TIMEOUT", default_value = "6s")]
     pub session_timeout: String,
+    /// `retention.ms` of new topics that set none, cluster-wide (e.g. 7d;
+    /// -1 keeps everything). Unset: the cluster's current value (7d at first).
+    #[arg(long, env = "SHOAL_DEFAULT_RETENTION")]
+    pub default_retention: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +125,13 @@ pub async fn placement(args: PlacementArgs) -> Result<(), String> {
         duration("--session-timeout", &args.session_timeout).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", args.data_dir.display()))?;
+    let default_retention = args
+        .default_retention
+        .as_deref()
+        .map(crate::compaction::parse_retention)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let peer_addrs: Vec<String> = peers.values().cloned().collect();
     let listener = bind("placement", listen).await?;
     let mut cfg = NodeConfig::cluster(args.node_id, &args.data_dir, args.addr.clone(), peers);
     cfg.session_timeout = session_timeout;
@@ -142,6 +153,12 @@ pub async fn placement(args: PlacementArgs) -> Result<(), String> {
             .await
     });
     let controller = tokio::spawn(shoal_placement::controller::run(node.clone()));
+    if let Some(ms) = default_retention {
+        tokio::spawn(async move {
+            let client = PlacementClient::remote(peer_addrs);
+            crate::compaction::set_default_retention(&client, ms).await;
+        });
+    }
     tracing::info!(node = args.node_id, addr = %args.addr, "shoal placement is running");
     wait_for_signal().await;
     tracing::info!("shutting down");

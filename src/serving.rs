@@ -1,6 +1,7 @@
 //! The tasks of a running broker, shared by `shoal standalone` and
 //! `shoal broker`: the HTTP API, the flusher, the WAL watcher, the group
-//! ticker, the Kafka listener and, in a cluster, the heartbeat loop; and
+//! ticker, the segment-index follower, the Kafka listener and, in a
+//! cluster, the heartbeat loop; and
 //! their orderly stop.
 
 use std::sync::Arc;
@@ -49,6 +50,7 @@ pub fn serve(
     let flusher = tokio::spawn(shoal_broker::flusher::run(broker.clone(), rx.clone()));
     tokio::spawn(shoal_broker::broker::watch_wal(broker.clone(), rx.clone()));
     tokio::spawn(shoal_broker::run_group_ticker(broker.clone(), rx.clone()));
+    tokio::spawn(shoal_broker::index::follow(broker.clone(), rx.clone()));
     let kafka = tokio::spawn({
         let (broker, rx) = (broker.clone(), rx.clone());
         async move {

@@ -766,6 +766,46 @@ impl Broker {
         });
     }
 
+    /// Move a shard's log start to `offset` (DeleteRecords). Placement only
+    /// moves it within what is committed, so records not yet flushed are
+    /// flushed first (waiting up to `timeout`). Returns the new log start.
+    pub async fn delete_records(
+        &self,
+        shard: &ShardLog,
+        offset: i64,
+        timeout: std::time::Duration,
+    ) -> Result<i64> {
+        let mut committed = shard.watch_committed();
+        let waited = tokio::time::timeout(timeout, async {
+            while *committed.borrow_and_update() < offset {
+                self.flush_now.notify_one();
+                if committed.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if !matches!(waited, Ok(true)) {
+            return Err(Error::Timeout);
+        }
+        let cmd = Command::AdvanceLogStart {
+            stream: shard.stream.clone(),
+            shard: shard.shard,
+            offset,
+            now_ms: now_ms(),
+            compaction_epoch: None,
+        };
+        match self.placement.write(cmd).await? {
+            Reply::LogStart { offset } => {
+                shard.advance_log_start(offset);
+                Ok(offset)
+            }
+            Reply::Rejected { rejection } => Err(Error::Rejected(rejection)),
+            other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Records of a committed segment range as consecutive Kafka batches, through the cache.
     pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
         let key = segment_cache_key(seg);

@@ -96,7 +96,11 @@ impl Error {
                 R::InvalidPartitions { .. } => ResponseError::InvalidPartitions,
                 R::StaleEpoch { .. } => ResponseError::NotLeaderOrFollower,
                 R::StaleCoordinator { .. } => ResponseError::NotCoordinator,
-                R::OffsetGap { .. } | R::NoSuchHandoff { .. } => ResponseError::UnknownServerError,
+                R::OffsetGap { .. }
+                | R::NoSuchHandoff { .. }
+                | R::CompactionLeaseHeld { .. }
+                | R::StaleCompaction { .. }
+                | R::IndexChanged { .. } => ResponseError::UnknownServerError,
                 R::Invalid { .. } => ResponseError::InvalidRequest,
             },
             Error::Storage(_) | Error::Placement(_) | Error::Internal(_) => {

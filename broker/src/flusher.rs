@@ -147,6 +147,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             max_timestamp_ms: range.max_timestamp_ms,
             producers: delta.changed.clone(),
             expired_producers: delta.expired.clone(),
+            bytes: range.bytes,
         });
         after.push((
             i,
@@ -161,6 +162,8 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
                 min_timestamp_ms: range.min_timestamp_ms,
                 max_timestamp_ms: range.max_timestamp_ms,
                 object_size: size,
+                committed_ms: now,
+                bytes: range.bytes,
             },
         ));
     }
@@ -169,6 +172,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
         object: key.clone(),
         object_size: size,
         shards: shard_commits,
+        now_ms: now,
     });
     // The same commit again is recognised by placement, so an answer lost
     // on the way (a leader change, a timeout) is retried with this object

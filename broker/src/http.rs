@@ -28,6 +28,8 @@ pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/streams", get(list_streams))
         .route("/api/v1/streams/{name}", get(get_stream))
+        .route("/api/v1/streams/{name}/files", get(stream_files))
+        .route("/api/v1/compaction", get(compaction))
         .route(
             "/api/v1/streams/{name}/shards/{shard}/resume",
             post(resume_shard),
@@ -289,6 +291,76 @@ struct StreamView {
     partitions: i32,
     config: std::collections::BTreeMap<String, String>,
     shards: Vec<ShardView>,
+    /// Every object holding live rows of the stream.
+    files: Vec<FileView>,
+    /// Bytes of the stream's live ranges by tier: `flush` (mixed flush
+    /// objects) and `compacted` (per-stream files).
+    bytes_by_tier: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// One Parquet file with live rows of a stream.
+#[derive(Serialize)]
+struct FileView {
+    url: String,
+    key: String,
+    size: u64,
+    shards: Vec<FileShardView>,
+}
+
+#[derive(Serialize)]
+struct FileShardView {
+    shard: i32,
+    first_offset: i64,
+    last_offset: i64,
+    rows: u64,
+}
+
+/// The live files of `s`, in the order their rows first appear.
+fn files(b: &Broker, s: &Stream) -> Vec<FileView> {
+    let base = b.store.url().trim_end_matches('/').to_string();
+    let mut out: Vec<FileView> = Vec::new();
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for sh in &s.shards {
+        for r in &sh.segments {
+            let i = *at.entry(r.object.as_str()).or_insert_with(|| {
+                out.push(FileView {
+                    url: format!("{base}/{}", r.object),
+                    key: r.object.clone(),
+                    size: r.object_size,
+                    shards: Vec::new(),
+                });
+                out.len() - 1
+            });
+            let f = &mut out[i];
+            match f.shards.iter_mut().find(|x| x.shard == sh.shard) {
+                Some(x) => {
+                    x.first_offset = x.first_offset.min(r.first_offset);
+                    x.last_offset = x.last_offset.max(r.last_offset);
+                    x.rows += r.record_count;
+                }
+                None => f.shards.push(FileShardView {
+                    shard: sh.shard,
+                    first_offset: r.first_offset,
+                    last_offset: r.last_offset,
+                    rows: r.record_count,
+                }),
+            }
+        }
+    }
+    out
+}
+
+fn bytes_by_tier(s: &Stream) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut tiers = std::collections::BTreeMap::from([("flush", 0u64), ("compacted", 0u64)]);
+    for r in s.shards.iter().flat_map(|sh| sh.segments.iter()) {
+        let tier = if r.object.starts_with("segments/") {
+            "flush"
+        } else {
+            "compacted"
+        };
+        *tiers.entry(tier).or_default() += if r.bytes > 0 { r.bytes } else { r.object_size };
+    }
+    tiers
 }
 
 #[derive(Serialize)]
@@ -330,7 +402,11 @@ impl From<&SegmentRef> for SegmentView {
 /// Placement's view, with the live high watermark from the owning broker.
 fn view(b: &Broker, s: Stream) -> StreamView {
     let local = b.stream(&s.name);
+    let files = files(b, &s);
+    let bytes_by_tier = bytes_by_tier(&s);
     StreamView {
+        files,
+        bytes_by_tier,
         partitions: s.partitions(),
         shards: s
             .shards
@@ -372,6 +448,35 @@ async fn list_streams(State(st): State<AppState>) -> Response {
             let views: Vec<StreamView> = streams.into_iter().map(|s| view(&st.broker, s)).collect();
             Json(serde_json::json!({ "streams": views })).into_response()
         }
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/v1/streams/{name}/files`: every Parquet file holding live
+/// rows of the stream (readers filter on `stream` and the start offsets).
+async fn stream_files(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match st.broker.placement.get_stream(&name).await {
+        Ok(Some(s)) => Json(serde_json::json!({ "files": files(&st.broker, &s) })).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("stream {name} not found") })),
+        )
+            .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/v1/compaction`: the recent compaction runs, the lease, how
+/// many replaced objects await deletion, and the default retention.
+async fn compaction(State(st): State<AppState>) -> Response {
+    match st.broker.placement.lifecycle().await {
+        Ok(l) => Json(serde_json::json!({
+            "runs": l.runs.iter().rev().collect::<Vec<_>>(),
+            "lease": l.lease,
+            "retired_objects": l.retired.len(),
+            "default_retention_ms": l.default_retention_ms(),
+        }))
+        .into_response(),
         Err(e) => internal(e),
     }
 }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod flusher;
 pub mod group;
 pub mod http;
+pub mod index;
 pub mod kafka;
 pub mod metrics;
 pub mod producer;

@@ -58,6 +58,8 @@ struct State {
     /// adds to the broker's total.
     unflushed_bytes: u64,
     segments: Vec<SegmentRef>,
+    /// Placement's `index_version` of the shard as last loaded.
+    index_version: u64,
     /// Producer state including every batch appended.
     producers: Producers,
     /// Producer state as of committed_offset, what placement holds.
@@ -204,6 +206,7 @@ pub struct ShardInit {
     pub log_start_offset: i64,
     pub committed_offset: i64,
     pub segments: Vec<SegmentRef>,
+    pub index_version: u64,
     pub producers: Producers,
     pub stopped: Option<String>,
 }
@@ -217,6 +220,7 @@ impl ShardInit {
             log_start_offset: shard.log_start_offset,
             committed_offset: shard.committed_offset,
             segments: shard.segments.clone(),
+            index_version: shard.index_version,
             producers: shard.producers.clone(),
             stopped: shard.stopped.as_ref().map(|s| s.reason.clone()),
         }
@@ -247,6 +251,7 @@ impl ShardLog {
             flushed_tail_bytes: 0,
             unflushed_bytes: 0,
             segments: init.segments,
+            index_version: init.index_version,
             producers: init.producers.clone(),
             committed_producers: init.producers,
             stopped: init.stopped,
@@ -819,6 +824,73 @@ impl ShardLog {
         self.committed.send_replace(next);
     }
 
+    /// Placement moved the log start to `offset` (DeleteRecords): reads
+    /// below it are out of range, and ranges wholly below it are gone.
+    pub fn advance_log_start(&self, offset: i64) {
+        let mut st = self.state.lock();
+        if offset > st.log_start_offset {
+            st.log_start_offset = offset;
+            let keep = st.segments.partition_point(|s| s.last_offset < offset);
+            st.segments.drain(..keep);
+        }
+    }
+
+    /// Placement's index version of this shard as last loaded.
+    pub fn index_version(&self) -> u64 {
+        self.state.lock().index_version
+    }
+
+    /// Take placement's index of the shard after compaction, retention or
+    /// DeleteRecords changed it: its entries up to what this log has seen
+    /// committed replace the local ones; local entries past those stay (a
+    /// commit whose answer arrived after placement was read). The log
+    /// start only moves forward.
+    pub fn follow_index(&self, placed: &shoal_placement::Shard) {
+        let mut st = self.state.lock();
+        if placed.index_version <= st.index_version {
+            return;
+        }
+        let committed = st.committed_offset;
+        let mut segments: Vec<SegmentRef> = placed
+            .segments
+            .iter()
+            .filter(|s| s.last_offset < committed)
+            .cloned()
+            .collect();
+        let covered = segments.last().map(|s| s.last_offset + 1);
+        segments.extend(
+            st.segments
+                .iter()
+                .filter(|s| covered.is_none_or(|c| s.first_offset >= c))
+                .filter(|s| s.last_offset >= placed.log_start_offset)
+                .cloned(),
+        );
+        st.segments = segments;
+        st.log_start_offset = st.log_start_offset.max(placed.log_start_offset);
+        // Committed batches kept as a read cache hold what the index now
+        // serves from rewritten objects (log compaction removed records
+        // from them): reads of those offsets go to the new objects.
+        if let Some(end) = covered {
+            while let Some(b) = st.tail.front() {
+                if b.last_offset >= end || b.last_offset >= committed {
+                    break;
+                }
+                let len = b.bytes.len();
+                st.tail.pop_front();
+                st.flushed_tail_bytes = st.flushed_tail_bytes.saturating_sub(len);
+            }
+        }
+        // An entry reaching past what this log has seen committed (its
+        // commit's answer is still on the way) is taken on the next look.
+        let straddles = placed
+            .segments
+            .iter()
+            .any(|s| s.first_offset < committed && s.last_offset >= committed);
+        if !straddles {
+            st.index_version = placed.index_version;
+        }
+    }
+
     /// Lowest WAL sequence still needed by this shard (not yet committed).
     pub fn min_unflushed_seq(&self) -> Option<u64> {
         let st = self.state.lock();
@@ -902,6 +974,7 @@ mod tests {
                 log_start_offset: 0,
                 committed_offset: 0,
                 segments: vec![],
+                index_version: 0,
                 producers: Producers::new(),
                 stopped: None,
             },
@@ -920,6 +993,8 @@ mod tests {
             min_timestamp_ms: 1000,
             max_timestamp_ms: 1002,
             object_size: 1,
+            committed_ms: 0,
+            bytes: 0,
         }
     }
 
@@ -973,6 +1048,7 @@ mod tests {
                 log_start_offset: 0,
                 committed_offset: 3,
                 segments: vec![seg(0, 2)],
+                index_version: 0,
                 producers: Producers::new(),
                 stopped: None,
             },
@@ -1051,6 +1127,7 @@ mod tests {
                 log_start_offset: 0,
                 committed_offset: 0,
                 segments: vec![],
+                index_version: 0,
                 producers,
                 stopped: None,
             },

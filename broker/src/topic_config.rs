@@ -1,9 +1,11 @@
 //! Which topic configs Shoal accepts. A config is only stored when Shoal
-//! does what it says: `shoal.durability`, and Kafka's keys set to the one
-//! value that describes Shoal's behaviour (`cleanup.policy=delete` with
-//! unlimited retention, say). Any other value of a Kafka key is refused
-//! with INVALID_CONFIG naming the key; a key Kafka does not know is
-//! refused as Kafka refuses it.
+//! does what it says: `shoal.durability`; the lifecycle keys the compactor
+//! honours (`cleanup.policy`, `retention.ms`, `retention.bytes`,
+//! `delete.retention.ms`, `min.compaction.lag.ms`) with any valid value;
+//! and Kafka's other keys set to the one value that describes Shoal's
+//! behaviour. Any other value of a Kafka key is refused with
+//! INVALID_CONFIG naming the key; a key Kafka does not know is refused as
+//! Kafka refuses it.
 
 use crate::config::Durability;
 use crate::error::{Error, Result};
@@ -55,6 +57,8 @@ pub fn implemented_defaults(max_message_bytes: usize) -> Vec<(&'static str, Stri
         ("cleanup.policy", "delete".into()),
         ("retention.ms", "-1".into()),
         ("retention.bytes", "-1".into()),
+        ("delete.retention.ms", "86400000".into()),
+        ("min.compaction.lag.ms", "0".into()),
         ("compression.type", "producer".into()),
         ("max.message.bytes", max_message_bytes.to_string()),
         ("message.timestamp.type", "CreateTime".into()),
@@ -62,8 +66,46 @@ pub fn implemented_defaults(max_message_bytes: usize) -> Vec<(&'static str, Stri
     ]
 }
 
+/// Is the topic log-compacted (`cleanup.policy` holds `compact`)?
+pub fn is_compacted(config: &std::collections::BTreeMap<String, String>) -> bool {
+    config
+        .get("cleanup.policy")
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == "compact"))
+}
+
+/// The lifecycle configs the compactor honours, checked as Kafka does.
+fn check_lifecycle(key: &str, value: &str) -> Option<Result<()>> {
+    let number = |min: i64| match value.parse::<i64>() {
+        Ok(n) if n >= min => Ok(()),
+        _ => Err(Error::InvalidConfig(format!(
+            "invalid value {value:?} for {key}: must be an integer of at least {min}"
+        ))),
+    };
+    Some(match key {
+        "retention.ms" | "retention.bytes" => number(-1),
+        "delete.retention.ms" | "min.compaction.lag.ms" => number(0),
+        "cleanup.policy" => {
+            let ok = !value.trim().is_empty()
+                && value
+                    .split(',')
+                    .all(|p| matches!(p.trim(), "delete" | "compact"));
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidConfig(format!(
+                    "invalid value {value:?} for cleanup.policy: expected delete, compact or both"
+                )))
+            }
+        }
+        _ => return None,
+    })
+}
+
 /// May `key` be set to `value` on a topic?
 pub fn check(key: &str, value: &str, max_message_bytes: usize) -> Result<()> {
+    if let Some(checked) = check_lifecycle(key, value) {
+        return checked;
+    }
     if key == Durability::CONFIG_KEY {
         return match Durability::parse(value) {
             Some(_) => Ok(()),
@@ -114,8 +156,11 @@ mod tests {
         assert!(check("shoal.durability", "object", max).is_ok());
         assert!(check("shoal.durability", "fast", max).is_err());
         assert!(check("cleanup.policy", "delete", max).is_ok());
-        let e = check("cleanup.policy", "compact", max).unwrap_err();
+        assert!(check("cleanup.policy", "compact,delete", max).is_ok());
+        let e = check("cleanup.policy", "shred", max).unwrap_err();
         assert!(e.to_string().contains("cleanup.policy"), "{e}");
+        assert!(check("retention.ms", "60000", max).is_ok());
+        assert!(check("retention.bytes", "-2", max).is_err());
         let e = check("segment.ms", "1000", max).unwrap_err();
         assert!(e.to_string().contains("segment.ms"), "{e}");
         let e = check("no.such.thing", "1", max).unwrap_err();

@@ -134,6 +134,21 @@ impl PlacementClient {
             other => Err(unexpected(&other)),
         }
     }
+
+    /// stream -> each shard's `index_version`.
+    pub async fn index_versions(&self) -> Result<BTreeMap<String, Vec<u64>>> {
+        match self.query(Query::IndexVersions).await? {
+            QueryReply::IndexVersions { versions } => Ok(versions),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn lifecycle(&self) -> Result<crate::lifecycle::Lifecycle> {
+        match self.query(Query::Lifecycle).await? {
+            QueryReply::Lifecycle { lifecycle } => Ok(lifecycle),
+            other => Err(unexpected(&other)),
+        }
+    }
 }
 
 fn unexpected(reply: &QueryReply) -> Error {

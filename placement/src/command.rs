@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BrokerId, BrokerInfo, GroupOffset, ProducerState, Stream};
+use crate::model::{BrokerId, BrokerInfo, GroupOffset, ProducerState, SegmentRef, Stream};
 
 /// A state change. Deterministic: everything time-dependent is in the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +113,41 @@ pub enum Command {
         group: String,
     },
     AllocateProducerId,
+    /// Take the compaction lease for `holder` (a new epoch) once the
+    /// current one expired, or renew it (same epoch) for its holder.
+    AcquireCompactionLease {
+        holder: String,
+        now_ms: i64,
+        ttl_ms: i64,
+    },
+    /// Replace a run of one shard's index entries by the ranges of a
+    /// compacted object, atomically, under the compaction lease.
+    ReplaceSegments(SegmentReplacement),
+    /// Move a shard's log start forward (retention, DeleteRecords): ranges
+    /// wholly below it leave the index. With `compaction_epoch`, only under
+    /// that compaction lease.
+    AdvanceLogStart {
+        stream: String,
+        shard: i32,
+        offset: i64,
+        now_ms: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compaction_epoch: Option<u64>,
+    },
+    /// Garbage collection deleted these retired objects.
+    ForgetRetired {
+        compaction_epoch: u64,
+        objects: Vec<String>,
+    },
+    /// The `retention.ms` of streams that do not set their own (created
+    /// since this setting existed); -1 keeps everything.
+    SetDefaultRetention {
+        retention_ms: i64,
+    },
+    /// What a compaction run did, for operators (the last few are kept).
+    RecordCompactionRun {
+        run: CompactionRun,
+    },
     /// Replace the whole state with one recovered from the bucket.
     Restore {
         state: Box<crate::state::State>,
@@ -140,6 +175,68 @@ pub struct SegmentCommit {
     pub object: String,
     pub object_size: u64,
     pub shards: Vec<ShardCommit>,
+    /// The committing broker's clock: when the ranges were registered.
+    #[serde(default)]
+    pub now_ms: i64,
+}
+
+/// The index entries of one shard a compacted object replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentReplacement {
+    pub compaction_epoch: u64,
+    pub stream: String,
+    pub shard: i32,
+    /// The run being replaced, in index order, exactly as it is listed.
+    pub replaced: Vec<RangeId>,
+    /// The new entries: dense, covering exactly the replaced offsets.
+    pub with: Vec<SegmentRef>,
+    pub now_ms: i64,
+}
+
+/// Names one index entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeId {
+    pub object: String,
+    pub row_group: u32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+impl RangeId {
+    pub fn of(r: &SegmentRef) -> Self {
+        Self {
+            object: r.object.clone(),
+            row_group: r.row_group,
+            first_offset: r.first_offset,
+            last_offset: r.last_offset,
+        }
+    }
+
+    pub fn names(&self, r: &SegmentRef) -> bool {
+        self.object == r.object
+            && self.row_group == r.row_group
+            && self.first_offset == r.first_offset
+            && self.last_offset == r.last_offset
+    }
+}
+
+/// One compaction run's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactionRun {
+    pub holder: String,
+    pub epoch: u64,
+    pub started_ms: i64,
+    pub duration_ms: u64,
+    pub objects_in: u64,
+    pub objects_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Shards whose log start moved (retention).
+    pub shards_trimmed: u64,
+    pub objects_deleted: u64,
+    /// Work left for the next run (a deadline or a budget ended this one).
+    pub unfinished: bool,
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +257,9 @@ pub struct ShardCommit {
     /// Producers whose state the owner expired since its last commit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expired_producers: Vec<i64>,
+    /// Compressed size of the range's row group.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +293,13 @@ pub enum Reply {
     },
     GroupEpoch {
         epoch: u64,
+    },
+    CompactionLease {
+        epoch: u64,
+        expires_ms: i64,
+    },
+    LogStart {
+        offset: i64,
     },
     Rejected {
         rejection: Rejection,
@@ -245,6 +352,12 @@ pub enum Rejection {
         to: BrokerId,
         handoff_id: u64,
     },
+    #[error("the compaction lease is held by {holder} until {until_ms}")]
+    CompactionLeaseHeld { holder: String, until_ms: i64 },
+    #[error("compaction epoch {epoch} is stale, current is {current}")]
+    StaleCompaction { epoch: u64, current: u64 },
+    #[error("the index of {stream}/{shard} no longer lists the replaced ranges")]
+    IndexChanged { stream: String, shard: i32 },
     #[error("invalid request: {reason}")]
     Invalid { reason: String },
 }
@@ -256,10 +369,19 @@ pub enum Rejection {
 #[serde(rename_all = "snake_case")]
 pub enum Query {
     ListStreams,
-    GetStream { name: String },
-    GroupOffsets { group: String },
+    GetStream {
+        name: String,
+    },
+    GroupOffsets {
+        group: String,
+    },
     ListGroups,
     ListBrokers,
+    /// Every stream's per-shard `index_version` (cheap to poll).
+    IndexVersions,
+    /// Retired objects, the compaction lease, recent runs and the default
+    /// retention.
+    Lifecycle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,5 +404,12 @@ pub enum QueryReply {
     },
     Brokers {
         brokers: Vec<BrokerInfo>,
+    },
+    /// stream -> index_version of each shard, in shard order.
+    IndexVersions {
+        versions: BTreeMap<String, Vec<u64>>,
+    },
+    Lifecycle {
+        lifecycle: crate::lifecycle::Lifecycle,
     },
 }

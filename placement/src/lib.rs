@@ -23,6 +23,7 @@ pub mod client;
 pub mod command;
 pub mod controller;
 pub mod error;
+pub mod lifecycle;
 mod mirror;
 pub mod model;
 pub mod node;
@@ -32,11 +33,12 @@ pub mod state;
 
 pub use client::PlacementClient;
 pub use command::{
-    Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardCommit,
-    ShardRejection,
+    Command, CompactionRun, OffsetCommit, Query, QueryReply, RangeId, Rejection, Reply,
+    SegmentCommit, SegmentReplacement, ShardCommit, ShardRejection,
 };
 pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
 pub use error::{Error, Result};
+pub use lifecycle::{CompactionLease, Lifecycle};
 pub use model::{
     BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, ShardStop,
     Stream,

@@ -22,6 +22,11 @@ pub struct Stream {
     pub config: BTreeMap<String, String>,
     pub created_ms: i64,
     pub shards: Vec<Shard>,
+    /// Created after the cluster-wide default retention existed: without
+    /// its own `retention.ms` the stream follows that default. Streams
+    /// from before keep unlimited retention, so an upgrade deletes nothing.
+    #[serde(default)]
+    pub retention_default: bool,
 }
 
 impl Stream {
@@ -56,6 +61,11 @@ pub struct Shard {
     /// who accepts the loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<ShardStop>,
+    /// Bumped whenever the segment index or the log start changes other
+    /// than by the owner's own commits (compaction, retention, deleted
+    /// records), so the owner knows to reload them.
+    #[serde(default)]
+    pub index_version: u64,
 }
 
 /// Why and since when a shard is stopped.
@@ -78,6 +88,14 @@ pub struct SegmentRef {
     pub max_timestamp_ms: i64,
     /// Size of the whole object, so readers can skip a HEAD.
     pub object_size: u64,
+    /// When placement registered the range (committing clock, ms); 0 for
+    /// ranges committed before this was recorded.
+    #[serde(default)]
+    pub committed_ms: i64,
+    /// Compressed bytes of the range's row group (0 when unknown, before
+    /// this was recorded): what `retention.bytes` and compaction count.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// The sequences an idempotent producer last wrote to one shard.
@@ -212,7 +230,9 @@ mod tests {
                 max_timestamp_ms: 0,
                 producers,
                 expired_producers: vec![3],
+                bytes: 9,
             }],
+            now_ms: 4,
         });
         round_trip(&commit);
         round_trip(&Command::AllocateProducerId);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{
     Command, OffsetCommit, Query, QueryReply, Rejection, Reply, SegmentCommit, ShardRejection,
 };
+use crate::lifecycle::Lifecycle;
 use crate::model::{BrokerId, BrokerInfo, GroupOffset, SegmentRef, Shard, ShardStop, Stream};
 
 /// Upper bound on partitions per stream, so one request cannot make the
@@ -26,11 +27,23 @@ pub struct State {
     pub next_producer_id: i64,
     /// Bumped by every applied command; lets watchers notice change.
     pub version: u64,
+    /// Compaction lease, retired objects, default retention.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// The layout this state was written in ([`STATE_FORMAT`]); states
+    /// from before the field existed read as 0 and load unchanged.
+    #[serde(default)]
+    pub format: u32,
 }
+
+/// The current layout of [`State`] (snapshots and the bucket mirror).
+/// Fields added since are optional with defaults, so older states load.
+pub const STATE_FORMAT: u32 = 1;
 
 impl State {
     pub fn apply(&mut self, cmd: Command) -> Reply {
         self.version += 1;
+        self.format = STATE_FORMAT;
         match cmd {
             Command::CreateStream {
                 name,
@@ -40,7 +53,16 @@ impl State {
                 now_ms,
             } => self.create_stream(name, partitions, config, id, now_ms),
             Command::DeleteStream { name } => match self.streams.remove(&name) {
-                Some(_) => {
+                Some(gone) => {
+                    // Deterministic: the newest commit into the stream
+                    // stands in for the time (the command carries none).
+                    let when = gone
+                        .shards
+                        .iter()
+                        .flat_map(|s| s.segments.iter().map(|r| r.committed_ms))
+                        .max()
+                        .unwrap_or(0);
+                    self.lifecycle.retire_stream(&gone, when);
                     for offsets in self.group_offsets.values_mut() {
                         offsets.remove(&name);
                     }
@@ -175,6 +197,56 @@ impl State {
                 *self = *state;
                 Reply::Done
             }
+            Command::AcquireCompactionLease {
+                holder,
+                now_ms,
+                ttl_ms,
+            } => self.lifecycle.acquire(holder, now_ms, ttl_ms),
+            Command::ReplaceSegments(r) => {
+                let lifecycle = &mut self.lifecycle;
+                match self.streams.get_mut(&r.stream).and_then(|s| {
+                    usize::try_from(r.shard)
+                        .ok()
+                        .and_then(|i| s.shards.get_mut(i))
+                }) {
+                    Some(shard) => lifecycle.replace(shard, r),
+                    None => rejected(Rejection::UnknownShard {
+                        stream: r.stream,
+                        shard: r.shard,
+                    }),
+                }
+            }
+            Command::AdvanceLogStart {
+                stream,
+                shard,
+                offset,
+                now_ms,
+                compaction_epoch,
+            } => {
+                if let Some(epoch) = compaction_epoch
+                    && let Err(e) = self.lifecycle.check_epoch(epoch)
+                {
+                    return rejected(e);
+                }
+                let lifecycle = &mut self.lifecycle;
+                match self.streams.get_mut(&stream).and_then(|s| {
+                    usize::try_from(shard)
+                        .ok()
+                        .and_then(|i| s.shards.get_mut(i))
+                }) {
+                    Some(s) => lifecycle.advance_start(s, offset, now_ms),
+                    None => rejected(Rejection::UnknownShard { stream, shard }),
+                }
+            }
+            Command::ForgetRetired {
+                compaction_epoch,
+                objects,
+            } => self.lifecycle.forget(compaction_epoch, objects),
+            Command::SetDefaultRetention { retention_ms } => {
+                self.lifecycle.default_retention_ms = Some(retention_ms.max(-1));
+                Reply::Done
+            }
+            Command::RecordCompactionRun { run } => self.lifecycle.record(run),
             Command::AllocateProducerId => {
                 // Kafka producer ids start at 0; keep 0 free for readability.
                 self.next_producer_id += 1;
@@ -201,6 +273,21 @@ impl State {
             },
             Query::ListBrokers => QueryReply::Brokers {
                 brokers: self.brokers.values().cloned().collect(),
+            },
+            Query::IndexVersions => QueryReply::IndexVersions {
+                versions: self
+                    .streams
+                    .iter()
+                    .map(|(name, s)| {
+                        (
+                            name.clone(),
+                            s.shards.iter().map(|sh| sh.index_version).collect(),
+                        )
+                    })
+                    .collect(),
+            },
+            Query::Lifecycle => QueryReply::Lifecycle {
+                lifecycle: self.lifecycle.clone(),
             },
         }
     }
@@ -232,6 +319,7 @@ impl State {
             id,
             config,
             created_ms: now_ms,
+            retention_default: true,
             shards: (0..partitions)
                 .map(|shard| Shard {
                     shard,
@@ -337,6 +425,8 @@ impl State {
                     min_timestamp_ms: sc.min_timestamp_ms,
                     max_timestamp_ms: sc.max_timestamp_ms,
                     object_size: commit.object_size,
+                    committed_ms: commit.now_ms,
+                    bytes: sc.bytes,
                 });
                 shard.committed_offset = sc.last_offset + 1;
                 for pid in &sc.expired_producers {
@@ -476,6 +566,7 @@ mod tests {
             max_timestamp_ms: 0,
             producers: BTreeMap::new(),
             expired_producers: Vec::new(),
+            bytes: 0,
         }
     }
 
@@ -485,6 +576,7 @@ mod tests {
             object: "o".into(),
             object_size: 10,
             shards: vec![sc],
+            now_ms: 0,
         })
     }
 

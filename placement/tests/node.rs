@@ -112,7 +112,9 @@ async fn stale_epoch_commit_is_rejected() {
                 max_timestamp_ms: 0,
                 producers: BTreeMap::new(),
                 expired_producers: Vec::new(),
+                bytes: 50,
             }],
+            now_ms: 0,
         })
     };
     let Reply::SegmentCommitted { rejected } = node.write(commit(1, old)).await.unwrap() else {

@@ -34,4 +34,7 @@ pub use segment::{
     EncodedSegment, FORMAT_VERSION, SegmentOptions, ShardRange, ShardRows, compacted_key,
     decode_footer, encode_segment, fetch_footer, read_row_group, segment_key,
 };
-pub use store::{ObjectStorage, StoreStats};
+pub use store::{ListedObject, ObjectStorage, StoreStats};
+
+/// A segment's decoded footer, as [`decode_footer`] returns it.
+pub type SegmentMeta = parquet::file::metadata::ParquetMetaData;

@@ -60,6 +60,15 @@ const PART_CONCURRENCY: usize = 4;
 /// (a lifecycle rule on this prefix may expire them).
 pub const STAGING_PREFIX: &str = "staging";
 
+/// One object found by [`ObjectStorage::list_objects`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    pub size: u64,
+    /// Last modification as the store reports it, unix ms.
+    pub modified_ms: i64,
+}
+
 /// Request counters since the store was opened (shared by all clones).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -311,6 +320,14 @@ impl ObjectStorage {
 
     /// Keys under `prefix` (whole path segments), with sizes, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let listed = self
+            .retry(RequestKind::List, || self.list_once(prefix))
+            .await?;
+        Ok(listed.into_iter().map(|o| (o.key, o.size)).collect())
+    }
+
+    /// Objects under `prefix` with size and last-modified time, sorted by key.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ListedObject>> {
         self.retry(RequestKind::List, || self.list_once(prefix))
             .await
     }
@@ -616,7 +633,7 @@ impl ObjectStorage {
     /// The prefix matches whole path segments: `segments/2024` lists
     /// `segments/2024/...` but not `segments/2024x/...`. An empty prefix
     /// lists the whole store.
-    async fn list_once(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+    async fn list_once(&self, prefix: &str) -> Result<Vec<ListedObject>> {
         let full = if prefix.is_empty() {
             self.prefix.clone()
         } else {
@@ -638,10 +655,14 @@ impl ObjectStorage {
                     .map(|p| p.as_ref().to_owned())
                     .collect::<Vec<_>>()
                     .join("/");
-                out.push((key, meta.size));
+                out.push(ListedObject {
+                    key,
+                    size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis(),
+                });
             }
         }
-        out.sort();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 

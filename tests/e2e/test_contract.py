@@ -527,7 +527,7 @@ def test_max_timestamp_finds_the_record_with_the_largest_timestamp(shoal):
 
 
 # --------------------------------------------------------------------------
-# 8. configs that would do nothing are refused
+# 8. configs that would do nothing are refused; the lifecycle ones are applied
 
 
 def test_configs_shoal_does_not_apply_are_refused(shoal):
@@ -542,8 +542,8 @@ def test_configs_shoal_does_not_apply_are_refused(shoal):
         except KafkaException as e:
             return e
 
-    for key, value in [("retention.ms", "1000"), ("cleanup.policy", "compact"),
-                       ("segment.ms", "600000")]:
+    for key, value in [("compression.type", "gzip"), ("cleanup.policy", "shred"),
+                       ("retention.ms", "-5"), ("segment.ms", "600000")]:
         e = create({key: value})
         assert e is not None and e.args[0].name() == "INVALID_CONFIG", (key, e)
         assert key in e.args[0].str(), e
@@ -553,17 +553,24 @@ def test_configs_shoal_does_not_apply_are_refused(shoal):
     # What Shoal does is accepted.
     assert create({"cleanup.policy": "delete", "retention.ms": "-1",
                    "shoal.durability": "object"}) is None
+    # The lifecycle configs the compactor applies are accepted.
+    assert create({"cleanup.policy": "compact,delete", "retention.ms": "60000",
+                   "retention.bytes": "1048576", "delete.retention.ms": "0",
+                   "min.compaction.lag.ms": "1000"}) is None
 
     topic = unique_name("alter")
     ck_create_topic(shoal.bootstrap, topic, 1)
     res = ConfigResource("TOPIC", topic, incremental_configs=[
-        ConfigEntry("retention.ms", "60000", incremental_operation=AlterConfigOpType.SET)])
+        ConfigEntry("segment.bytes", "1048576", incremental_operation=AlterConfigOpType.SET)])
     with pytest.raises(KafkaException) as e:
         admin.incremental_alter_configs([res])[res].result(timeout=60)
-    assert e.value.args[0].name() == "INVALID_CONFIG" and "retention.ms" in e.value.args[0].str()
+    assert e.value.args[0].name() == "INVALID_CONFIG" and "segment.bytes" in e.value.args[0].str()
+    res = ConfigResource("TOPIC", topic, incremental_configs=[
+        ConfigEntry("retention.ms", "60000", incremental_operation=AlterConfigOpType.SET)])
+    admin.incremental_alter_configs([res])[res].result(timeout=60)
     described = admin.describe_configs([ConfigResource("TOPIC", topic)])
     configs = list(described.values())[0].result(timeout=60)
-    assert configs["retention.ms"].value == "-1"
+    assert configs["retention.ms"].value == "60000"
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::versions::is_supported;
-use super::{Pending, admin, fetch, groups, metadata, produce};
+use super::{Pending, admin, fetch, groups, metadata, produce, records};
 use crate::broker::Broker;
 use crate::metrics::ApiLabel;
 
@@ -253,6 +253,7 @@ async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestK
         R::DescribeGroups(r) => groups::describe_groups(ctx, r).await,
         R::ListGroups(r) => groups::list_groups(ctx, r).await,
         R::DeleteGroups(r) => groups::delete_groups(ctx, r).await,
+        R::DeleteRecords(r) => records::delete_records(ctx, r),
         // Not reachable: is_supported() filtered every other API.
         other => {
             tracing::warn!("no handler for {other:?}");

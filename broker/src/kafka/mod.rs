@@ -12,6 +12,7 @@ mod fetch;
 mod groups;
 mod metadata;
 mod produce;
+mod records;
 mod versions;
 
 pub use conn::serve;

@@ -185,7 +185,12 @@ pub async fn produce(ctx: &Ctx, req: ProduceRequest, _version: i16) -> Pending {
                         shard: p.index,
                     }
                     .code())),
-                    Some(shard) => match append(&b, shard, records) {
+                    Some(shard) => match append(
+                        &b,
+                        shard,
+                        records,
+                        crate::topic_config::is_compacted(&s.config),
+                    ) {
                         Ok(accepted) => Outcome::Wait {
                             shard: shard.clone(),
                             accepted,
@@ -265,7 +270,7 @@ struct Accepted {
 /// The ordered part: validate the batch, assign its offsets and enqueue it
 /// in the WAL. A partition carries one batch per request (Kafka's rule
 /// for Produce v3 and later), so a request never half-applies.
-fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted> {
+fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes, compacted: bool) -> Result<Accepted> {
     let mut batches = batch::split(records)?;
     let bt = match batches.len() {
         0 => return Err(Error::Corrupt("empty produce".into())),
@@ -280,7 +285,14 @@ fn append(b: &Broker, shard: &Arc<ShardLog>, records: Bytes) -> Result<Accepted>
     if info.transactional || info.control {
         return Err(Error::Unsupported);
     }
-    batch::validate(&bt)?;
+    let records = batch::validate(&bt)?;
+    // Log compaction keeps the newest record per key: as in Kafka, a
+    // compacted topic refuses records without one.
+    if compacted && records.iter().any(|r| r.key.is_none()) {
+        return Err(Error::InvalidRecord(
+            "Compacted topic cannot accept message without key".into(),
+        ));
+    }
     b.metrics.produce_requests.inc();
     let pending = b.unflushed_bytes();
     let appended = if pending < b.config.max_unflushed_bytes {
@@ -425,6 +437,7 @@ mod tests {
             log_start_offset: 0,
             committed_offset: 0,
             segments: vec![],
+            index_version: 0,
             producers,
             stopped: None,
         };

@@ -12,10 +12,20 @@ pub fn segment_key(broker_id: u64, id: u64, unix_ms: i64) -> String {
 }
 
 /// Key of a compacted file:
-/// `streams/<stream>/shard=<n>/<first:020>-<last:020>.parquet`
-/// (hive-style `shard=` so engines can prune by directory).
-pub fn compacted_key(stream: &str, shard: i32, first_offset: i64, last_offset: i64) -> String {
-    format!("streams/{stream}/shard={shard}/{first_offset:020}-{last_offset:020}.parquet")
+/// `streams/<stream>/shard=<n>/<first:020>-<last:020>-g<epoch>-<n>.parquet`
+/// (hive-style `shard=` so engines can prune by directory). The
+/// generation (the compaction lease epoch and a counter within it) keeps a
+/// rewrite of the same offsets from colliding with a file still in its
+/// grace period.
+pub fn compacted_key(
+    stream: &str,
+    shard: i32,
+    (first_offset, last_offset): (i64, i64),
+    (epoch, n): (u64, u64),
+) -> String {
+    format!(
+        "streams/{stream}/shard={shard}/{first_offset:020}-{last_offset:020}-g{epoch}-{n}.parquet"
+    )
 }
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01,
@@ -67,8 +77,8 @@ mod tests {
     #[test]
     fn compacted_key_layout() {
         assert_eq!(
-            compacted_key("orders", 3, 0, 99),
-            "streams/orders/shard=3/00000000000000000000-00000000000000000099.parquet"
+            compacted_key("orders", 3, (0, 99), (7, 2)),
+            "streams/orders/shard=3/00000000000000000000-00000000000000000099-g7-2.parquet"
         );
     }
 }

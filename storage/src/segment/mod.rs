@@ -46,6 +46,8 @@ pub struct ShardRange {
     pub record_count: u64,
     pub min_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
+    /// Compressed size of the row group's column chunks.
+    pub bytes: u64,
 }
 
 /// An encoded segment, ready for `put_create`, and what it holds.
@@ -61,6 +63,9 @@ pub struct EncodedSegment {
 pub struct SegmentOptions {
     /// A shard with more records is split over several row groups.
     pub max_rows_per_row_group: usize,
+    /// A shard whose records take more bytes (payload plus a per-record
+    /// overhead) is split over several row groups too.
+    pub max_row_group_bytes: usize,
     /// zstd level for every column.
     pub zstd_level: i32,
 }
@@ -69,6 +74,7 @@ impl Default for SegmentOptions {
     fn default() -> Self {
         Self {
             max_rows_per_row_group: 65_536,
+            max_row_group_bytes: usize::MAX,
             zstd_level: 3,
         }
     }

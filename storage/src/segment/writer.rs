@@ -55,7 +55,8 @@ pub fn encode_segment(shards: Vec<ShardRows>, opts: &SegmentOptions) -> Result<E
         ArrowWriter::try_new(&mut buf, Arc::clone(&schema), Some(props)).map_err(parquet_err)?;
     let mut ranges = Vec::new();
     for ((stream, shard), records) in &shards {
-        for chunk in row_group_chunks(records, opts.max_rows_per_row_group, ROW_GROUP_BYTE_LIMIT)? {
+        let byte_limit = opts.max_row_group_bytes.min(ROW_GROUP_BYTE_LIMIT);
+        for chunk in row_group_chunks(records, opts.max_rows_per_row_group, byte_limit)? {
             let row_group = u32::try_from(ranges.len())
                 .map_err(|_| encode_err("more than u32::MAX row groups"))?;
             let batch = build_batch(&schema, stream, *shard, chunk).map_err(arrow_err)?;
@@ -78,6 +79,9 @@ pub fn encode_segment(shards: Vec<ShardRows>, opts: &SegmentOptions) -> Result<E
         return Err(encode_err(format!(
             "row groups written {written:?} differ from planned {expected:?}"
         )));
+    }
+    for (range, rg) in ranges.iter_mut().zip(meta.row_groups()) {
+        range.bytes = u64::try_from(rg.compressed_size()).unwrap_or(0);
     }
     Ok(EncodedSegment {
         bytes: Bytes::from(buf),
@@ -199,6 +203,7 @@ fn shard_range(stream: &str, shard: i32, row_group: u32, chunk: &[Record]) -> Sh
         last_offset: last,
         record_count: chunk.len() as u64,
         min_timestamp_ms: min_ts,
+        bytes: 0,
         max_timestamp_ms: max_ts,
     }
 }

@@ -1,0 +1,104 @@
+//! `shoal-compactor-lambda`: the compactor as an AWS Lambda function,
+//! invoked by an EventBridge schedule. Each invocation runs one bounded
+//! pass: it stops starting new work when the time left before the
+//! invocation's deadline falls under a margin, answers with what it did,
+//! and leaves the rest to the next invocation.
+//!
+//! Configured by environment: `SHOAL_PLACEMENT` (HOST:PORT[,...]),
+//! `SHOAL_OBJECT_STORE` (s3://bucket/prefix), optional
+//! `SHOAL_COMPACTION_DELAY`, `SHOAL_GC_GRACE`, `SHOAL_ORPHAN_GRACE`,
+//! `SHOAL_COMPACTION_TARGET_SIZE` (bytes), `SHOAL_DEADLINE_MARGIN`; the
+//! usual `AWS_*` variables reach the S3 client.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_lambda_events::eventbridge::EventBridgeEvent;
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::{Value, json};
+use shoal_compactor::{Budget, Compactor, CompactorConfig, Error};
+use shoal_placement::PlacementClient;
+use shoal_storage::ObjectStorage;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn env_duration(name: &str, default: Duration) -> Result<Duration, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => humantime::parse_duration(&v).map_err(|e| format!("{name}={v:?}: {e}").into()),
+        Err(_) => Ok(default),
+    }
+}
+
+struct Setup {
+    compactor: Compactor,
+    margin: Duration,
+}
+
+fn setup() -> Result<Setup, BoxError> {
+    let placement = std::env::var("SHOAL_PLACEMENT").map_err(|_| "SHOAL_PLACEMENT is not set")?;
+    let addrs: Vec<String> = placement
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        return Err("SHOAL_PLACEMENT is empty".into());
+    }
+    let url = std::env::var("SHOAL_OBJECT_STORE").map_err(|_| "SHOAL_OBJECT_STORE is not set")?;
+    let store = ObjectStorage::from_url(&url).map_err(|e| format!("object store {url}: {e}"))?;
+    let mut config = CompactorConfig::new(shoal_compactor::holder_name("lambda"));
+    config.delay = env_duration("SHOAL_COMPACTION_DELAY", config.delay)?;
+    config.gc_grace = env_duration("SHOAL_GC_GRACE", config.gc_grace)?;
+    config.orphan_grace = env_duration("SHOAL_ORPHAN_GRACE", config.orphan_grace)?;
+    if let Ok(v) = std::env::var("SHOAL_COMPACTION_TARGET_SIZE") {
+        config.target_size = v
+            .parse()
+            .map_err(|e| format!("SHOAL_COMPACTION_TARGET_SIZE={v:?}: {e}"))?;
+    }
+    let margin = env_duration("SHOAL_DEADLINE_MARGIN", Duration::from_secs(30))?;
+    Ok(Setup {
+        compactor: Compactor::new(PlacementClient::remote(addrs), store, config),
+        margin,
+    })
+}
+
+/// The invocation's deadline (ms since the epoch) as an [`Instant`].
+fn deadline_instant(deadline_ms: u64) -> Instant {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
+async fn handle(
+    setup: &Setup,
+    event: LambdaEvent<EventBridgeEvent<Value>>,
+) -> Result<Value, BoxError> {
+    let budget = Budget {
+        deadline: Some(deadline_instant(event.context.deadline)),
+        margin: setup.margin,
+    };
+    tracing::info!(request = %event.context.request_id, source = ?event.payload.source, "scheduled compaction");
+    match setup.compactor.run_once(budget).await {
+        Ok(report) => Ok(json!({ "status": "done", "run": report })),
+        // The previous invocation still runs: nothing to do this time.
+        Err(Error::LeaseHeld { holder, until_ms }) => Ok(json!({
+            "status": "skipped",
+            "reason": format!("the compaction lease is held by {holder} until {until_ms}"),
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .without_time()
+        .init();
+    let setup = setup()?;
+    let setup = &setup;
+    lambda_runtime::run(service_fn(move |event| handle(setup, event))).await
+}

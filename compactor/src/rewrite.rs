@@ -1,0 +1,322 @@
+//! Rewriting one run of a shard's index into compacted files, and the
+//! atomic index swap that makes them live.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shoal_placement::{Command, PlacementClient, RangeId, Reply, SegmentRef, SegmentReplacement};
+use shoal_storage::{ObjectStorage, Record, SegmentOptions, ShardRows};
+
+use crate::error::{Error, Result};
+
+/// Log compaction of a run: keep the newest record of every key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepLatest {
+    /// Tombstones (no value) with a timestamp before this go entirely.
+    pub tombstones_before_ms: i64,
+}
+
+/// One run to rewrite.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub stream: String,
+    pub shard: i32,
+    pub run: Vec<SegmentRef>,
+    pub keep_latest: Option<KeepLatest>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Rewritten {
+    pub objects_in: u64,
+    pub objects_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Where the rewrite writes and commits, and under which lease.
+pub(crate) struct Target<'a> {
+    pub store: &'a ObjectStorage,
+    pub placement: &'a PlacementClient,
+    pub epoch: u64,
+    /// Counter of files written under `epoch`, for unique keys.
+    pub written: &'a mut u64,
+    pub target_size: u64,
+    pub row_group_bytes: usize,
+    pub now_ms: i64,
+}
+
+pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
+    let (Some(first), Some(last)) = (job.run.first(), job.run.last()) else {
+        return Ok(Rewritten::default());
+    };
+    let (run_first, run_last) = (first.first_offset, last.last_offset);
+    let fail = |reason: String| Error::Rewrite {
+        stream: job.stream.clone(),
+        shard: job.shard,
+        reason,
+    };
+    let mut rows = read_rows(t.store, &job.run).await?;
+    let mut done = Rewritten::default();
+    let mut objects: Vec<&str> = job.run.iter().map(|r| r.object.as_str()).collect();
+    objects.dedup();
+    done.objects_in = objects.len() as u64;
+    done.bytes_in = crate::plan::run_bytes(&job.run);
+    if let Some(k) = job.keep_latest {
+        rows = keep_latest(rows, k);
+    }
+    if rows.is_empty() {
+        return Err(fail("no rows found in the run".into()));
+    }
+    // Split into files of about the target size (log compaction may
+    // shrink a long run a lot; plain runs are planned within the target).
+    let kept_bytes: u64 = rows.iter().map(record_bytes).sum();
+    let files = usize::try_from(kept_bytes.div_ceil(t.target_size.max(1)))
+        .unwrap_or(1)
+        .clamp(1, rows.len());
+    let per_file = rows.len().div_ceil(files);
+    let opts = SegmentOptions {
+        max_rows_per_row_group: 1 << 20,
+        max_row_group_bytes: t.row_group_bytes,
+        ..SegmentOptions::default()
+    };
+    let epoch_max = job.run.iter().map(|r| r.epoch).max().unwrap_or(0);
+    let committed_ms = job.run.iter().map(|r| r.committed_ms).max().unwrap_or(0);
+    let mut with: Vec<SegmentRef> = Vec::new();
+    let mut keys = Vec::new();
+    let mut covered_to = run_first - 1;
+    let chunks: Vec<Vec<Record>> = rows.chunks(per_file).map(<[Record]>::to_vec).collect();
+    let count = chunks.len();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let cover_first = covered_to + 1;
+        let cover_last = if i + 1 == count {
+            run_last
+        } else {
+            chunk.last().map_or(cover_first, |r| r.offset)
+        };
+        let encoded = {
+            let shard_rows = ShardRows {
+                stream: job.stream.clone(),
+                shard: job.shard,
+                records: chunk,
+            };
+            let opts = opts.clone();
+            tokio::task::spawn_blocking(move || {
+                shoal_storage::encode_segment(vec![shard_rows], &opts)
+            })
+            .await
+            .map_err(|e| fail(format!("encoder failed: {e}")))??
+        };
+        let size = encoded.bytes.len() as u64;
+        let key = put_new(
+            t.store,
+            &job,
+            (cover_first, cover_last),
+            t.epoch,
+            t.written,
+            encoded.bytes,
+        )
+        .await?;
+        keys.push(key.clone());
+        done.objects_out += 1;
+        done.bytes_out += size;
+        let n = encoded.ranges.len();
+        for (j, range) in encoded.ranges.iter().enumerate() {
+            // Dense over the run: gaps left by log compaction belong to
+            // the range after them, and the last range ends the cover.
+            let first_offset = covered_to + 1;
+            let last_offset = if j + 1 == n {
+                cover_last
+            } else {
+                range.last_offset
+            };
+            with.push(SegmentRef {
+                object: key.clone(),
+                row_group: range.row_group,
+                first_offset,
+                last_offset,
+                epoch: epoch_max,
+                record_count: range.record_count,
+                min_timestamp_ms: range.min_timestamp_ms,
+                max_timestamp_ms: range.max_timestamp_ms,
+                object_size: size,
+                committed_ms,
+                bytes: range.bytes,
+            });
+            covered_to = last_offset;
+        }
+    }
+    let cmd = Command::ReplaceSegments(SegmentReplacement {
+        compaction_epoch: t.epoch,
+        stream: job.stream.clone(),
+        shard: job.shard,
+        replaced: job.run.iter().map(RangeId::of).collect(),
+        with,
+        now_ms: t.now_ms,
+    });
+    match t.placement.write(cmd).await {
+        Ok(Reply::Done) => Ok(done),
+        Ok(Reply::Rejected { rejection }) => {
+            // Never referenced: nobody can be reading these.
+            for key in &keys {
+                let _ = t.store.delete(key).await;
+            }
+            Err(Error::Rejected {
+                what: format!("the rewrite of {}/{}", job.stream, job.shard),
+                rejection,
+            })
+        }
+        Ok(other) => Err(Error::Unexpected {
+            what: "ReplaceSegments".into(),
+            reply: format!("{other:?}"),
+        }),
+        // Unknown whether it applied: garbage collection takes the files
+        // after the orphan grace if it did not.
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Create-only PUT under a fresh key of this lease epoch.
+async fn put_new(
+    store: &ObjectStorage,
+    job: &Job,
+    span: (i64, i64),
+    epoch: u64,
+    written: &mut u64,
+    bytes: Bytes,
+) -> Result<String> {
+    loop {
+        *written += 1;
+        let key = shoal_storage::compacted_key(&job.stream, job.shard, span, (epoch, *written));
+        match store.put_create(&key, bytes.clone()).await {
+            Ok(()) => return Ok(key),
+            Err(shoal_storage::Error::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Every record of the run's ranges, in offset order.
+async fn read_rows(store: &ObjectStorage, run: &[SegmentRef]) -> Result<Vec<Record>> {
+    let mut footers: HashMap<String, Arc<shoal_storage::SegmentMeta>> = HashMap::new();
+    let mut rows = Vec::new();
+    for r in run {
+        let meta = match footers.get(&r.object) {
+            Some(m) => m.clone(),
+            None => {
+                let (footer, _) = shoal_storage::fetch_footer(store, &r.object).await?;
+                let m = shoal_storage::decode_footer(&footer)?;
+                footers.insert(r.object.clone(), m.clone());
+                m
+            }
+        };
+        let records =
+            shoal_storage::read_row_group(store, &r.object, meta, r.row_group as usize).await?;
+        rows.extend(
+            records
+                .into_iter()
+                .filter(|x| (r.first_offset..=r.last_offset).contains(&x.offset)),
+        );
+    }
+    Ok(rows)
+}
+
+/// Keep the newest record of every key (records without a key stay), drop
+/// tombstones older than the cut-off, and always keep the run's last
+/// record so the run still ends on a record.
+pub(crate) fn keep_latest(rows: Vec<Record>, k: KeepLatest) -> Vec<Record> {
+    let mut newest: HashMap<Bytes, usize> = HashMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(key) = &r.key {
+            newest.insert(key.clone(), i);
+        }
+    }
+    let last = rows.len().saturating_sub(1);
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            *i == last
+                || match &r.key {
+                    None => true,
+                    Some(key) => {
+                        newest.get(key) == Some(i)
+                            && !(r.value.is_none() && r.timestamp_ms < k.tombstones_before_ms)
+                    }
+                }
+        })
+        .map(|(_, r)| r)
+        .collect()
+}
+
+fn record_bytes(r: &Record) -> u64 {
+    let len = |b: &Option<Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+    32 + len(&r.key)
+        + len(&r.value)
+        + r.headers
+            .iter()
+            .map(|h| h.key.len() as u64 + len(&h.value))
+            .sum::<u64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(offset: i64, key: &str, value: Option<&str>, ts: i64) -> Record {
+        Record {
+            offset,
+            timestamp_ms: ts,
+            key: Some(Bytes::copy_from_slice(key.as_bytes())),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            headers: Vec::new(),
+            producer_id: None,
+            producer_epoch: None,
+            sequence: None,
+        }
+    }
+
+    #[test]
+    fn the_newest_value_of_each_key_survives() {
+        let rows = vec![
+            rec(0, "a", Some("1"), 0),
+            rec(1, "b", Some("1"), 0),
+            rec(2, "a", Some("2"), 0),
+            rec(3, "b", None, 10),
+            rec(4, "c", None, 100),
+            rec(5, "c", Some("3"), 100),
+        ];
+        let kept: Vec<i64> = keep_latest(
+            rows.clone(),
+            KeepLatest {
+                tombstones_before_ms: 50,
+            },
+        )
+        .iter()
+        .map(|r| r.offset)
+        .collect();
+        // b's tombstone is old enough to go; c's newest value stays.
+        assert_eq!(kept, [2, 5]);
+        let kept: Vec<i64> = keep_latest(
+            rows,
+            KeepLatest {
+                tombstones_before_ms: 0,
+            },
+        )
+        .iter()
+        .map(|r| r.offset)
+        .collect();
+        assert_eq!(kept, [2, 3, 5]);
+    }
+
+    #[test]
+    fn the_last_record_always_stays() {
+        let rows = vec![rec(0, "a", Some("1"), 0), rec(1, "a", None, 0)];
+        let kept = keep_latest(
+            rows,
+            KeepLatest {
+                tombstones_before_ms: 100,
+            },
+        );
+        assert_eq!(kept.iter().map(|r| r.offset).collect::<Vec<_>>(), [1]);
+    }
+}
