@@ -181,7 +181,7 @@ pub async fn compactor(args: CompactorArgs) -> Result<(), String> {
         .map_err(|e| format!("object store {}: {e}", args.object_store))?;
     let compactor = Compactor::new(
         PlacementClient::remote(addrs),
-        store,
+        store.clone(),
         settings.compactor_config(shoal_compactor::holder_name("compactor")),
     );
     if args.once {
@@ -189,10 +189,16 @@ pub async fn compactor(args: CompactorArgs) -> Result<(), String> {
             .run_once(Budget::UNLIMITED)
             .await
             .map_err(|e| format!("compaction: {e}"))?;
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| e.to_string())?
-        );
+        // The run and the object-store requests it made (for cost figures).
+        let s = store.stats();
+        let doc = serde_json::json!({
+            "run": report,
+            "requests": {
+                "put": s.puts, "get": s.gets, "head": s.heads, "delete": s.deletes,
+                "list": s.lists, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+            },
+        });
+        println!("{doc}");
         return Ok(());
     }
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -28,6 +28,9 @@ pub struct StreamHandle {
     pub name: String,
     pub id: u128,
     pub config: BTreeMap<String, String>,
+    /// Without its own `retention.ms` the stream follows the cluster-wide
+    /// default (see [`Broker::default_retention_ms`]); else it keeps all.
+    pub retention_default: bool,
     pub partitions: Vec<Partition>,
 }
 
@@ -98,6 +101,8 @@ pub struct Broker {
     /// Set in a cluster: the live brokers and this broker's lease.
     pub cluster: Option<crate::cluster::ClusterState>,
     pub(crate) encoder: crate::encoder::Encoder,
+    /// Placement's cluster-wide default `retention.ms`, as last seen.
+    default_retention_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Size of the batches cold reads are re-encoded into (Kafka's default
@@ -157,6 +162,9 @@ impl Broker {
         let cluster = config.cluster.then(crate::cluster::ClusterState::default);
         let broker = Arc::new(Broker {
             encoder: crate::encoder::Encoder::start()?,
+            default_retention_ms: std::sync::atomic::AtomicI64::new(
+                shoal_placement::lifecycle::DEFAULT_RETENTION_MS,
+            ),
             cluster,
             groups: Coordinator::new(),
             config,
@@ -554,10 +562,20 @@ impl Broker {
             name: stream.name.clone(),
             id: stream.id,
             config: stream.config,
+            retention_default: stream.retention_default,
             partitions: shards,
         });
         self.streams.write().insert(stream.name, handle.clone());
         Ok(handle)
+    }
+
+    /// The cluster-wide default `retention.ms` as last read from placement.
+    pub fn default_retention_ms(&self) -> i64 {
+        self.default_retention_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_default_retention_ms(&self, ms: i64) {
+        self.default_retention_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn stream(&self, name: &str) -> Option<Arc<StreamHandle>> {
@@ -615,6 +633,7 @@ impl Broker {
                 config,
                 id: rand::random::<u128>(),
                 now_ms: now_ms(),
+                retention_default: true,
             })
             .await?;
         match reply {

@@ -194,9 +194,11 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
             }
         };
         let mut changed = existing.is_none()
-            || existing
-                .as_ref()
-                .is_some_and(|e| e.config != sa.config || e.partitions.len() != sa.shards.len());
+            || existing.as_ref().is_some_and(|e| {
+                e.config != sa.config
+                    || e.partitions.len() != sa.shards.len()
+                    || e.retention_default != sa.retention_default
+            });
         let mut partitions = Vec::with_capacity(sa.shards.len());
         for sh in &sa.shards {
             let log = if sh.owner != Some(me) {
@@ -278,6 +280,7 @@ async fn apply(broker: &Arc<Broker>, reply: &HeartbeatReply, first: bool) -> usi
                 name: sa.name.clone(),
                 id: sa.id,
                 config: sa.config.clone(),
+                retention_default: sa.retention_default,
                 partitions,
             });
         }

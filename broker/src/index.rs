@@ -29,7 +29,8 @@ pub async fn follow(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Recei
 
 /// Reload the index of every owned shard whose version moved.
 pub async fn follow_once(broker: &Broker) -> crate::Result<()> {
-    let versions = broker.placement.index_versions().await?;
+    let (versions, default_retention_ms) = broker.placement.index_versions().await?;
+    broker.set_default_retention_ms(default_retention_ms);
     for stream in broker.streams() {
         let Some(placed) = versions.get(&stream.name) else {
             continue;

@@ -135,10 +135,14 @@ impl PlacementClient {
         }
     }
 
-    /// stream -> each shard's `index_version`.
-    pub async fn index_versions(&self) -> Result<BTreeMap<String, Vec<u64>>> {
+    /// stream -> each shard's `index_version`, and the cluster-wide
+    /// default `retention.ms`.
+    pub async fn index_versions(&self) -> Result<(BTreeMap<String, Vec<u64>>, i64)> {
         match self.query(Query::IndexVersions).await? {
-            QueryReply::IndexVersions { versions } => Ok(versions),
+            QueryReply::IndexVersions {
+                versions,
+                default_retention_ms,
+            } => Ok((versions, default_retention_ms)),
             other => Err(unexpected(&other)),
         }
     }

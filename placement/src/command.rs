@@ -20,6 +20,12 @@ pub enum Command {
         #[serde(with = "crate::model::id_u128")]
         id: u128,
         now_ms: i64,
+        /// The stream follows the cluster-wide default retention (see
+        /// [`crate::model::Stream::retention_default`]). Absent, hence
+        /// false, in commands logged before retention existed: replaying
+        /// them must not give old streams a retention they never had.
+        #[serde(default)]
+        retention_default: bool,
     },
     DeleteStream {
         name: String,
@@ -164,6 +170,7 @@ impl Command {
             config: BTreeMap::new(),
             id: 1,
             now_ms: 0,
+            retention_default: true,
         }
     }
 }
@@ -408,6 +415,9 @@ pub enum QueryReply {
     /// stream -> index_version of each shard, in shard order.
     IndexVersions {
         versions: BTreeMap<String, Vec<u64>>,
+        /// The cluster-wide default `retention.ms` (it changes rarely and
+        /// every broker needs it for DescribeConfigs).
+        default_retention_ms: i64,
     },
     Lifecycle {
         lifecycle: crate::lifecycle::Lifecycle,

@@ -66,6 +66,9 @@ pub struct StreamAssignment {
     pub id: u128,
     pub config: BTreeMap<String, String>,
     pub shards: Vec<ShardAssignment>,
+    /// See [`crate::model::Stream::retention_default`].
+    #[serde(default)]
+    pub retention_default: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +162,7 @@ pub fn assignment(state: &State, live: &Liveness) -> (Vec<BrokerInfo>, Vec<Strea
             name: s.name.clone(),
             id: s.id,
             config: s.config.clone(),
+            retention_default: s.retention_default,
             shards: s
                 .shards
                 .iter()

@@ -199,6 +199,7 @@ mod tests {
             config: BTreeMap::new(),
             id: u128::MAX,
             now_ms: 0,
+            retention_default: true,
         };
         round_trip(&create);
         let producers = BTreeMap::from([(

@@ -51,7 +51,8 @@ impl State {
                 config,
                 id,
                 now_ms,
-            } => self.create_stream(name, partitions, config, id, now_ms),
+                retention_default,
+            } => self.create_stream(name, partitions, config, (id, now_ms), retention_default),
             Command::DeleteStream { name } => match self.streams.remove(&name) {
                 Some(gone) => {
                     // Deterministic: the newest commit into the stream
@@ -285,6 +286,7 @@ impl State {
                         )
                     })
                     .collect(),
+                default_retention_ms: self.lifecycle.default_retention_ms(),
             },
             Query::Lifecycle => QueryReply::Lifecycle {
                 lifecycle: self.lifecycle.clone(),
@@ -297,8 +299,8 @@ impl State {
         name: String,
         partitions: i32,
         config: BTreeMap<String, String>,
-        id: u128,
-        now_ms: i64,
+        (id, now_ms): (u128, i64),
+        retention_default: bool,
     ) -> Reply {
         if self.streams.contains_key(&name) {
             return rejected(Rejection::StreamExists { name });
@@ -319,7 +321,7 @@ impl State {
             id,
             config,
             created_ms: now_ms,
-            retention_default: true,
+            retention_default,
             shards: (0..partitions)
                 .map(|shard| Shard {
                     shard,
@@ -495,6 +497,7 @@ mod tests {
             config: BTreeMap::new(),
             id: 7,
             now_ms: 1,
+            retention_default: true,
         })
     }
 
@@ -578,6 +581,28 @@ mod tests {
             shards: vec![sc],
             now_ms: 0,
         })
+    }
+
+    /// A CreateStream from a log written before retention existed has no
+    /// `retention_default`: replayed, the stream keeps everything.
+    #[test]
+    fn a_create_logged_before_retention_keeps_unlimited_retention() {
+        let logged =
+            r#"{"create_stream":{"name":"a","partitions":1,"config":{},"id":"5","now_ms":0}}"#;
+        let cmd: Command = serde_json::from_str(logged).unwrap();
+        let mut s = State::default();
+        let Reply::Stream { stream } = s.apply(cmd) else {
+            panic!("not created")
+        };
+        assert!(!stream.retention_default);
+        assert_eq!(s.lifecycle.retention_ms(&stream), -1);
+        let Reply::Stream { stream } = create(&mut s, "b", 1) else {
+            panic!("not created")
+        };
+        assert_eq!(
+            s.lifecycle.retention_ms(&stream),
+            crate::lifecycle::DEFAULT_RETENTION_MS
+        );
     }
 
     #[test]

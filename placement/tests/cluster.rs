@@ -38,6 +38,7 @@ fn create(name: &str) -> Command {
         config: BTreeMap::new(),
         id: 42,
         now_ms: 0,
+        retention_default: true,
     }
 }
 

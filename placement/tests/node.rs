@@ -21,6 +21,7 @@ fn create(name: &str, partitions: i32) -> Command {
         // Above u64::MAX on purpose: ids must survive the JSON log and API.
         id: u128::MAX - 7,
         now_ms: 1_000,
+        retention_default: true,
     }
 }
 

@@ -114,7 +114,8 @@ def run_compactor(shoal, store: str, *args: str, check: bool = True) -> subproce
 
 
 def report(proc: subprocess.CompletedProcess) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The run report `shoal compactor --once` prints."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])["run"]
 
 
 def produce_rounds(shoal, topics: list[str], partitions: int, rounds: int, per_round: int,
@@ -307,7 +308,7 @@ def test_two_compactors_cannot_both_commit(shoal_factory, tmp_path):
          "--once", "--compaction-delay", "0s", "--gc-grace", "1h"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
-    rewrote = [json.loads(o.strip().splitlines()[-1])["objects_out"]
+    rewrote = [json.loads(o.strip().splitlines()[-1])["run"]["objects_out"]
                for (o, _e), p in zip(outs, procs) if p.returncode == 0]
     assert sum(rewrote) == 1, (rewrote, [e[-1000:] for _o, e in outs])
     live = files(shoal, topic)
@@ -511,3 +512,20 @@ def test_log_compaction_keeps_the_latest_value_of_every_key(shoal_factory):
     # kafka-python handles the offset gaps the same way.
     recs = kp_consume(shoal.bootstrap, topic, len(expected), partitions=[0])
     assert {r.key: r.value for r in recs} == expected
+
+
+def test_the_cluster_default_retention_applies_to_new_topics(shoal_factory):
+    shoal = shoal_factory(extra_args=["--default-retention", "2d"])
+    shoal.start()
+    topic = unique_name("defret")
+    ck_create_topic(shoal.bootstrap, topic, 1)
+    from confluent_kafka.admin import ConfigResource
+
+    admin = ck_admin_client(shoal)
+
+    def retention():
+        described = admin.describe_configs([ConfigResource("TOPIC", topic)])
+        return list(described.values())[0].result(timeout=30)["retention.ms"].value
+    wait_for(lambda: retention() == str(2 * 86_400_000), 30, "retention.ms of the cluster default")
+    doc = shoal.http("/api/v1/compaction").json()
+    assert doc["default_retention_ms"] == 2 * 86_400_000

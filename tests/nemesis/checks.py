@@ -20,7 +20,7 @@ import duckdb
 from clients import ck_config, ck_consume_all  # tests/e2e
 from confluent_kafka import Consumer, TopicPartition
 from history import History, text
-from topology import Topology
+from topology import COMPACTION, Topology
 from workload import Topic, parse_value
 
 TP = tuple[str, int]
@@ -163,6 +163,55 @@ def final_read(bootstrap: str, topics: list[Topic], history: History, attempts: 
     return records, marks, errors
 
 
+def gc_leftovers(topo: Topology, watch: float = 25.0, limit: float = 120.0) -> Check:
+    """Garbage collection keeps the bucket to what placement references.
+    An object is overdue once it has stayed unreferenced past both its
+    grace periods (counted from when this check first saw it unreferenced,
+    which is no earlier than its retirement, and from its write) plus two
+    compaction intervals. After watching for `watch` seconds, the check
+    passes at the first look with nothing overdue; a compaction run that is
+    still busy (a slow store) delays its collection, so it fails only when
+    objects are still overdue after `limit` seconds. Compaction must have
+    run."""
+    g = COMPACTION
+    slack = 2 * g["interval"] + 5
+    unreferenced_since: dict[str, float] = {}
+    started = time.monotonic()
+    overdue: list[str] = []
+    objects: list[tuple[str, float]] = []
+    while True:
+        now = time.time()
+        views = topo.shard_views()
+        referenced = {seg["object"] for sh in views.values() for seg in sh["segments"]}
+        objects = topo.data_objects()
+        present = {k for k, _ in objects}
+        for k in list(unreferenced_since):
+            if k not in present or k in referenced:
+                del unreferenced_since[k]
+        for k, _ in objects:
+            if k not in referenced:
+                unreferenced_since.setdefault(k, now)
+        overdue = [k for k, modified in objects if k in unreferenced_since
+                   and now - unreferenced_since[k] > g["gc_grace"] + slack
+                   and now - modified > g["orphan_grace"] + slack]
+        waited = time.monotonic() - started
+        if (waited >= watch and not overdue) or waited >= limit:
+            break
+        time.sleep(2)
+    compacted = sum(1 for k, _ in objects if k.startswith("streams/"))
+    flush = sum(1 for k, _ in objects if k.startswith("segments/"))
+    ok = not overdue and compacted > 0
+    if overdue:
+        detail = (f"{len(overdue)} unreferenced data objects outlived their grace periods: "
+                  f"{examples(sorted(overdue), 3)}")
+    elif compacted == 0:
+        detail = "no compacted file in the bucket: compaction never ran"
+    else:
+        detail = (f"{compacted} compacted and {flush} flush objects, "
+                  f"{len(unreferenced_since)} unreferenced ones all within their grace")
+    return Check("gc-leaves-only-referenced-objects", ok, detail)
+
+
 def parquet_records(topo: Topology, views: dict[TP, dict], topics: list[Topic]
                     ) -> tuple[dict[TP, dict[int, str]], list[str], int]:
     """The records of the live row groups the segment index references, per
@@ -268,6 +317,7 @@ class RunFacts:
     read_errors: list[str] = field(default_factory=list)
     parquet_error: Optional[str] = None
     cluster: bool = False
+    gc: Optional[Check] = None
 
 
 class Judge:
@@ -297,7 +347,7 @@ class Judge:
         self.checks.append(Check(name, ok, detail))
 
     def run(self) -> tuple[list[Check], Counts]:
-        for c in (self.facts.healthy, self.facts.recovered, self.facts.flushed):
+        for c in (self.facts.healthy, self.facts.recovered, self.facts.flushed, self.facts.gc):
             if c is not None:
                 self.checks.append(c)
         self.check_processes()

@@ -38,7 +38,7 @@ for path in (HERE, HERE.parent / "e2e"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from checks import Check, Judge, RunFacts, final_read, parquet_records  # noqa: E402
+from checks import Check, Judge, RunFacts, final_read, gc_leftovers, parquet_records  # noqa: E402
 from faults import Nemesis, ProcessWatch, plan_text, schedule  # noqa: E402
 from harness import wait_for  # noqa: E402
 from history import History  # noqa: E402
@@ -245,6 +245,11 @@ class Run:
                 say(f"{self.t()} read {n_objects} Parquet objects")
             except Exception as e:  # noqa: BLE001
                 facts.parquet_error = repr(e)
+            say(f"{self.t()} watching garbage collection")
+            try:
+                facts.gc = gc_leftovers(self.topo)
+            except Exception as e:  # noqa: BLE001
+                facts.gc = Check("gc-leaves-only-referenced-objects", False, f"not checked: {e!r}")
             checks, counts = Judge(h, topics, facts, final, marks, views, parquet, problems).run()
         finally:
             for kind in ("producers", "consumers", "monitors"):

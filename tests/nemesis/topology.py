@@ -41,6 +41,17 @@ WAL_TMPFS_SIZE = "256m"
 #: file:// flushes are cheap; on S3 the broker default (250 ms) keeps the
 #: number of objects, and so the checker's read-back time, down.
 FLUSH_INTERVAL = {"file": "100ms", "s3": "250ms"}
+#: Compaction during the run, fast enough to rewrite and collect within it:
+#: flush objects are compacted 5 s after their commit, every 3 s; replaced
+#: objects go 10 s after (the checker reads what it saw referenced meanwhile),
+#: orphans 20 s after they were written.
+COMPACTION = {"delay": 5.0, "interval": 3.0, "gc_grace": 10.0, "orphan_grace": 20.0}
+COMPACTION_ARGS = ["--compaction-delay", f"{COMPACTION['delay']:.0f}s",
+                   "--compaction-interval", f"{COMPACTION['interval']:.0f}s",
+                   "--gc-grace", f"{COMPACTION['gc_grace']:.0f}s",
+                   "--orphan-grace", f"{COMPACTION['orphan_grace']:.0f}s"]
+#: The prefixes garbage collection owns.
+DATA_PREFIXES = ("segments/", "streams/", "staging/")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -234,6 +245,17 @@ class S3Backend:
     def fetch(self, key: str) -> bytes:
         return self._client.get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")["Body"].read()
 
+    def data_objects(self) -> list[tuple[str, float]]:
+        out = []
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=f"{self.prefix}/")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) + 1:]
+                if key.startswith(DATA_PREFIXES):
+                    out.append((key, obj["LastModified"].timestamp()))
+        return out
+
     def all_clear(self) -> None:
         self.proxy.enabled = False
         self.proxy.latency = 0.0
@@ -367,6 +389,13 @@ class Topology:
     def fetch_object(self, key: str) -> bytes:
         raise NotImplementedError
 
+    def data_objects(self) -> list[tuple[str, float]]:
+        """(key, last-modified unix seconds) of every object under the data
+        prefixes of the store."""
+        if self.s3 is None:
+            raise NotImplementedError
+        return self.s3.data_objects()
+
 
 class StandaloneTopology(Topology):
     fault_kinds = ("kill", "pause", "disk-full")
@@ -385,6 +414,7 @@ class StandaloneTopology(Topology):
             env, store = self.s3.env(), self.s3.url
         disk = self._tmpfs("shoal")
         extra = ["--wal-dir", str(disk.wal_dir)] if disk else []
+        extra += COMPACTION_ARGS
         node = Shoal(self.run_dir / "shoal", name="shoal", default_partitions=3,
                      flush_interval=FLUSH_INTERVAL["s3" if self.on_s3 else "file"],
                      object_store=store, env=env,
@@ -405,6 +435,20 @@ class StandaloneTopology(Topology):
         if self.s3 is not None:
             return self.s3.fetch(key)
         return (self.node.objects_dir / key).read_bytes()
+
+    def data_objects(self) -> list[tuple[str, float]]:
+        if self.s3 is not None:
+            return self.s3.data_objects()
+        root = self.node.objects_dir
+        out = []
+        for prefix in DATA_PREFIXES:
+            base = root / prefix
+            if base.exists():
+                for f in base.rglob("*"):
+                    with contextlib.suppress(FileNotFoundError):
+                        if f.is_file():
+                            out.append((str(f.relative_to(root)), f.stat().st_mtime))
+        return out
 
 
 # ---- cluster -------------------------------------------------------------
@@ -608,6 +652,25 @@ class ClusterTopology(Topology):
         # Registered after the namespaces: processes die before their netns goes.
         self.stack.callback(self._kill_all)
         self.cluster.start()
+        # The cluster's compactor, a service beside it (root namespace).
+        self.compactor_log = self.run_dir / "compactor.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        env.update(self.s3.env())
+        log = open(self.compactor_log, "ab")  # noqa: SIM115 - closed with the process
+        self.compactor = subprocess.Popen(
+            [shoal_bin(), "compactor", "--placement", placement_addrs,
+             "--object-store", self.s3.url, *COMPACTION_ARGS],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.stack.callback(self._stop_compactor, log)
+
+    def _stop_compactor(self, log) -> None:
+        if self.compactor.poll() is None:
+            self.compactor.kill()
+            self.compactor.wait(10)
+        log.close()
+
+    def log_paths(self) -> list[Path]:
+        return [*super().log_paths(), self.compactor_log]
 
     def broker(self, node_id: int) -> Shoal:
         return next(b for b in self.brokers if b.node_id == node_id)

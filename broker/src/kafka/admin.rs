@@ -62,6 +62,11 @@ fn topic_configs(b: &Broker, stream: &StreamHandle) -> Vec<(String, String, i8)>
         .into_iter()
         .map(|(k, v)| match stream.config.get(k) {
             Some(set) => (k.to_string(), set.clone(), SOURCE_DYNAMIC_TOPIC),
+            None if k == "retention.ms" && stream.retention_default => (
+                k.to_string(),
+                b.default_retention_ms().to_string(),
+                SOURCE_DEFAULT,
+            ),
             None => (k.to_string(), v, SOURCE_DEFAULT),
         })
         .collect();
