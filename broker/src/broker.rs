@@ -103,6 +103,8 @@ pub struct Broker {
     pub(crate) encoder: crate::encoder::Encoder,
     /// Placement's cluster-wide default `retention.ms`, as last seen.
     default_retention_ms: std::sync::atomic::AtomicI64,
+    /// Placement's compaction totals as last seen (exported as metrics).
+    pub(crate) compaction_totals: parking_lot::Mutex<Option<shoal_placement::CompactionTotals>>,
 }
 
 /// Size of the batches cold reads are re-encoded into (Kafka's default
@@ -165,6 +167,7 @@ impl Broker {
             default_retention_ms: std::sync::atomic::AtomicI64::new(
                 shoal_placement::lifecycle::DEFAULT_RETENTION_MS,
             ),
+            compaction_totals: parking_lot::Mutex::new(None),
             cluster,
             groups: Coordinator::new(),
             config,

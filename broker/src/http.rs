@@ -131,7 +131,68 @@ async fn metrics(State(st): State<AppState>) -> Response {
     } else {
         0.0
     };
+    let compaction = b.compaction_totals.lock().clone().unwrap_or_default();
     let extra: Vec<(&str, &str, &str, f64)> = vec![
+        (
+            "shoal_compaction_runs_total",
+            "counter",
+            "Compaction runs recorded in placement (any compactor)",
+            compaction.runs as f64,
+        ),
+        (
+            "shoal_compaction_failed_runs_total",
+            "counter",
+            "Compaction runs that reported errors",
+            compaction.failed_runs as f64,
+        ),
+        (
+            "shoal_compaction_objects_in_total",
+            "counter",
+            "Object ranges read by compaction",
+            compaction.objects_in as f64,
+        ),
+        (
+            "shoal_compaction_objects_out_total",
+            "counter",
+            "Compacted files written",
+            compaction.objects_out as f64,
+        ),
+        (
+            "shoal_compaction_bytes_in_total",
+            "counter",
+            "Bytes of the ranges compaction rewrote",
+            compaction.bytes_in as f64,
+        ),
+        (
+            "shoal_compaction_bytes_out_total",
+            "counter",
+            "Bytes of the compacted files written",
+            compaction.bytes_out as f64,
+        ),
+        (
+            "shoal_compaction_last_run_seconds",
+            "gauge",
+            "Duration of the last compaction run",
+            compaction.last_run_ms as f64 / 1000.0,
+        ),
+        (
+            "shoal_gc_objects_deleted_total",
+            "counter",
+            "Data objects deleted by garbage collection",
+            compaction.objects_deleted as f64,
+        ),
+        (
+            "shoal_gc_retired_objects",
+            "gauge",
+            "Objects placement stopped referencing, awaiting deletion",
+            compaction.retired as f64,
+        ),
+        (
+            "shoal_retention_shards_trimmed_total",
+            "counter",
+            "Times retention moved a shard's log start",
+            compaction.shards_trimmed as f64,
+        ),
         (
             "shoal_wal_appends_total",
             "counter",

@@ -29,8 +29,10 @@ pub async fn follow(broker: Arc<Broker>, mut shutdown: tokio::sync::watch::Recei
 
 /// Reload the index of every owned shard whose version moved.
 pub async fn follow_once(broker: &Broker) -> crate::Result<()> {
-    let (versions, default_retention_ms) = broker.placement.index_versions().await?;
-    broker.set_default_retention_ms(default_retention_ms);
+    let seen = broker.placement.index_versions().await?;
+    broker.set_default_retention_ms(seen.default_retention_ms);
+    *broker.compaction_totals.lock() = Some(seen.compaction);
+    let versions = seen.versions;
     for stream in broker.streams() {
         let Some(placed) = versions.get(&stream.name) else {
             continue;

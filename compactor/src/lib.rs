@@ -275,6 +275,8 @@ impl Compactor {
             }
         }
         let mut written = 0u64;
+        let mut footers = std::collections::HashMap::new();
+        let mut replaced: std::collections::HashSet<String> = std::collections::HashSet::new();
         for job in jobs {
             if budget.exhausted() {
                 report.unfinished = true;
@@ -285,6 +287,7 @@ impl Compactor {
             // then carries.
             epoch = self.lease(self.config.lease_ttl).await?;
             let name = format!("{}/{}", job.stream, job.shard);
+            let objects: Vec<String> = job.run.iter().map(|r| r.object.clone()).collect();
             let target = rewrite::Target {
                 store: &self.store,
                 placement: &self.placement,
@@ -293,10 +296,12 @@ impl Compactor {
                 target_size: self.config.target_size,
                 row_group_bytes: self.config.row_group_bytes,
                 now_ms: now_ms(),
+                footers: &mut footers,
             };
             match rewrite::rewrite(target, job).await {
                 Ok(done) => {
-                    report.objects_in += done.objects_in;
+                    replaced.extend(objects);
+                    report.objects_in = replaced.len() as u64;
                     report.objects_out += done.objects_out;
                     report.bytes_in += done.bytes_in;
                     report.bytes_out += done.bytes_out;

@@ -28,7 +28,6 @@ pub(crate) struct Job {
 
 #[derive(Debug, Default)]
 pub(crate) struct Rewritten {
-    pub objects_in: u64,
     pub objects_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -44,6 +43,9 @@ pub(crate) struct Target<'a> {
     pub target_size: u64,
     pub row_group_bytes: usize,
     pub now_ms: i64,
+    /// Footers read in this run: a flush object holds many shards, each
+    /// rewritten by its own job.
+    pub footers: &'a mut HashMap<String, Arc<shoal_storage::SegmentMeta>>,
 }
 
 pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
@@ -56,12 +58,11 @@ pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
         shard: job.shard,
         reason,
     };
-    let mut rows = read_rows(t.store, &job.run).await?;
-    let mut done = Rewritten::default();
-    let mut objects: Vec<&str> = job.run.iter().map(|r| r.object.as_str()).collect();
-    objects.dedup();
-    done.objects_in = objects.len() as u64;
-    done.bytes_in = crate::plan::run_bytes(&job.run);
+    let mut rows = read_rows(t.store, t.footers, &job.run).await?;
+    let mut done = Rewritten {
+        bytes_in: crate::plan::run_bytes(&job.run),
+        ..Rewritten::default()
+    };
     if let Some(k) = job.keep_latest {
         rows = keep_latest(rows, k);
     }
@@ -197,8 +198,11 @@ async fn put_new(
 }
 
 /// Every record of the run's ranges, in offset order.
-async fn read_rows(store: &ObjectStorage, run: &[SegmentRef]) -> Result<Vec<Record>> {
-    let mut footers: HashMap<String, Arc<shoal_storage::SegmentMeta>> = HashMap::new();
+async fn read_rows(
+    store: &ObjectStorage,
+    footers: &mut HashMap<String, Arc<shoal_storage::SegmentMeta>>,
+    run: &[SegmentRef],
+) -> Result<Vec<Record>> {
     let mut rows = Vec::new();
     for r in run {
         let meta = match footers.get(&r.object) {

@@ -135,14 +135,19 @@ impl PlacementClient {
         }
     }
 
-    /// stream -> each shard's `index_version`, and the cluster-wide
-    /// default `retention.ms`.
-    pub async fn index_versions(&self) -> Result<(BTreeMap<String, Vec<u64>>, i64)> {
+    /// stream -> each shard's `index_version`, the cluster-wide default
+    /// `retention.ms` and the compaction totals.
+    pub async fn index_versions(&self) -> Result<IndexVersions> {
         match self.query(Query::IndexVersions).await? {
             QueryReply::IndexVersions {
                 versions,
                 default_retention_ms,
-            } => Ok((versions, default_retention_ms)),
+                compaction,
+            } => Ok(IndexVersions {
+                versions,
+                default_retention_ms,
+                compaction,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -153,6 +158,15 @@ impl PlacementClient {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// What [`PlacementClient::index_versions`] returns.
+#[derive(Debug, Clone)]
+pub struct IndexVersions {
+    /// stream -> each shard's `index_version`.
+    pub versions: BTreeMap<String, Vec<u64>>,
+    pub default_retention_ms: i64,
+    pub compaction: crate::lifecycle::CompactionTotals,
 }
 
 fn unexpected(reply: &QueryReply) -> Error {

@@ -234,6 +234,7 @@ pub struct CompactionRun {
     pub epoch: u64,
     pub started_ms: i64,
     pub duration_ms: u64,
+    /// Distinct objects whose ranges this run rewrote.
     pub objects_in: u64,
     pub objects_out: u64,
     pub bytes_in: u64,
@@ -418,6 +419,9 @@ pub enum QueryReply {
         /// The cluster-wide default `retention.ms` (it changes rarely and
         /// every broker needs it for DescribeConfigs).
         default_retention_ms: i64,
+        /// Compaction totals, which every broker exports as metrics.
+        #[serde(default)]
+        compaction: crate::lifecycle::CompactionTotals,
     },
     Lifecycle {
         lifecycle: crate::lifecycle::Lifecycle,

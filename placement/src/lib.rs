@@ -38,7 +38,7 @@ pub use command::{
 };
 pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
 pub use error::{Error, Result};
-pub use lifecycle::{CompactionLease, Lifecycle};
+pub use lifecycle::{CompactionLease, CompactionTotals, Lifecycle};
 pub use model::{
     BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, ShardStop,
     Stream,

@@ -24,6 +24,25 @@ pub struct CompactionLease {
     pub expires_ms: i64,
 }
 
+/// Sums over every recorded compaction run, for metrics (counters that
+/// survive compactor restarts and are the same on every broker).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactionTotals {
+    pub runs: u64,
+    /// Runs that reported at least one error.
+    pub failed_runs: u64,
+    pub objects_in: u64,
+    pub objects_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub objects_deleted: u64,
+    pub shards_trimmed: u64,
+    /// Duration of the last run, ms.
+    pub last_run_ms: u64,
+    /// Objects retired and not yet deleted (a gauge).
+    pub retired: u64,
+}
+
 /// What placement keeps for the data lifecycle.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lifecycle {
@@ -40,6 +59,8 @@ pub struct Lifecycle {
     /// means Kafka's 7 days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_retention_ms: Option<i64>,
+    #[serde(default)]
+    pub totals: CompactionTotals,
 }
 
 impl Lifecycle {
@@ -185,7 +206,25 @@ impl Lifecycle {
         Reply::Done
     }
 
+    /// The totals, with the retired-object gauge filled in.
+    pub fn totals(&self) -> CompactionTotals {
+        CompactionTotals {
+            retired: self.retired.len() as u64,
+            ..self.totals.clone()
+        }
+    }
+
     pub(crate) fn record(&mut self, run: CompactionRun) -> Reply {
+        let t = &mut self.totals;
+        t.runs += 1;
+        t.failed_runs += u64::from(!run.errors.is_empty());
+        t.objects_in += run.objects_in;
+        t.objects_out += run.objects_out;
+        t.bytes_in += run.bytes_in;
+        t.bytes_out += run.bytes_out;
+        t.objects_deleted += run.objects_deleted;
+        t.shards_trimmed += run.shards_trimmed;
+        t.last_run_ms = run.duration_ms;
         self.runs.push_back(run);
         while self.runs.len() > RUNS_KEPT {
             self.runs.pop_front();

@@ -287,6 +287,7 @@ impl State {
                     })
                     .collect(),
                 default_retention_ms: self.lifecycle.default_retention_ms(),
+                compaction: self.lifecycle.totals(),
             },
             Query::Lifecycle => QueryReply::Lifecycle {
                 lifecycle: self.lifecycle.clone(),

@@ -210,8 +210,14 @@ def test_compaction_leaves_a_handful_of_files_and_every_record(shoal_factory, tm
             assert offsets == list(range(len(values)))
 
     # After the grace period the replaced flush objects go; data stays readable.
-    report(run_compactor(shoal, store, "--compaction-delay", "0s", "--gc-grace", "0s"))
+    gc = report(run_compactor(shoal, store, "--compaction-delay", "0s", "--gc-grace", "0s"))
     assert bucket.keys("segments") == []
+    # Every broker exports the runs placement recorded, whoever ran them.
+    wait_for(lambda: shoal.metrics().get("shoal_gc_objects_deleted_total", 0)
+             >= gc["objects_deleted"] > 0, 30, "the GC counter")
+    m = shoal.metrics()
+    assert m["shoal_compaction_runs_total"] >= 2
+    assert m["shoal_compaction_objects_out_total"] >= done["objects_out"]
     for t in topics:
         assert read_back(shoal, t, 2) == {q: sent[(t, q)] for q in range(2)}
 
