@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
-use lambda_runtime::{LambdaEvent, service_fn};
+use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use shoal_compactor::{Budget, Compactor, CompactorConfig, Error};
 use shoal_placement::PlacementClient;
@@ -69,10 +69,25 @@ fn deadline_instant(deadline_ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
+/// A failed run as Lambda reports it: a named error type (for the console
+/// and metrics) instead of a Rust type path.
+fn failure(e: &Error) -> Diagnostic {
+    let error_type = match e {
+        Error::Placement(_) => "PlacementUnavailable",
+        Error::Storage(_) => "ObjectStoreError",
+        Error::Rejected { .. } => "PlacementRejected",
+        _ => "CompactionFailed",
+    };
+    Diagnostic {
+        error_type: error_type.into(),
+        error_message: e.to_string(),
+    }
+}
+
 async fn handle(
     setup: &Setup,
     event: LambdaEvent<EventBridgeEvent<Value>>,
-) -> Result<Value, BoxError> {
+) -> Result<Value, Diagnostic> {
     let budget = Budget {
         deadline: Some(deadline_instant(event.context.deadline)),
         margin: setup.margin,
@@ -85,7 +100,7 @@ async fn handle(
             "status": "skipped",
             "reason": format!("the compaction lease is held by {holder} until {until_ms}"),
         })),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(failure(&e)),
     }
 }
 
