@@ -199,6 +199,13 @@ pub async fn compactor(args: CompactorArgs) -> Result<(), String> {
             },
         });
         println!("{doc}");
+        if !report.errors.is_empty() {
+            return Err(format!(
+                "the compaction run had {} error(s): {}",
+                report.errors.len(),
+                report.errors.join("; ")
+            ));
+        }
         return Ok(());
     }
     let (tx, rx) = tokio::sync::watch::channel(false);

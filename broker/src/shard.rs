@@ -886,7 +886,10 @@ impl ShardLog {
             .segments
             .iter()
             .any(|s| s.first_offset < committed && s.last_offset >= committed);
-        if !straddles {
+        // Placement is ahead (a commit's answer is on its way): the entries
+        // of that commit may already be rewritten there, and the local
+        // copy about to be appended would be stale. Look again later.
+        if !straddles && placed.committed_offset <= committed {
             st.index_version = placed.index_version;
         }
     }

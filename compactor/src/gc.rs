@@ -2,10 +2,12 @@
 //! once their grace period has passed.
 //!
 //! The store is listed before the index is read. An object a flush commits
-//! after that read was therefore written before the listing, so it is
-//! young and the orphan grace keeps it; an object the index stopped
-//! referencing is kept `gc_grace` from that moment (placement records it).
-//! Forgetting deleted objects is fenced by the compaction lease epoch.
+//! after that read was therefore written before the listing, within its
+//! commit window, so it is young: orphans are deleted only past the orphan
+//! grace and never younger than [`MIN_ORPHAN_AGE_MS`]. An object the index
+//! stopped referencing is kept `gc_grace` from that moment (placement
+//! records it). Forgetting deleted objects is fenced by the compaction
+//! lease epoch.
 
 use std::collections::HashSet;
 
@@ -13,6 +15,13 @@ use shoal_placement::{Command, PlacementClient, Reply};
 use shoal_storage::ObjectStorage;
 
 use crate::error::{Error, Result};
+
+/// Orphans younger than this are never deleted, whatever the configured
+/// grace: a flush or a compaction commits its object within its commit
+/// retry window (about 40 s after the PUT), and a commit landing after GC
+/// read the index must find its object still there. The margin also covers
+/// clock skew between the store and the compactor.
+pub const MIN_ORPHAN_AGE_MS: i64 = 120_000;
 
 /// The prefixes whose objects are data GC may delete. Placement's own
 /// objects (under `placement/`) are never GC's to touch.
@@ -57,7 +66,11 @@ pub(crate) async fn collect(c: Collect<'_>) -> Result<Collected> {
         }
         let due = match lifecycle.retired.get(&o.key) {
             Some(&since) => since.saturating_add(c.gc_grace_ms) <= c.now_ms,
-            None => o.modified_ms.saturating_add(c.orphan_grace_ms) <= c.now_ms,
+            None => {
+                o.modified_ms
+                    .saturating_add(c.orphan_grace_ms.max(MIN_ORPHAN_AGE_MS))
+                    <= c.now_ms
+            }
         };
         if !due {
             continue;

@@ -157,11 +157,11 @@ pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
     });
     match t.placement.write(cmd).await {
         Ok(Reply::Done) => Ok(done),
+        // Not deleted here even when refused: a retried swap may have been
+        // applied by a new leader before the refusal, and then these files
+        // are live. Garbage collection takes them if they are not.
         Ok(Reply::Rejected { rejection }) => {
-            // Never referenced: nobody can be reading these.
-            for key in &keys {
-                let _ = t.store.delete(key).await;
-            }
+            tracing::info!(files = ?keys, "index swap refused; the files are left to garbage collection");
             Err(Error::Rejected {
                 what: format!("the rewrite of {}/{}", job.stream, job.shard),
                 rejection,

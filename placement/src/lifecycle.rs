@@ -15,6 +15,9 @@ use crate::model::{Shard, Stream};
 pub const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// How many compaction runs placement remembers.
 pub const RUNS_KEPT: usize = 20;
+/// Errors kept per recorded run, and bytes per error.
+const MAX_RUN_ERRORS: usize = 20;
+const MAX_ERROR_LEN: usize = 1024;
 
 /// Who may commit compaction results, and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +136,16 @@ impl Lifecycle {
         let (Some(first), Some(last)) = (r.replaced.first(), r.replaced.last()) else {
             return changed();
         };
+        // The same swap again (a retry whose first answer was lost, maybe
+        // across a leader change): already applied.
+        if let Some(at) = r
+            .with
+            .first()
+            .and_then(|w| shard.segments.iter().position(|s| s == w))
+            && shard.segments.get(at..at + r.with.len()) == Some(&r.with[..])
+        {
+            return Reply::Done;
+        }
         let Some(at) = shard.segments.iter().position(|s| first.names(s)) else {
             return changed();
         };
@@ -144,7 +157,7 @@ impl Lifecycle {
             && r.with.last().map(|w| w.last_offset) == Some(last.last_offset)
             && r.with
                 .windows(2)
-                .all(|w| w[1].first_offset == w[0].last_offset + 1)
+                .all(|w| w[0].last_offset.checked_add(1) == Some(w[1].first_offset))
             && r.with.iter().all(|w| w.last_offset >= w.first_offset);
         if !dense {
             return rejected(Rejection::Invalid {
@@ -155,7 +168,7 @@ impl Lifecycle {
             });
         }
         for id in &r.replaced {
-            self.retired.insert(id.object.clone(), r.now_ms);
+            self.retire(&id.object, r.now_ms);
         }
         shard.segments.splice(at..at + r.replaced.len(), r.with);
         shard.index_version += 1;
@@ -177,7 +190,7 @@ impl Lifecycle {
             shard.log_start_offset = offset;
             let keep = shard.segments.partition_point(|s| s.last_offset < offset);
             for gone in shard.segments.drain(..keep) {
-                self.retired.insert(gone.object, now_ms);
+                self.retire(&gone.object, now_ms);
             }
             shard.index_version += 1;
         }
@@ -191,9 +204,16 @@ impl Lifecycle {
     pub(crate) fn retire_stream(&mut self, stream: &Stream, now_ms: i64) {
         for shard in &stream.shards {
             for s in &shard.segments {
-                self.retired.insert(s.object.clone(), now_ms);
+                self.retire(&s.object, now_ms);
             }
         }
+    }
+
+    /// `object` lost an index entry at `at_ms`: its grace counts from the
+    /// latest such moment, never from an earlier one.
+    fn retire(&mut self, object: &str, at_ms: i64) {
+        let since = self.retired.entry(object.to_string()).or_insert(at_ms);
+        *since = (*since).max(at_ms);
     }
 
     pub(crate) fn forget(&mut self, epoch: u64, objects: Vec<String>) -> Reply {
@@ -215,15 +235,29 @@ impl Lifecycle {
     }
 
     pub(crate) fn record(&mut self, run: CompactionRun) -> Reply {
+        let mut run = run;
+        // A report is kept whole in the state: bound what it can add.
+        run.errors.truncate(MAX_RUN_ERRORS);
+        for e in &mut run.errors {
+            if e.len() > MAX_ERROR_LEN {
+                let mut cut = MAX_ERROR_LEN;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+            }
+        }
         let t = &mut self.totals;
-        t.runs += 1;
-        t.failed_runs += u64::from(!run.errors.is_empty());
-        t.objects_in += run.objects_in;
-        t.objects_out += run.objects_out;
-        t.bytes_in += run.bytes_in;
-        t.bytes_out += run.bytes_out;
-        t.objects_deleted += run.objects_deleted;
-        t.shards_trimmed += run.shards_trimmed;
+        t.runs = t.runs.saturating_add(1);
+        t.failed_runs = t
+            .failed_runs
+            .saturating_add(u64::from(!run.errors.is_empty()));
+        t.objects_in = t.objects_in.saturating_add(run.objects_in);
+        t.objects_out = t.objects_out.saturating_add(run.objects_out);
+        t.bytes_in = t.bytes_in.saturating_add(run.bytes_in);
+        t.bytes_out = t.bytes_out.saturating_add(run.bytes_out);
+        t.objects_deleted = t.objects_deleted.saturating_add(run.objects_deleted);
+        t.shards_trimmed = t.shards_trimmed.saturating_add(run.shards_trimmed);
         t.last_run_ms = run.duration_ms;
         self.runs.push_back(run);
         while self.runs.len() > RUNS_KEPT {
@@ -330,6 +364,12 @@ mod tests {
         );
         let objects: Vec<&str> = sh.segments.iter().map(|s| s.object.as_str()).collect();
         assert_eq!(objects, ["n", "c"]);
+        // The same swap retried (its answer lost) is recognised as done.
+        assert_eq!(
+            l.replace(&mut sh, replacement(1, &run, vec![seg("n", 0, 19)])),
+            Reply::Done
+        );
+        assert_eq!(sh.segments.len(), 2);
         assert_eq!(sh.index_version, 1);
         assert_eq!(l.retired.keys().collect::<Vec<_>>(), ["a", "b"]);
         // The same run again is gone.

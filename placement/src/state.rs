@@ -402,6 +402,17 @@ impl State {
                 }) {
                     return Ok(());
                 }
+                // A range of this owner's current lease that is already
+                // committed: a retry whose range compaction or retention
+                // has since rewritten or dropped (the owner commits each
+                // range once per lease).
+                if shard.epoch == sc.epoch
+                    && shard.owner == Some(commit.broker)
+                    && sc.last_offset < shard.committed_offset
+                    && sc.first_offset <= sc.last_offset
+                {
+                    return Ok(());
+                }
                 if shard.epoch != sc.epoch || shard.owner != Some(commit.broker) {
                     return Err(Rejection::StaleEpoch {
                         stream: sc.stream.clone(),

@@ -44,8 +44,8 @@ FLUSH_INTERVAL = {"file": "100ms", "s3": "250ms"}
 #: Compaction during the run, fast enough to rewrite and collect within it:
 #: flush objects are compacted 5 s after their commit, every 3 s; replaced
 #: objects go 10 s after (the checker reads what it saw referenced meanwhile),
-#: orphans 20 s after they were written.
-COMPACTION = {"delay": 5.0, "interval": 3.0, "gc_grace": 10.0, "orphan_grace": 20.0}
+#: orphans 120 s after they were written (GC's floor).
+COMPACTION = {"delay": 5.0, "interval": 3.0, "gc_grace": 10.0, "orphan_grace": 120.0}
 COMPACTION_ARGS = ["--compaction-delay", f"{COMPACTION['delay']:.0f}s",
                    "--compaction-interval", f"{COMPACTION['interval']:.0f}s",
                    "--gc-grace", f"{COMPACTION['gc_grace']:.0f}s",

@@ -94,7 +94,17 @@ async fn handle(
     };
     tracing::info!(request = %event.context.request_id, source = ?event.payload.source, "scheduled compaction");
     match setup.compactor.run_once(budget).await {
-        Ok(report) => Ok(json!({ "status": "done", "run": report })),
+        Ok(report) if report.errors.is_empty() => Ok(json!({ "status": "done", "run": report })),
+        // Some work failed (the rest was done and committed): a failed
+        // invocation, so it shows in Lambda's error metrics.
+        Ok(report) => Err(Diagnostic {
+            error_type: "CompactionRunFailed".into(),
+            error_message: format!(
+                "{} error(s): {}",
+                report.errors.len(),
+                report.errors.join("; ")
+            ),
+        }),
         // The previous invocation still runs: nothing to do this time.
         Err(Error::LeaseHeld { holder, until_ms }) => Ok(json!({
             "status": "skipped",
