@@ -300,7 +300,14 @@ impl Bucket {
         let mut state = match latest {
             Some((_, key)) => {
                 let bytes = self.store.get(key).await.map_err(bucket_err)?;
-                Some(serde_json::from_slice::<State>(&bytes).map_err(bucket_err)?)
+                let state = serde_json::from_slice::<State>(&bytes).map_err(bucket_err)?;
+                if state.format > crate::state::STATE_FORMAT {
+                    return Err(bucket_err(format!(
+                        "snapshot {key} has format {}, written by a newer version",
+                        state.format
+                    )));
+                }
+                Some(state)
             }
             None => None,
         };

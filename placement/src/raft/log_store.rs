@@ -24,6 +24,46 @@ use crate::error::Result;
 
 type Entry = openraft::Entry<TypeConfig>;
 
+/// The layout of stored log entries: `{"format": N, "entry": ...}`.
+/// Entries written before the field existed are a bare entry (format 0)
+/// and still load; an entry of a newer format than this code knows is
+/// refused rather than misread.
+const LOG_FORMAT: u32 = 1;
+const FORMAT_PREFIX: &[u8] = b"{\"format\":";
+
+#[derive(Serialize)]
+struct StoredEntryRef<'a> {
+    format: u32,
+    entry: &'a Entry,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredEntry {
+    format: u32,
+    entry: Entry,
+}
+
+fn encode_entry(entry: &Entry) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&StoredEntryRef {
+        format: LOG_FORMAT,
+        entry,
+    })
+}
+
+fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
+    if !bytes.starts_with(FORMAT_PREFIX) {
+        return serde_json::from_slice(bytes).map_err(io::Error::other);
+    }
+    let stored: StoredEntry = serde_json::from_slice(bytes).map_err(io::Error::other)?;
+    if stored.format > LOG_FORMAT {
+        return Err(io::Error::other(format!(
+            "log entry of format {} was written by a newer version (this one reads up to {LOG_FORMAT})",
+            stored.format
+        )));
+    }
+    Ok(stored.entry)
+}
+
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
@@ -87,7 +127,7 @@ impl LogStore {
         let (_, value) = guard
             .into_inner()
             .map_err(|e| StorageIOError::read_logs(&e))?;
-        let entry = serde_json::from_slice(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+        let entry = decode_entry(&value).map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(Some(entry))
     }
 
@@ -129,8 +169,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(key_bounds(&range))
             .map(|guard| {
                 let value = guard.value().map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry =
-                    serde_json::from_slice(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry = decode_entry(&value).map_err(|e| StorageIOError::read_logs(&e))?;
                 Ok(entry)
             })
             .collect()
@@ -191,7 +230,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // quorum (and so acknowledges to a broker) must survive kill -9.
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         for entry in entries {
-            let value = serde_json::to_vec(&entry)
+            let value = encode_entry(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
             batch.insert(&self.logs, index_key(entry.log_id.index), value);
         }
@@ -236,5 +275,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::command::Command;
+
+    fn entry() -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), 42),
+            payload: EntryPayload::Normal(Command::AllocateProducerId),
+        }
+    }
+
+    /// Entries carry their format; bare entries from before still load;
+    /// a newer format is refused, not misread.
+    #[test]
+    fn log_entries_carry_a_format() {
+        let stored = encode_entry(&entry()).unwrap();
+        assert!(stored.starts_with(FORMAT_PREFIX));
+        assert_eq!(decode_entry(&stored).unwrap().log_id, entry().log_id);
+        let bare = serde_json::to_vec(&entry()).unwrap();
+        assert_eq!(decode_entry(&bare).unwrap().log_id, entry().log_id);
+        let newer = String::from_utf8(stored).unwrap().replacen(
+            &format!("\"format\":{LOG_FORMAT}"),
+            "\"format\":99",
+            1,
+        );
+        assert!(decode_entry(newer.as_bytes()).is_err());
     }
 }

@@ -66,6 +66,13 @@ impl StateMachineStore {
                 .map_err(|e| Error::Storage(format!("decoding the placement snapshot: {e}")))?,
             None => StoredSnapshot::default(),
         };
+        if loaded.state.format > crate::state::STATE_FORMAT {
+            return Err(Error::Storage(format!(
+                "the placement snapshot has format {}, written by a newer version (this one reads up to {})",
+                loaded.state.format,
+                crate::state::STATE_FORMAT
+            )));
+        }
         let (version, _) = watch::channel(loaded.state.version);
         Ok(Self {
             db: db.clone(),
