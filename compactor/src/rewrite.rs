@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use shoal_placement::{Command, PlacementClient, RangeId, Reply, SegmentRef, SegmentReplacement};
-use shoal_storage::{ObjectStorage, Record, SegmentOptions, ShardRows};
+use shoal_storage::{
+    EncodedSegment, ObjectStorage, Record, SegmentOptions, SegmentWriter, ShardRows,
+};
 
 use crate::error::{Error, Result};
 
@@ -58,56 +60,40 @@ pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
         shard: job.shard,
         reason,
     };
-    let mut rows = read_rows(t.store, t.footers, &job.run).await?;
     let mut done = Rewritten {
         bytes_in: crate::plan::run_bytes(&job.run),
         ..Rewritten::default()
     };
-    if let Some(k) = job.keep_latest {
-        rows = keep_latest(rows, k);
-    }
-    if rows.is_empty() {
-        return Err(fail("no rows found in the run".into()));
-    }
-    // Split into files of about the target size (log compaction may
-    // shrink a long run a lot; plain runs are planned within the target).
-    let kept_bytes: u64 = rows.iter().map(record_bytes).sum();
-    let files = usize::try_from(kept_bytes.div_ceil(t.target_size.max(1)))
-        .unwrap_or(1)
-        .clamp(1, rows.len());
-    let per_file = rows.len().div_ceil(files);
     let opts = SegmentOptions {
         max_rows_per_row_group: 1 << 20,
         max_row_group_bytes: t.row_group_bytes,
         ..SegmentOptions::default()
     };
+    // Each file to write, with the last offset of the run it covers.
+    let files: Vec<(EncodedSegment, i64)> = match job.keep_latest {
+        Some(k) => {
+            // Which record of a key is newest is known only once every
+            // record was seen: the run is read whole.
+            let rows = keep_latest(read_rows(t.store, t.footers, &job.run).await?, k);
+            encode_split(&job, rows, t.target_size, &opts, run_last).await?
+        }
+        // A plain run (planned within the target size) is streamed into
+        // one file, a row group at a time.
+        None => vec![(
+            stream_file(t.store, t.footers, &job, &opts).await?,
+            run_last,
+        )],
+    };
+    if files.iter().all(|(f, _)| f.ranges.is_empty()) {
+        return Err(fail("no rows found in the run".into()));
+    }
     let epoch_max = job.run.iter().map(|r| r.epoch).max().unwrap_or(0);
     let committed_ms = job.run.iter().map(|r| r.committed_ms).max().unwrap_or(0);
     let mut with: Vec<SegmentRef> = Vec::new();
     let mut keys = Vec::new();
     let mut covered_to = run_first - 1;
-    let chunks: Vec<Vec<Record>> = rows.chunks(per_file).map(<[Record]>::to_vec).collect();
-    let count = chunks.len();
-    for (i, chunk) in chunks.into_iter().enumerate() {
+    for (encoded, cover_last) in files {
         let cover_first = covered_to + 1;
-        let cover_last = if i + 1 == count {
-            run_last
-        } else {
-            chunk.last().map_or(cover_first, |r| r.offset)
-        };
-        let encoded = {
-            let shard_rows = ShardRows {
-                stream: job.stream.clone(),
-                shard: job.shard,
-                records: chunk,
-            };
-            let opts = opts.clone();
-            tokio::task::spawn_blocking(move || {
-                shoal_storage::encode_segment(vec![shard_rows], &opts)
-            })
-            .await
-            .map_err(|e| fail(format!("encoder failed: {e}")))??
-        };
         let size = encoded.bytes.len() as u64;
         let key = put_new(
             t.store,
@@ -177,6 +163,104 @@ pub(crate) async fn rewrite(t: Target<'_>, job: Job) -> Result<Rewritten> {
     }
 }
 
+/// A plain run streamed into one file: each range is read, and its rows
+/// are encoded whenever about a row group's worth is pending, so memory
+/// holds one row group of rows plus the encoded file, not the whole run.
+async fn stream_file(
+    store: &ObjectStorage,
+    footers: &mut HashMap<String, Arc<shoal_storage::SegmentMeta>>,
+    job: &Job,
+    opts: &SegmentOptions,
+) -> Result<EncodedSegment> {
+    let mut writer = SegmentWriter::new(opts)?;
+    let mut pending: Vec<Record> = Vec::new();
+    let mut pending_bytes = 0u64;
+    let limit = u64::try_from(opts.max_row_group_bytes).unwrap_or(u64::MAX);
+    for r in &job.run {
+        for row in read_range(store, footers, r).await? {
+            pending_bytes += record_bytes(&row);
+            pending.push(row);
+            if pending_bytes >= limit {
+                writer = write_blocking(job, writer, std::mem::take(&mut pending)).await?;
+                pending_bytes = 0;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        writer = write_blocking(job, writer, pending).await?;
+    }
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .map_err(|e| encoder_failed(job, &e))?
+        .map_err(Error::from)
+}
+
+async fn write_blocking(
+    job: &Job,
+    mut writer: SegmentWriter,
+    rows: Vec<Record>,
+) -> Result<SegmentWriter> {
+    let (stream, shard) = (job.stream.clone(), job.shard);
+    tokio::task::spawn_blocking(move || {
+        writer.write(&stream, shard, &rows)?;
+        Ok::<_, shoal_storage::Error>(writer)
+    })
+    .await
+    .map_err(|e| encoder_failed(job, &e))?
+    .map_err(Error::from)
+}
+
+fn encoder_failed(job: &Job, e: &tokio::task::JoinError) -> Error {
+    Error::Rewrite {
+        stream: job.stream.clone(),
+        shard: job.shard,
+        reason: format!("encoder failed: {e}"),
+    }
+}
+
+/// Kept rows (log compaction) split into files of about the target size,
+/// each with the last offset of the run it covers (the run's end for the
+/// last file).
+async fn encode_split(
+    job: &Job,
+    rows: Vec<Record>,
+    target_size: u64,
+    opts: &SegmentOptions,
+    run_last: i64,
+) -> Result<Vec<(EncodedSegment, i64)>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kept_bytes: u64 = rows.iter().map(record_bytes).sum();
+    let files = usize::try_from(kept_bytes.div_ceil(target_size.max(1)))
+        .unwrap_or(1)
+        .clamp(1, rows.len());
+    let per_file = rows.len().div_ceil(files);
+    let chunks: Vec<Vec<Record>> = rows.chunks(per_file).map(<[Record]>::to_vec).collect();
+    let count = chunks.len();
+    let mut out = Vec::with_capacity(count);
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let cover_last = if i + 1 == count {
+            run_last
+        } else {
+            chunk.last().map_or(run_last, |r| r.offset)
+        };
+        let shard_rows = ShardRows {
+            stream: job.stream.clone(),
+            shard: job.shard,
+            records: chunk,
+        };
+        let opts = opts.clone();
+        let encoded = tokio::task::spawn_blocking(move || {
+            shoal_storage::encode_segment(vec![shard_rows], &opts)
+        })
+        .await
+        .map_err(|e| encoder_failed(job, &e))??;
+        out.push((encoded, cover_last));
+    }
+    Ok(out)
+}
+
 /// Create-only PUT under a fresh key of this lease epoch.
 async fn put_new(
     store: &ObjectStorage,
@@ -205,24 +289,30 @@ async fn read_rows(
 ) -> Result<Vec<Record>> {
     let mut rows = Vec::new();
     for r in run {
-        let meta = match footers.get(&r.object) {
-            Some(m) => m.clone(),
-            None => {
-                let (footer, _) = shoal_storage::fetch_footer(store, &r.object).await?;
-                let m = shoal_storage::decode_footer(&footer)?;
-                footers.insert(r.object.clone(), m.clone());
-                m
-            }
-        };
-        let records =
-            shoal_storage::read_row_group(store, &r.object, meta, r.row_group as usize).await?;
-        rows.extend(
-            records
-                .into_iter()
-                .filter(|x| (r.first_offset..=r.last_offset).contains(&x.offset)),
-        );
+        rows.extend(read_range(store, footers, r).await?);
     }
     Ok(rows)
+}
+
+/// The records of one index range (its row group, within its offsets).
+async fn read_range(
+    store: &ObjectStorage,
+    footers: &mut HashMap<String, Arc<shoal_storage::SegmentMeta>>,
+    r: &SegmentRef,
+) -> Result<Vec<Record>> {
+    let meta = match footers.get(&r.object) {
+        Some(m) => m.clone(),
+        None => {
+            let (footer, _) = shoal_storage::fetch_footer(store, &r.object).await?;
+            let m = shoal_storage::decode_footer(&footer)?;
+            footers.insert(r.object.clone(), m.clone());
+            m
+        }
+    };
+    let mut records =
+        shoal_storage::read_row_group(store, &r.object, meta, r.row_group as usize).await?;
+    records.retain(|x| (r.first_offset..=r.last_offset).contains(&x.offset));
+    Ok(records)
 }
 
 /// Keep the newest record of every key (records without a key stay), drop

@@ -31,8 +31,8 @@ pub use error::{Error, Result};
 pub use latency::{LATENCY_BUCKETS, LatencySnapshot, RequestKind};
 pub use record::{Header, Record};
 pub use segment::{
-    EncodedSegment, FORMAT_VERSION, SegmentOptions, ShardRange, ShardRows, compacted_key,
-    decode_footer, encode_segment, fetch_footer, read_row_group, segment_key,
+    EncodedSegment, FORMAT_VERSION, SegmentOptions, SegmentWriter, ShardRange, ShardRows,
+    compacted_key, decode_footer, encode_segment, fetch_footer, read_row_group, segment_key,
 };
 pub use store::{ListedObject, ObjectStorage, StoreStats};
 

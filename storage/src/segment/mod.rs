@@ -21,7 +21,7 @@ use crate::record::Record;
 
 pub use key::{compacted_key, segment_key};
 pub use reader::{decode_footer, fetch_footer, read_row_group};
-pub use writer::encode_segment;
+pub use writer::{SegmentWriter, encode_segment};
 
 /// Version of the segment schema, stored under the Parquet key-value
 /// metadata key `shoal.format_version`. Readers reject other versions.

@@ -43,50 +43,106 @@ const HEADER_OVERHEAD: usize = 16;
 ///
 /// CPU-bound: call it from a blocking context for large inputs.
 pub fn encode_segment(shards: Vec<ShardRows>, opts: &SegmentOptions) -> Result<EncodedSegment> {
-    if opts.max_rows_per_row_group == 0 {
-        return Err(encode_err("max_rows_per_row_group must be at least 1"));
-    }
-    let props = writer_properties(opts)?;
     let shards = normalize(shards)?;
-    let schema = segment_schema();
-
-    let mut buf = Vec::new();
-    let mut writer =
-        ArrowWriter::try_new(&mut buf, Arc::clone(&schema), Some(props)).map_err(parquet_err)?;
-    let mut ranges = Vec::new();
+    let mut writer = SegmentWriter::new(opts)?;
     for ((stream, shard), records) in &shards {
-        let byte_limit = opts.max_row_group_bytes.min(ROW_GROUP_BYTE_LIMIT);
-        for chunk in row_group_chunks(records, opts.max_rows_per_row_group, byte_limit)? {
-            let row_group = u32::try_from(ranges.len())
-                .map_err(|_| encode_err("more than u32::MAX row groups"))?;
-            let batch = build_batch(&schema, stream, *shard, chunk).map_err(arrow_err)?;
-            writer.write(&batch).map_err(parquet_err)?;
-            // Close the row group now so no row group spans two shards.
-            writer.flush().map_err(parquet_err)?;
-            ranges.push(shard_range(stream, *shard, row_group, chunk));
-        }
+        writer.write(stream, *shard, records)?;
     }
-    let meta = writer.close().map_err(parquet_err)?;
+    writer.finish()
+}
 
-    // The ranges are what placement will index; make sure they describe
-    // the file that was actually written.
-    let written: Vec<i64> = meta.row_groups().iter().map(|rg| rg.num_rows()).collect();
-    let expected: Vec<i64> = ranges
-        .iter()
-        .map(|r| i64::try_from(r.record_count).unwrap_or(i64::MAX))
-        .collect();
-    if written != expected {
-        return Err(encode_err(format!(
-            "row groups written {written:?} differ from planned {expected:?}"
-        )));
+/// A segment written piece by piece, so a large one (a compacted file) is
+/// never held as rows all at once: each [`write`](Self::write) encodes its
+/// records into closed row groups; [`finish`](Self::finish) returns the
+/// file's bytes and ranges as [`encode_segment`] does.
+///
+/// CPU-bound: call it from a blocking context for large inputs.
+pub struct SegmentWriter {
+    writer: ArrowWriter<Vec<u8>>,
+    schema: SchemaRef,
+    ranges: Vec<ShardRange>,
+    max_rows: usize,
+    max_bytes: usize,
+    /// (stream, shard, offset) of the last record written.
+    last: Option<(String, i32, i64)>,
+}
+
+impl SegmentWriter {
+    pub fn new(opts: &SegmentOptions) -> Result<Self> {
+        if opts.max_rows_per_row_group == 0 {
+            return Err(encode_err("max_rows_per_row_group must be at least 1"));
+        }
+        let props = writer_properties(opts)?;
+        let schema = segment_schema();
+        let writer = ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(props))
+            .map_err(parquet_err)?;
+        Ok(Self {
+            writer,
+            schema,
+            ranges: Vec::new(),
+            max_rows: opts.max_rows_per_row_group,
+            max_bytes: opts.max_row_group_bytes.min(ROW_GROUP_BYTE_LIMIT),
+            last: None,
+        })
     }
-    for (range, rg) in ranges.iter_mut().zip(meta.row_groups()) {
-        range.bytes = u64::try_from(rg.compressed_size()).unwrap_or(0);
+
+    /// Append records of one shard, in increasing offset order, after
+    /// everything written so far: the same shard at higher offsets, or a
+    /// shard that sorts after the previous one. Their row groups are
+    /// closed here, so no row group spans two calls or two shards.
+    pub fn write(&mut self, stream: &str, shard: i32, records: &[Record]) -> Result<()> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        let in_order = match &self.last {
+            None => true,
+            Some((s, sh, off)) => {
+                (s.as_str(), *sh) < (stream, shard)
+                    || ((s.as_str(), *sh) == (stream, shard) && *off < first.offset)
+            }
+        };
+        if !in_order || records.windows(2).any(|w| w[0].offset >= w[1].offset) {
+            return Err(encode_err(format!(
+                "records of stream {stream:?} shard {shard} out of order or duplicated"
+            )));
+        }
+        for chunk in row_group_chunks(records, self.max_rows, self.max_bytes)? {
+            let row_group = u32::try_from(self.ranges.len())
+                .map_err(|_| encode_err("more than u32::MAX row groups"))?;
+            let batch = build_batch(&self.schema, stream, shard, chunk).map_err(arrow_err)?;
+            self.writer.write(&batch).map_err(parquet_err)?;
+            self.writer.flush().map_err(parquet_err)?;
+            self.ranges
+                .push(shard_range(stream, shard, row_group, chunk));
+        }
+        self.last = Some((stream.to_owned(), shard, last.offset));
+        Ok(())
     }
-    Ok(EncodedSegment {
-        bytes: Bytes::from(buf),
-        ranges,
-    })
+
+    pub fn finish(mut self) -> Result<EncodedSegment> {
+        let mut ranges = self.ranges;
+        let meta = self.writer.finish().map_err(parquet_err)?;
+        let buf = std::mem::take(self.writer.inner_mut());
+        // The ranges are what placement will index; make sure they
+        // describe the file that was actually written.
+        let written: Vec<i64> = meta.row_groups().iter().map(|rg| rg.num_rows()).collect();
+        let expected: Vec<i64> = ranges
+            .iter()
+            .map(|r| i64::try_from(r.record_count).unwrap_or(i64::MAX))
+            .collect();
+        if written != expected {
+            return Err(encode_err(format!(
+                "row groups written {written:?} differ from planned {expected:?}"
+            )));
+        }
+        for (range, rg) in ranges.iter_mut().zip(meta.row_groups()) {
+            range.bytes = u64::try_from(rg.compressed_size()).unwrap_or(0);
+        }
+        Ok(EncodedSegment {
+            bytes: Bytes::from(buf),
+            ranges,
+        })
+    }
 }
 
 /// Writer settings chosen for plain, widely readable Parquet (DuckDB,
@@ -161,9 +217,11 @@ fn row_group_chunks(
     let mut bytes = 0usize;
     for (i, r) in records.iter().enumerate() {
         let size = record_size(r);
-        if size > max_bytes {
+        // A record over `max_bytes` gets a row group of its own; only the
+        // hard limit (Arrow's offsets) refuses it.
+        if size > ROW_GROUP_BYTE_LIMIT {
             return Err(encode_err(format!(
-                "record at offset {} is {size} bytes, over the {max_bytes}-byte row group limit",
+                "record at offset {} is {size} bytes, over the {ROW_GROUP_BYTE_LIMIT}-byte row group limit",
                 r.offset
             )));
         }
@@ -313,6 +371,32 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_written_in_pieces_equals_one_written_at_once() {
+        let records: Vec<Record> = (0..20).map(|o| rec(o, 100)).collect();
+        let opts = SegmentOptions {
+            max_rows_per_row_group: 8,
+            ..SegmentOptions::default()
+        };
+        let whole = encode_segment(
+            vec![ShardRows {
+                stream: "s".into(),
+                shard: 0,
+                records: records.clone(),
+            }],
+            &opts,
+        )
+        .unwrap();
+        let mut w = SegmentWriter::new(&opts).unwrap();
+        w.write("s", 0, &records[..8]).unwrap();
+        w.write("s", 0, &records[8..16]).unwrap();
+        // Going back, or repeating an offset, is refused.
+        assert!(w.write("s", 0, &records[15..17]).is_err());
+        w.write("s", 0, &records[16..]).unwrap();
+        let pieces = w.finish().unwrap();
+        assert_eq!(pieces.ranges, whole.ranges);
+    }
+
+    #[test]
     fn chunks_split_on_rows_and_bytes() {
         let records: Vec<Record> = (0..7).map(|o| rec(o, 100)).collect();
         let per = RECORD_OVERHEAD + 100;
@@ -325,7 +409,11 @@ mod tests {
             [2, 2, 2, 1]
         );
         assert_eq!(lens(&row_group_chunks(&records, 1, per).unwrap()), [1; 7]);
-        assert!(row_group_chunks(&records, 10, per - 1).is_err());
+        // A record over the byte limit gets a row group of its own.
+        assert_eq!(
+            lens(&row_group_chunks(&records, 10, per - 1).unwrap()),
+            [1; 7]
+        );
         assert!(row_group_chunks(&[], 10, per).unwrap().is_empty());
     }
 }
