@@ -138,6 +138,17 @@ def produce_rounds(shoal, topics: list[str], partitions: int, rounds: int, per_r
     return sent
 
 
+def one_flushed_topic(shoal_factory, prefix: str, rounds: int):
+    """A standalone without its own compactor and one 1-partition topic
+    flushed in `rounds` small objects: (shoal, store URL, topic, sent)."""
+    shoal = shoal_factory(flush_interval="50ms", extra_args=["--compaction", "false"])
+    shoal.start()
+    topic = unique_name(prefix)
+    ck_create_topic(shoal.bootstrap, topic, 1)
+    sent = produce_rounds(shoal, [topic], 1, rounds=rounds, per_round=5)
+    return shoal, f"file://{shoal.objects_dir}", topic, sent
+
+
 def read_from(shoal, topic: str, partition: int, offset: int, n: int) -> list[bytes]:
     """`n` values from `offset` of one partition (a consumer that starts in the middle)."""
     from confluent_kafka import Consumer, TopicPartition
@@ -312,12 +323,7 @@ def test_compaction_runs_under_load_and_a_kill9(shoal_factory):
 
 
 def test_two_compactors_cannot_both_commit(shoal_factory, tmp_path):
-    shoal = shoal_factory(flush_interval="50ms", extra_args=["--compaction", "false"])
-    shoal.start()
-    store = f"file://{shoal.objects_dir}"
-    topic = unique_name("two")
-    ck_create_topic(shoal.bootstrap, topic, 1)
-    sent = produce_rounds(shoal, [topic], 1, rounds=6, per_round=5)
+    shoal, store, topic, sent = one_flushed_topic(shoal_factory, "two", 6)
     # Someone else holds the compaction lease: this compactor must not commit.
     held = shoal.http("/placement/v1/write", "POST", json.dumps({"acquire_compaction_lease": {
         "holder": "other", "now_ms": int(time.time() * 1000), "ttl_ms": 600000}}).encode())
@@ -348,13 +354,8 @@ def test_two_compactors_cannot_both_commit(shoal_factory, tmp_path):
 
 
 def test_garbage_collection_waits_for_each_grace_period(shoal_factory, tmp_path):
-    shoal = shoal_factory(flush_interval="50ms", extra_args=["--compaction", "false"])
-    shoal.start()
-    store = f"file://{shoal.objects_dir}"
+    shoal, store, topic, sent = one_flushed_topic(shoal_factory, "gc", 4)
     bucket = Bucket(store)
-    topic = unique_name("gc")
-    ck_create_topic(shoal.bootstrap, topic, 1)
-    sent = produce_rounds(shoal, [topic], 1, rounds=4, per_round=5)
     flush_objects = bucket.keys("segments")
     # What a compactor killed between its PUT and its commit leaves behind,
     # and an object outside the data prefixes.
@@ -436,13 +437,8 @@ class HoldingProxy:
 
 
 def test_a_compactor_killed_between_its_put_and_its_commit(shoal_factory):
-    shoal = shoal_factory(flush_interval="50ms", extra_args=["--compaction", "false"])
-    shoal.start()
-    store = f"file://{shoal.objects_dir}"
+    shoal, store, topic, sent = one_flushed_topic(shoal_factory, "killed", 5)
     bucket = Bucket(store)
-    topic = unique_name("killed")
-    ck_create_topic(shoal.bootstrap, topic, 1)
-    sent = produce_rounds(shoal, [topic], 1, rounds=5, per_round=5)
     before = set(bucket.keys())
     proxy = HoldingProxy(shoal.http_addr, b"replace_segments")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
