@@ -240,6 +240,7 @@ class LBroker(Broker):
                "--data-dir", str(self.data_dir),
                "--kafka-addr", self.bootstrap,
                "--http-addr", self.http_addr,
+               "--mqtt-addr", "off",
                "--object-store", self.object_store,
                "--flush-interval", self.flush_interval,
                *self.extra]

@@ -355,6 +355,7 @@ class Broker:
                "--data-dir", str(self.data_dir),
                "--kafka-addr", self.bootstrap,
                "--http-addr", f"127.0.0.1:{self.http_port}",
+               "--mqtt-addr", "off",
                "--object-store", self.object_store,
                "--flush-interval", self.flush_interval]
         # SHOAL_* variables are broker configuration: pass none of ours on.

@@ -67,6 +67,8 @@ pub struct StandaloneArgs {
     pub default_retention: Option<String>,
     #[command(flatten)]
     pub compaction_settings: crate::compaction::CompactionArgs,
+    #[command(flatten)]
+    pub mqtt: crate::mqtt::MqttArgs,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +115,18 @@ struct FileConfig {
     orphan_grace: Option<String>,
     #[serde(alias = "compaction_target_size")]
     compaction_target_size: Option<toml::Value>,
+    mqtt_addr: Option<String>,
+    mqtt_ws_addr: Option<String>,
+    mqtt_password_file: Option<PathBuf>,
+    mqtt_acl_file: Option<PathBuf>,
+    mqtt_allow_anonymous: Option<bool>,
+    mqtt_max_packet_size: Option<toml::Value>,
+    mqtt_max_queued_messages: Option<usize>,
+    mqtt_queue_drop_policy: Option<String>,
+    mqtt_max_inflight: Option<usize>,
+    mqtt_max_keep_alive: Option<u16>,
+    /// `[[mqtt.persist]]` rules.
+    mqtt: Option<crate::mqtt::MqttFile>,
 }
 
 /// Resolved settings.
@@ -136,6 +150,7 @@ pub struct Standalone {
     pub compaction_enabled: bool,
     pub compaction: crate::compaction::Compaction,
     pub default_retention_ms: Option<i64>,
+    pub mqtt: crate::mqtt::MqttConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +318,24 @@ impl StandaloneArgs {
                 orphan_grace: file.orphan_grace,
                 compaction_target_size: file.compaction_target_size,
             })?;
+        let mqtt = self.mqtt.resolve(
+            crate::mqtt::MqttFlatFile {
+                mqtt_addr: file.mqtt_addr,
+                mqtt_ws_addr: file.mqtt_ws_addr,
+                mqtt_password_file: file.mqtt_password_file,
+                mqtt_acl_file: file.mqtt_acl_file,
+                mqtt_allow_anonymous: file.mqtt_allow_anonymous,
+                mqtt_max_packet_size: file.mqtt_max_packet_size,
+                mqtt_max_queued_messages: file.mqtt_max_queued_messages,
+                mqtt_queue_drop_policy: file.mqtt_queue_drop_policy,
+                mqtt_max_inflight: file.mqtt_max_inflight,
+                mqtt_max_keep_alive: file.mqtt_max_keep_alive,
+            },
+            file.mqtt.map(|m| m.persist).unwrap_or_default(),
+            Some("127.0.0.1:1883"),
+        )?;
         Ok(Standalone {
+            mqtt,
             compaction_enabled,
             compaction,
             default_retention_ms,

@@ -2,6 +2,7 @@
 
 mod compaction;
 mod config;
+mod mqtt;
 mod roles;
 mod serving;
 
@@ -37,6 +38,11 @@ enum Cmd {
     /// Compaction, retention and garbage collection for a cluster (or a
     /// standalone node, through its HTTP address).
     Compactor(compaction::CompactorArgs),
+    /// MQTT tools.
+    Mqtt {
+        #[command(subcommand)]
+        cmd: mqtt::MqttCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
         Cmd::Placement(args) => runtime.block_on(roles::placement(args)),
         Cmd::Broker(args) => runtime.block_on(roles::broker(args)),
         Cmd::Compactor(args) => runtime.block_on(compaction::compactor(args)),
+        Cmd::Mqtt { cmd } => mqtt::command(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +101,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     // Bind first: a port in use should fail fast, before any state is opened.
     let kafka_listener = bind("Kafka", cfg.kafka_addr).await?;
     let http_listener = bind("HTTP", cfg.http_addr).await?;
+    let (mqtt_tcp, mqtt_ws) = mqtt::bind(&cfg.mqtt).await?;
 
     let store = ObjectStorage::from_url(&cfg.object_store)
         .map_err(|e| format!("object store {}: {e}", cfg.object_store))?;
@@ -130,14 +138,17 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         .await
         .map_err(|e| format!("broker: {e}"))?;
 
+    let mqtt_serving = mqtt::start(&broker, &cfg.mqtt, mqtt_tcp, mqtt_ws).await?;
     let serving = serving::serve(
         broker,
         kafka_listener,
         http_listener,
         shoal_placement::router(node.clone()),
+        mqtt_serving,
     );
     tracing::info!(
         kafka = %cfg.kafka_addr,
+        mqtt = ?cfg.mqtt.tcp,
         http = %cfg.http_addr,
         objects = %cfg.object_store,
         data_dir = %cfg.data_dir.display(),

@@ -85,6 +85,8 @@ pub struct BrokerArgs {
     /// producer.id.expiration.ms).
     #[arg(long, env = "SHOAL_PRODUCER_ID_EXPIRATION", default_value = "1d")]
     pub producer_id_expiration: String,
+    #[command(flatten)]
+    pub mqtt: crate::mqtt::MqttArgs,
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -296,6 +298,10 @@ fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
 
 pub async fn broker(args: BrokerArgs) -> Result<(), String> {
     let s = broker_settings(&args).map_err(|e| e.to_string())?;
+    let mqtt_cfg = args
+        .mqtt
+        .resolve(Default::default(), Vec::new(), None)
+        .map_err(|e| e.to_string())?;
     let placement_addrs: Vec<String> = args
         .placement
         .split(',')
@@ -309,16 +315,25 @@ pub async fn broker(args: BrokerArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot use data dir {}: {e}", args.data_dir.display()))?;
     let kafka_listener = bind("Kafka", s.kafka_addr).await?;
     let http_listener = bind("HTTP", s.http_addr).await?;
+    let (mqtt_tcp, mqtt_ws) = crate::mqtt::bind(&mqtt_cfg).await?;
     let store = ObjectStorage::from_url(&args.object_store)
         .map_err(|e| format!("object store {}: {e}", args.object_store))?;
     let broker = Broker::start(s.config, PlacementClient::remote(placement_addrs), store)
         .await
         .map_err(|e| format!("broker: {e}"))?;
-    let serving = crate::serving::serve(broker, kafka_listener, http_listener, Router::new());
+    let mqtt_serving = crate::mqtt::start(&broker, &mqtt_cfg, mqtt_tcp, mqtt_ws).await?;
+    let serving = crate::serving::serve(
+        broker,
+        kafka_listener,
+        http_listener,
+        Router::new(),
+        mqtt_serving,
+    );
     tracing::info!(
         node = args.node_id,
         kafka = %s.kafka_addr,
         http = %s.http_addr,
+        mqtt = ?mqtt_cfg.tcp,
         objects = %args.object_store,
         "shoal broker is ready"
     );

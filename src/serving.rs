@@ -1,7 +1,7 @@
 //! The tasks of a running broker, shared by `shoal standalone` and
 //! `shoal broker`: the HTTP API, the flusher, the WAL watcher, the group
-//! ticker, the segment-index follower, the Kafka listener and, in a
-//! cluster, the heartbeat loop; and
+//! ticker, the segment-index follower, the Kafka and MQTT listeners and,
+//! in a cluster, the heartbeat loop; and
 //! their orderly stop.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ pub struct Serving {
     broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
-    /// Stopped in this order: Kafka first (no new requests), then the
+    /// Stopped in this order: Kafka and MQTT first (no new requests), then the
     /// flusher (commits what was accepted), then HTTP.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -29,10 +29,16 @@ pub fn serve(
     kafka_listener: TcpListener,
     http_listener: TcpListener,
     extra: Router,
+    mqtt: Option<crate::mqtt::MqttServing>,
 ) -> Serving {
     let (shutdown, rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
-    let app = shoal_broker::http::router(broker.clone(), ready.clone()).merge(extra);
+    let app = shoal_broker::http::router(
+        broker.clone(),
+        ready.clone(),
+        mqtt.as_ref().map(|m| m.mqtt.clone()),
+    )
+    .merge(extra);
     let mut http_shutdown = rx.clone();
     let http = tokio::spawn(async move {
         let served = axum::serve(http_listener, app)
@@ -57,12 +63,31 @@ pub fn serve(
             shoal_broker::kafka::serve(kafka_listener, broker, rx).await;
         }
     });
+    let mut tasks = vec![kafka];
+    if let Some(m) = mqtt {
+        tokio::spawn(m.mqtt.clone().run(rx.clone()));
+        if let Some(l) = m.tcp {
+            tasks.push(tokio::spawn(shoal_broker::mqtt::listener::serve(
+                l,
+                m.mqtt.clone(),
+                rx.clone(),
+            )));
+        }
+        if let Some(l) = m.ws {
+            tasks.push(tokio::spawn(shoal_broker::mqtt::listener::serve_ws(
+                l,
+                m.mqtt.clone(),
+                rx.clone(),
+            )));
+        }
+    }
+    tasks.extend([flusher, http]);
     ready.store(true, Ordering::Release);
     Serving {
         broker,
         shutdown,
         ready,
-        tasks: vec![kafka, flusher, http],
+        tasks,
     }
 }
 

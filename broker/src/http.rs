@@ -19,10 +19,17 @@ use crate::broker::Broker;
 struct AppState {
     broker: Arc<Broker>,
     ready: Arc<AtomicBool>,
+    mqtt: Option<Arc<crate::mqtt::Mqtt>>,
 }
 
-/// `ready` flips to true once the Kafka listener accepts clients.
-pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
+/// `ready` flips to true once the Kafka listener accepts clients; `mqtt`
+/// is the MQTT service, when this broker runs one.
+pub fn router(
+    broker: Arc<Broker>,
+    ready: Arc<AtomicBool>,
+    mqtt: Option<Arc<crate::mqtt::Mqtt>>,
+) -> Router {
+    let mqtt_routes = crate::mqtt::http::router(broker.clone(), mqtt.clone());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -34,7 +41,12 @@ pub fn router(broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Router {
             "/api/v1/streams/{name}/shards/{shard}/resume",
             post(resume_shard),
         )
-        .with_state(AppState { broker, ready })
+        .with_state(AppState {
+            broker,
+            ready,
+            mqtt,
+        })
+        .merge(mqtt_routes)
 }
 
 /// `GET /health`: `{"status": "ok" | "degraded" | "starting", "checks": {...}}`.
@@ -94,13 +106,19 @@ async fn health(State(st): State<AppState>) -> Response {
             }),
         );
     }
+    if st.mqtt.is_some() {
+        check("mqtt", None);
+    }
     let status = if degraded { "degraded" } else { "ok" };
     let code = if cut_off {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    let body = serde_json::json!({ "status": status, "checks": checks });
+    let mut body = serde_json::json!({ "status": status, "checks": checks });
+    if let Some(m) = &st.mqtt {
+        body["mqtt"] = serde_json::json!(m.listeners());
+    }
     (code, Json(body)).into_response()
 }
 
@@ -340,8 +358,13 @@ async fn metrics(State(st): State<AppState>) -> Response {
     ];
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-        b.metrics
-            .render(&extra, &crate::metrics::object_store_latencies(&b.store)),
+        b.metrics.render(&extra, &{
+            let mut families = crate::metrics::object_store_latencies(&b.store);
+            if let Some(m) = &st.mqtt {
+                families.push_str(&m.metrics_text());
+            }
+            families
+        }),
     )
         .into_response()
 }

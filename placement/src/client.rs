@@ -152,6 +152,13 @@ impl PlacementClient {
         }
     }
 
+    pub async fn mqtt_persist_rules(&self) -> Result<Vec<crate::model::MqttPersistRule>> {
+        match self.query(Query::MqttPersist).await? {
+            QueryReply::MqttPersist { rules } => Ok(rules),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn lifecycle(&self) -> Result<crate::lifecycle::Lifecycle> {
         match self.query(Query::Lifecycle).await? {
             QueryReply::Lifecycle { lifecycle } => Ok(lifecycle),

@@ -150,6 +150,14 @@ pub enum Command {
     SetDefaultRetention {
         retention_ms: i64,
     },
+    /// Persist MQTT publishes whose topics match `rule.filter` into
+    /// `rule.stream` (replaces the rule with the same filter).
+    PutMqttPersist {
+        rule: crate::model::MqttPersistRule,
+    },
+    DeleteMqttPersist {
+        filter: String,
+    },
     /// What a compaction run did, for operators (the last few are kept).
     RecordCompactionRun {
         run: CompactionRun,
@@ -390,6 +398,8 @@ pub enum Query {
     /// Retired objects, the compaction lease, recent runs and the default
     /// retention.
     Lifecycle,
+    /// The MQTT persistence rules, in the order they are tried.
+    MqttPersist,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,5 +435,8 @@ pub enum QueryReply {
     },
     Lifecycle {
         lifecycle: crate::lifecycle::Lifecycle,
+    },
+    MqttPersist {
+        rules: Vec<crate::model::MqttPersistRule>,
     },
 }

@@ -40,8 +40,8 @@ pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignmen
 pub use error::{Error, Result};
 pub use lifecycle::{CompactionLease, CompactionTotals, Lifecycle};
 pub use model::{
-    BrokerId, BrokerInfo, GroupOffset, ProducerBatch, ProducerState, SegmentRef, Shard, ShardStop,
-    Stream,
+    BrokerId, BrokerInfo, GroupOffset, MqttPersistRule, ProducerBatch, ProducerState, SegmentRef,
+    Shard, ShardStop, Stream,
 };
 pub use node::{BrokerView, BucketConfig, ClusterView, NodeConfig, NodeStatus, PlacementNode};
 pub use server::router;

@@ -273,3 +273,12 @@ mod tests {
         round_trip(&state);
     }
 }
+
+/// Where MQTT publishes go in the log: messages whose topic matches
+/// `filter` become records of `stream` (created with `shards` shards).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttPersistRule {
+    pub filter: String,
+    pub stream: String,
+    pub shards: i32,
+}

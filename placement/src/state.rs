@@ -30,6 +30,9 @@ pub struct State {
     /// Compaction lease, retired objects, default retention.
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// MQTT persistence rules, in the order they are tried.
+    #[serde(default)]
+    pub mqtt_persist: Vec<crate::model::MqttPersistRule>,
     /// The layout this state was written in ([`STATE_FORMAT`]); states
     /// from before the field existed read as 0 and load unchanged.
     #[serde(default)]
@@ -243,6 +246,21 @@ impl State {
                 compaction_epoch,
                 objects,
             } => self.lifecycle.forget(compaction_epoch, objects),
+            Command::PutMqttPersist { rule } => {
+                match self
+                    .mqtt_persist
+                    .iter_mut()
+                    .find(|r| r.filter == rule.filter)
+                {
+                    Some(r) => *r = rule,
+                    None => self.mqtt_persist.push(rule),
+                }
+                Reply::Done
+            }
+            Command::DeleteMqttPersist { filter } => {
+                self.mqtt_persist.retain(|r| r.filter != filter);
+                Reply::Done
+            }
             Command::SetDefaultRetention { retention_ms } => {
                 self.lifecycle.default_retention_ms = Some(retention_ms.max(-1));
                 Reply::Done
@@ -288,6 +306,9 @@ impl State {
                     .collect(),
                 default_retention_ms: self.lifecycle.default_retention_ms(),
                 compaction: self.lifecycle.totals(),
+            },
+            Query::MqttPersist => QueryReply::MqttPersist {
+                rules: self.mqtt_persist.clone(),
             },
             Query::Lifecycle => QueryReply::Lifecycle {
                 lifecycle: self.lifecycle.clone(),

@@ -213,6 +213,7 @@ class Shoal:
         data_dir: Optional[Path] = None,
         kafka_port: Optional[int] = None,
         http_port: Optional[int] = None,
+        mqtt_port: Optional[int] = None,
     ):
         self.name = name
         self.workdir = Path(workdir)
@@ -223,6 +224,10 @@ class Shoal:
         self.http_port = http_port or free_port()
         while self.http_port == self.kafka_port:
             self.http_port = free_port()
+        # Always a free port: the standalone default (1883) may be taken.
+        self.mqtt_port = mqtt_port or free_port()
+        while self.mqtt_port in (self.kafka_port, self.http_port):
+            self.mqtt_port = free_port()
         self.default_partitions = default_partitions
         self.flush_interval = flush_interval
         self.flush_bytes = flush_bytes
@@ -265,6 +270,7 @@ class Shoal:
             "--data-dir", str(self.data_dir),
             "--kafka-addr", self.kafka_addr,
             "--http-addr", self.http_addr,
+            "--mqtt-addr", f"127.0.0.1:{self.mqtt_port}",
         ]
         if self.object_store is not None:
             cmd += ["--object-store", self.object_store]

@@ -44,6 +44,7 @@ def standalone_args(data_dir, kafka_port=None, http_port=None) -> list[str]:
         "--data-dir", str(data_dir),
         "--kafka-addr", f"127.0.0.1:{kafka_port or free_port()}",
         "--http-addr", f"127.0.0.1:{http_port or free_port()}",
+        "--mqtt-addr", f"127.0.0.1:{free_port()}",
         "--flush-interval", "100ms",
     ]
 

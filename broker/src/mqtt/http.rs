@@ -1,0 +1,143 @@
+//! MQTT admin routes: persistence rules (kept in placement, so any broker
+//! serves them, MQTT listener or not), and the connected clients and
+//! subscriptions of this broker.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use shoal_placement::{Command, MqttPersistRule, Reply};
+
+use super::Mqtt;
+use crate::Broker;
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    mqtt: Option<Arc<Mqtt>>,
+}
+
+pub fn router(broker: Arc<Broker>, mqtt: Option<Arc<Mqtt>>) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/mqtt/persist",
+            get(list_rules).put(put_rule).delete(delete_rule),
+        )
+        .route("/api/v1/mqtt/clients", get(clients))
+        .route("/api/v1/mqtt/subscriptions", get(subscriptions))
+        .with_state(AppState { broker, mqtt })
+}
+
+fn error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (code, Json(serde_json::json!({ "error": msg.to_string() }))).into_response()
+}
+
+async fn rules_reply(broker: &Broker) -> Response {
+    match broker.placement.mqtt_persist_rules().await {
+        Ok(rules) => Json(serde_json::json!({ "rules": rules })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// `GET /api/v1/mqtt/persist`: the rules, in the order they are tried.
+async fn list_rules(State(st): State<AppState>) -> Response {
+    rules_reply(&st.broker).await
+}
+
+#[derive(Deserialize)]
+struct RuleBody {
+    filter: String,
+    stream: String,
+    #[serde(default = "one")]
+    shards: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// `PUT /api/v1/mqtt/persist` `{"filter", "stream", "shards"}`: add or
+/// replace the rule for `filter`, creating the stream if it is missing.
+async fn put_rule(State(st): State<AppState>, Json(body): Json<RuleBody>) -> Response {
+    match put(&st.broker, body.filter, body.stream, body.shards).await {
+        Ok(()) => rules_reply(&st.broker).await,
+        Err((code, msg)) => error(code, msg),
+    }
+}
+
+/// Add or replace a rule (also used to seed rules from the config file).
+pub async fn put(
+    broker: &Arc<Broker>,
+    filter: String,
+    stream: String,
+    shards: i32,
+) -> Result<(), (StatusCode, String)> {
+    if !super::valid_rule_filter(&filter) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("invalid topic filter {filter:?}"),
+        ));
+    }
+    if broker.stream(&stream).is_none() {
+        match broker
+            .create_stream(&stream, shards, Default::default(), false)
+            .await
+        {
+            Ok(_) | Err(crate::Error::StreamExists(_)) => {}
+            Err(e @ (crate::Error::InvalidTopic(_) | crate::Error::InvalidPartitions(_))) => {
+                return Err((StatusCode::BAD_REQUEST, e.to_string()));
+            }
+            Err(e) => return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+    }
+    let rule = MqttPersistRule {
+        filter,
+        stream,
+        shards,
+    };
+    match broker
+        .placement
+        .write(Command::PutMqttPersist { rule })
+        .await
+    {
+        Ok(Reply::Done) => Ok(()),
+        Ok(other) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
+        Err(e) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct FilterQuery {
+    filter: String,
+}
+
+/// `DELETE /api/v1/mqtt/persist?filter=...`.
+async fn delete_rule(State(st): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    match st
+        .broker
+        .placement
+        .write(Command::DeleteMqttPersist { filter: q.filter })
+        .await
+    {
+        Ok(_) => rules_reply(&st.broker).await,
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn clients(State(st): State<AppState>) -> Response {
+    match &st.mqtt {
+        Some(m) => Json(serde_json::json!({ "clients": m.clients() })).into_response(),
+        None => error(StatusCode::NOT_FOUND, "MQTT is not served by this broker"),
+    }
+}
+
+async fn subscriptions(State(st): State<AppState>) -> Response {
+    match &st.mqtt {
+        Some(m) => Json(serde_json::json!({ "subscriptions": m.subscriptions() })).into_response(),
+        None => error(StatusCode::NOT_FOUND, "MQTT is not served by this broker"),
+    }
+}

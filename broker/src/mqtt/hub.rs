@@ -1,0 +1,948 @@
+//! The MQTT broker's shared state: sessions, the subscription trie, shared
+//! subscription groups and retained messages, and routing between them.
+//!
+//! Everything here is synchronous and in memory behind one lock, with
+//! short critical sections; connections call in and are woken through a
+//! [`Notify`] when their session has something to send. No I/O happens
+//! here, so the protocol machine and its tests drive it directly.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use super::message::Message;
+use super::trie::Trie;
+
+pub(crate) type ClientId = Arc<str>;
+
+/// A subscription's options (MQTT 5 §3.8.3.1; v3.1.1 has only the QoS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubOpts {
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    pub id: Option<u32>,
+}
+
+/// What the trie indexes: one client's own subscription, or a shared
+/// subscription group (whose members are kept in [`SharedGroup`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SubKey {
+    Client(ClientId),
+    Group(Arc<str>),
+}
+
+#[derive(Debug, Default)]
+struct SharedGroup {
+    members: Vec<(ClientId, SubOpts)>,
+    next: usize,
+}
+
+/// A message waiting in a session for its connection (or its next one).
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub msg: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message is in its exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OutState {
+    /// PUBLISH sent; PUBACK (QoS 1) or PUBREC (QoS 2) expected.
+    Published,
+    /// PUBREC received and PUBREL sent; PUBCOMP expected.
+    Released,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub item: Queued,
+    pub state: OutState,
+}
+
+/// What a connection sends next: a PUBLISH (new or, after a reconnect, a
+/// retransmission with DUP) or a PUBREL to resume a QoS 2 exchange.
+#[derive(Debug, Clone)]
+pub(crate) enum Send {
+    Publish {
+        packet_id: Option<u16>,
+        item: Queued,
+        dup: bool,
+    },
+    PubRel(u16),
+}
+
+/// A will and when it is due.
+#[derive(Debug, Clone)]
+pub(crate) struct Will {
+    pub msg: Message,
+    pub delay_secs: u32,
+}
+
+/// The connection a session is attached to.
+#[derive(Debug)]
+struct Link {
+    id: u64,
+    wake: Arc<Notify>,
+    /// The client's Receive Maximum: outgoing QoS 1/2 messages in flight.
+    window: usize,
+}
+
+#[derive(Debug)]
+struct Session {
+    client_id: ClientId,
+    subs: BTreeMap<String, SubOpts>,
+    /// Seconds the session outlives its connection; `u32::MAX` = forever.
+    expiry_secs: u32,
+    queue: VecDeque<Queued>,
+    inflight: BTreeMap<u16, Outgoing>,
+    /// Incoming QoS 2 packet ids received and not yet released.
+    incoming_qos2: BTreeSet<u16>,
+    next_packet_id: u16,
+    link: Option<Link>,
+    disconnected_ms: Option<i64>,
+    /// The will of the current (or last) connection.
+    will: Option<Will>,
+    /// A will waiting for its delay after the connection dropped.
+    will_due_ms: Option<i64>,
+    /// Inflight messages go out again, with DUP, on the next connection.
+    resend: bool,
+    username: Option<String>,
+    connected_ms: i64,
+}
+
+/// Limits that keep one client from growing the broker's memory.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Messages queued per session beyond those in flight.
+    pub max_queued: usize,
+    pub drop_policy: DropPolicy,
+    /// Queue QoS 0 messages for offline sessions (Mosquitto's
+    /// `queue_qos0_messages`, off by default there too).
+    pub queue_qos0_offline: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queued: 1000,
+            drop_policy: DropPolicy::DropNew,
+            queue_qos0_offline: false,
+        }
+    }
+}
+
+/// Which message goes when a session's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// The arriving message is dropped (Mosquitto's behaviour).
+    DropNew,
+    /// The oldest queued message is dropped to make room.
+    DropOldest,
+}
+
+impl DropPolicy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "drop-new" => Some(DropPolicy::DropNew),
+            "drop-oldest" => Some(DropPolicy::DropOldest),
+            _ => None,
+        }
+    }
+}
+
+/// Why a message was not delivered, for the dropped-messages metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Dropped {
+    QueueFull,
+    Expired,
+    PacketTooLarge,
+}
+
+impl Dropped {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Dropped::QueueFull => "queue_full",
+            Dropped::Expired => "expired",
+            Dropped::PacketTooLarge => "packet_too_large",
+        }
+    }
+}
+
+/// The outcome of attaching a connection to a session.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    pub link: u64,
+    pub session_present: bool,
+}
+
+/// What the caller of [`Hub::connect`] asks for.
+#[derive(Debug)]
+pub(crate) struct ConnectRequest {
+    pub client_id: ClientId,
+    pub clean_start: bool,
+    pub expiry_secs: u32,
+    pub will: Option<Will>,
+    pub wake: Arc<Notify>,
+    pub window: usize,
+    pub username: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<ClientId, Session>,
+    trie: Trie<SubKey, SubOpts>,
+    groups: HashMap<(Arc<str>, String), SharedGroup>,
+    retained: BTreeMap<String, Arc<Message>>,
+    next_link: u64,
+    /// Messages dropped, by reason, since start.
+    dropped: HashMap<Dropped, u64>,
+}
+
+/// A snapshot of one session for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientView {
+    pub client_id: String,
+    pub connected: bool,
+    pub username: Option<String>,
+    pub session_expiry_secs: u32,
+    pub subscriptions: usize,
+    pub queued: usize,
+    pub inflight: usize,
+    pub connected_ms: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriptionView {
+    pub client_id: String,
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    pub subscription_id: Option<u32>,
+}
+
+/// Counts for the metrics gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub connections: usize,
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub queued: usize,
+}
+
+pub(crate) struct Hub {
+    state: Mutex<State>,
+    pub(crate) limits: Limits,
+    received: [AtomicU64; 3],
+    sent: [AtomicU64; 3],
+    /// (filter, stream): where matching publishes are persisted.
+    rules: RwLock<Vec<(String, Arc<str>)>>,
+}
+
+/// A shared subscription's group and filter, if `filter` is one
+/// (`$share/{group}/{filter}`).
+pub(crate) fn shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    rest.split_once('/')
+}
+
+impl Hub {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Hub {
+            state: Mutex::new(State::default()),
+            limits,
+            received: Default::default(),
+            sent: Default::default(),
+            rules: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Attach a new connection to `req.client_id`'s session, creating or
+    /// replacing it as Clean Start says. A connection already attached is
+    /// taken over: it is woken and finds itself detached.
+    pub(crate) fn connect(&self, req: ConnectRequest, now_ms: i64) -> Attached {
+        let mut wills = Vec::new();
+        let mut st = self.state.lock();
+        st.next_link += 1;
+        let link = st.next_link;
+        let mut present = false;
+        if let Some(s) = st.sessions.get_mut(&req.client_id) {
+            if let Some(old) = s.link.take() {
+                // Taken over (MQTT 5 §3.1.4): the old connection's will is
+                // published unless a delay is still running and the session
+                // lives on, in which case the new connection cancels it.
+                if let Some(w) = s.will.take()
+                    && (w.delay_secs == 0 || req.clean_start)
+                {
+                    wills.push(w.msg);
+                }
+                old.wake.notify_one();
+            } else if let Some(w) = s.will.take()
+                && s.will_due_ms.is_some()
+                && req.clean_start
+            {
+                // A delayed will whose session ends now is due now.
+                wills.push(w.msg);
+            }
+            s.will_due_ms = None;
+            if req.clean_start {
+                let gone = st.sessions.remove(&req.client_id);
+                if let Some(gone) = gone {
+                    remove_subscriptions(&mut st, &gone);
+                }
+            } else {
+                present = true;
+            }
+        }
+        let s = st
+            .sessions
+            .entry(req.client_id.clone())
+            .or_insert_with(|| Session {
+                client_id: req.client_id.clone(),
+                subs: BTreeMap::new(),
+                expiry_secs: 0,
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                incoming_qos2: BTreeSet::new(),
+                next_packet_id: 0,
+                link: None,
+                disconnected_ms: None,
+                will: None,
+                will_due_ms: None,
+                resend: false,
+                username: None,
+                connected_ms: now_ms,
+            });
+        s.expiry_secs = req.expiry_secs;
+        s.will = req.will;
+        s.disconnected_ms = None;
+        s.resend = present && !s.inflight.is_empty();
+        s.username = req.username;
+        s.connected_ms = now_ms;
+        s.link = Some(Link {
+            id: link,
+            wake: req.wake.clone(),
+            window: req.window.max(1),
+        });
+        drop(st);
+        for w in wills {
+            self.publish(w, now_ms);
+        }
+        // Queued messages wait for the connection to ask for them.
+        req.wake.notify_one();
+        Attached {
+            link,
+            session_present: present,
+        }
+    }
+
+    /// The connection `link` ended. `send_will`: it ended without a normal
+    /// DISCONNECT (or with "disconnect with will message"). `expiry`: a new
+    /// Session Expiry Interval from the client's DISCONNECT.
+    pub(crate) fn disconnect(
+        &self,
+        client: &str,
+        link: u64,
+        send_will: bool,
+        expiry: Option<u32>,
+        now_ms: i64,
+    ) {
+        let mut due = None;
+        let mut st = self.state.lock();
+        let Some(s) = st.sessions.get_mut(client) else {
+            return;
+        };
+        if s.link.as_ref().is_none_or(|l| l.id != link) {
+            return;
+        }
+        s.link = None;
+        s.disconnected_ms = Some(now_ms);
+        if let Some(e) = expiry {
+            s.expiry_secs = e;
+        }
+        let will = s.will.take();
+        if send_will && let Some(w) = will {
+            if w.delay_secs == 0 || s.expiry_secs == 0 {
+                due = Some(w.msg);
+            } else {
+                let delay = w.delay_secs.min(s.expiry_secs);
+                s.will_due_ms = Some(now_ms + i64::from(delay) * 1000);
+                s.will = Some(w);
+            }
+        }
+        if s.expiry_secs == 0 {
+            let gone = st.sessions.remove(client);
+            if let Some(gone) = gone {
+                remove_subscriptions(&mut st, &gone);
+            }
+        }
+        drop(st);
+        if let Some(m) = due {
+            self.publish(m, now_ms);
+        }
+    }
+
+    /// Expire sessions and publish wills whose time has come.
+    pub(crate) fn tick(&self, now_ms: i64) {
+        let mut due = Vec::new();
+        let mut st = self.state.lock();
+        let mut expired = Vec::new();
+        for s in st.sessions.values_mut() {
+            if s.link.is_some() {
+                continue;
+            }
+            if let Some(t) = s.will_due_ms
+                && t <= now_ms
+            {
+                s.will_due_ms = None;
+                if let Some(w) = s.will.take() {
+                    due.push(w.msg);
+                }
+            }
+            if let Some(d) = s.disconnected_ms
+                && s.expiry_secs != u32::MAX
+                && d + i64::from(s.expiry_secs) * 1000 <= now_ms
+            {
+                if let Some(w) = s.will.take() {
+                    due.push(w.msg);
+                }
+                expired.push(s.client_id.clone());
+            }
+        }
+        for c in expired {
+            if let Some(gone) = st.sessions.remove(&c) {
+                remove_subscriptions(&mut st, &gone);
+            }
+        }
+        drop(st);
+        for m in due {
+            self.publish(m, now_ms);
+        }
+    }
+
+    /// Route `msg` to every matching subscription (and store it if it is
+    /// retained). Returns how many sessions it was queued for.
+    pub(crate) fn publish(&self, msg: Message, _now_ms: i64) -> usize {
+        let msg = Arc::new(msg);
+        let mut st = self.state.lock();
+        if msg.retain {
+            if msg.payload.is_empty() {
+                st.retained.remove(&*msg.topic);
+            } else {
+                // Stored without the origin: no-local does not apply to
+                // retained messages sent on subscribe.
+                st.retained.insert(msg.topic.to_string(), msg.clone());
+            }
+        }
+        // One delivery per session, at the highest QoS of its matching
+        // subscriptions, with all their identifiers (MQTT 5 §3.3.4).
+        let mut direct: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::new();
+        let mut groups: Vec<(Arc<str>, String)> = Vec::new();
+        st.trie.matches(&msg.topic, |filter, key, opts| match key {
+            SubKey::Client(c) => {
+                if opts.no_local && msg.origin.as_deref() == Some(&**c) {
+                    return;
+                }
+                let e = direct.entry(c.clone()).or_insert((0, false, Vec::new()));
+                e.0 = e.0.max(opts.qos);
+                e.1 |= opts.retain_as_published;
+                if let Some(id) = opts.id {
+                    e.2.push(id);
+                }
+            }
+            SubKey::Group(g) => groups.push((g.clone(), filter.to_string())),
+        });
+        let mut wake = Vec::new();
+        let mut delivered = 0;
+        for (client, (qos, rap, ids)) in direct {
+            let item = Queued {
+                msg: msg.clone(),
+                qos: qos.min(msg.qos),
+                retain: rap && msg.retain,
+                sub_ids: ids,
+            };
+            if let Some(w) = enqueue(&mut st, &self.limits, &client, item) {
+                wake.push(w);
+            }
+            delivered += 1;
+        }
+        for key in groups {
+            let Some(choice) = pick_member(&mut st, &key, msg.origin.as_deref()) else {
+                continue;
+            };
+            let (client, opts) = choice;
+            let item = Queued {
+                msg: msg.clone(),
+                qos: opts.qos.min(msg.qos),
+                retain: false,
+                sub_ids: opts.id.into_iter().collect(),
+            };
+            if let Some(w) = enqueue(&mut st, &self.limits, &client, item) {
+                wake.push(w);
+            }
+            delivered += 1;
+        }
+        drop(st);
+        for w in wake {
+            w.notify_one();
+        }
+        delivered
+    }
+
+    /// Add subscriptions; returns per filter whether it existed before.
+    /// Retained messages are queued as each one's Retain Handling says.
+    pub(crate) fn subscribe(
+        &self,
+        client: &str,
+        subs: Vec<(String, SubOpts)>,
+        now_ms: i64,
+    ) -> Vec<bool> {
+        let mut st = self.state.lock();
+        let Some((key, _)) = st.sessions.get_key_value(client) else {
+            return vec![false; subs.len()];
+        };
+        let client: ClientId = key.clone();
+        let mut existed = Vec::with_capacity(subs.len());
+        let mut retained = Vec::new();
+        for (filter, opts) in subs {
+            let old = match shared(&filter) {
+                Some((group, inner)) => {
+                    let gkey: (Arc<str>, String) = (Arc::from(group), inner.to_string());
+                    st.trie.insert(
+                        inner,
+                        SubKey::Group(gkey.0.clone()),
+                        SubOpts {
+                            qos: 2,
+                            no_local: false,
+                            retain_as_published: false,
+                            retain_handling: 2,
+                            id: None,
+                        },
+                    );
+                    let g = st.groups.entry(gkey).or_default();
+                    match g.members.iter_mut().find(|(c, _)| *c == client) {
+                        Some(m) => Some(std::mem::replace(&mut m.1, opts.clone())),
+                        None => {
+                            g.members.push((client.clone(), opts.clone()));
+                            None
+                        }
+                    }
+                }
+                None => st
+                    .trie
+                    .insert(&filter, SubKey::Client(client.clone()), opts.clone()),
+            };
+            // Shared subscriptions get no retained messages (§4.8.2).
+            let send_retained = shared(&filter).is_none()
+                && match opts.retain_handling {
+                    0 => true,
+                    1 => old.is_none(),
+                    _ => false,
+                };
+            if send_retained {
+                for m in retained_matching(&st.retained, &filter) {
+                    if m.expired(now_ms) {
+                        continue;
+                    }
+                    retained.push(Queued {
+                        qos: opts.qos.min(m.qos),
+                        msg: m,
+                        retain: true,
+                        sub_ids: opts.id.into_iter().collect(),
+                    });
+                }
+            }
+            existed.push(old.is_some());
+            if let Some(s) = st.sessions.get_mut(&client) {
+                s.subs.insert(filter, opts);
+            }
+        }
+        let mut wake = None;
+        for item in retained {
+            if let Some(w) = enqueue(&mut st, &self.limits, &client, item) {
+                wake = Some(w);
+            }
+        }
+        drop(st);
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+        existed
+    }
+
+    /// Remove subscriptions; returns per filter whether it existed.
+    pub(crate) fn unsubscribe(&self, client: &str, filters: &[String]) -> Vec<bool> {
+        let mut st = self.state.lock();
+        let Some((key, _)) = st.sessions.get_key_value(client) else {
+            return vec![false; filters.len()];
+        };
+        let client: ClientId = key.clone();
+        filters
+            .iter()
+            .map(|f| {
+                let existed = st
+                    .sessions
+                    .get_mut(&client)
+                    .and_then(|s| s.subs.remove(f))
+                    .is_some();
+                if existed {
+                    remove_subscription(&mut st, &client, f);
+                }
+                existed
+            })
+            .collect()
+    }
+
+    /// The next packets for `link` to send, within its in-flight window:
+    /// first the retransmissions owed after a reconnect, then queued
+    /// messages. `None` if `link` was detached (taken over).
+    pub(crate) fn next_sends(&self, client: &str, link: u64, now_ms: i64) -> Option<Vec<Send>> {
+        let mut st = self.state.lock();
+        let State {
+            sessions, dropped, ..
+        } = &mut *st;
+        let s = sessions.get_mut(client)?;
+        let window = match &s.link {
+            Some(l) if l.id == link => l.window,
+            _ => return None,
+        };
+        let mut out = Vec::new();
+        if s.resend {
+            s.resend = false;
+            for (&pid, o) in &s.inflight {
+                out.push(match o.state {
+                    OutState::Published => Send::Publish {
+                        packet_id: Some(pid),
+                        item: o.item.clone(),
+                        dup: true,
+                    },
+                    OutState::Released => Send::PubRel(pid),
+                });
+            }
+        }
+        while let Some(front) = s.queue.front() {
+            if front.qos > 0 && s.inflight.len() >= window {
+                break;
+            }
+            let Some(item) = s.queue.pop_front() else {
+                break;
+            };
+            if item.msg.expired(now_ms) {
+                *dropped.entry(Dropped::Expired).or_default() += 1;
+                continue;
+            }
+            let packet_id = if item.qos > 0 {
+                let pid = free_packet_id(s);
+                s.inflight.insert(
+                    pid,
+                    Outgoing {
+                        item: item.clone(),
+                        state: OutState::Published,
+                    },
+                );
+                Some(pid)
+            } else {
+                None
+            };
+            out.push(Send::Publish {
+                packet_id,
+                item,
+                dup: false,
+            });
+        }
+        Some(out)
+    }
+
+    /// An outgoing QoS 1 message was acknowledged (PUBACK), or a QoS 2 one
+    /// completed (PUBCOMP). Returns whether the packet id was in flight.
+    pub(crate) fn acked(&self, client: &str, packet_id: u16) -> bool {
+        let mut st = self.state.lock();
+        let Some(s) = st.sessions.get_mut(client) else {
+            return false;
+        };
+        let gone = s.inflight.remove(&packet_id).is_some();
+        if gone && let Some(l) = &s.link {
+            // The window opened: more may go out.
+            l.wake.notify_one();
+        }
+        gone
+    }
+
+    /// PUBREC for an outgoing QoS 2 message: it moves to Released (the
+    /// caller sends PUBREL). With a failure code the exchange ends.
+    pub(crate) fn received(&self, client: &str, packet_id: u16, failed: bool) -> bool {
+        let mut st = self.state.lock();
+        let Some(s) = st.sessions.get_mut(client) else {
+            return false;
+        };
+        if failed {
+            let gone = s.inflight.remove(&packet_id).is_some();
+            if let Some(l) = &s.link {
+                l.wake.notify_one();
+            }
+            return gone;
+        }
+        match s.inflight.get_mut(&packet_id) {
+            Some(o) => {
+                o.state = OutState::Released;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An incoming QoS 2 PUBLISH with `packet_id`: true if it is new (to be
+    /// routed), false if it is a retransmission of one not yet released.
+    pub(crate) fn incoming_qos2(&self, client: &str, packet_id: u16) -> bool {
+        let mut st = self.state.lock();
+        st.sessions
+            .get_mut(client)
+            .is_some_and(|s| s.incoming_qos2.insert(packet_id))
+    }
+
+    /// PUBREL for an incoming QoS 2 message; true if it was pending.
+    pub(crate) fn release(&self, client: &str, packet_id: u16) -> bool {
+        let mut st = self.state.lock();
+        st.sessions
+            .get_mut(client)
+            .is_some_and(|s| s.incoming_qos2.remove(&packet_id))
+    }
+
+    /// Incoming QoS 2 messages waiting for PUBREL.
+    pub(crate) fn pending_releases(&self, client: &str) -> usize {
+        let st = self.state.lock();
+        st.sessions.get(client).map_or(0, |s| s.incoming_qos2.len())
+    }
+
+    pub(crate) fn note_dropped(&self, why: Dropped) {
+        *self.state.lock().dropped.entry(why).or_default() += 1;
+    }
+
+    /// Dropped messages by reason, since start.
+    pub(crate) fn dropped(&self) -> Vec<(Dropped, u64)> {
+        let mut v: Vec<_> = self
+            .state
+            .lock()
+            .dropped
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort_by_key(|(k, _)| k.label());
+        v
+    }
+
+    pub(crate) fn count_in(&self, qos: u8) {
+        if let Some(c) = self.received.get(usize::from(qos)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn count_out(&self, qos: u8) {
+        if let Some(c) = self.sent.get(usize::from(qos)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Messages received and sent, per QoS.
+    pub(crate) fn message_counts(&self) -> ([u64; 3], [u64; 3]) {
+        let load = |a: &[AtomicU64; 3]| [0, 1, 2].map(|i| a[i].load(Ordering::Relaxed));
+        (load(&self.received), load(&self.sent))
+    }
+
+    /// Replace the persistence rules.
+    pub(crate) fn set_rules(&self, rules: Vec<(String, Arc<str>)>) {
+        *self.rules.write() = rules;
+    }
+
+    /// The streams rules persist to.
+    pub(crate) fn rule_streams(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<Arc<str>> = self.rules.read().iter().map(|(_, s)| s.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The stream a message on `topic` is persisted to: the first rule
+    /// whose filter matches, in the rules' order.
+    pub(crate) fn persist_target(&self, topic: &str) -> Option<Arc<str>> {
+        let rules = self.rules.read();
+        rules
+            .iter()
+            .find(|(f, _)| super::topic::matches(topic, f))
+            .map(|(_, s)| s.clone())
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        let st = self.state.lock();
+        let mut c = Counts {
+            sessions: st.sessions.len(),
+            subscriptions: st.trie.len(),
+            retained: st.retained.len(),
+            ..Counts::default()
+        };
+        for s in st.sessions.values() {
+            c.connections += usize::from(s.link.is_some());
+            c.queued += s.queue.len();
+        }
+        c
+    }
+
+    pub(crate) fn clients(&self) -> Vec<ClientView> {
+        let st = self.state.lock();
+        let mut v: Vec<ClientView> = st
+            .sessions
+            .values()
+            .map(|s| ClientView {
+                client_id: s.client_id.to_string(),
+                connected: s.link.is_some(),
+                username: s.username.clone(),
+                session_expiry_secs: s.expiry_secs,
+                subscriptions: s.subs.len(),
+                queued: s.queue.len(),
+                inflight: s.inflight.len(),
+                connected_ms: s.connected_ms,
+            })
+            .collect();
+        v.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        v
+    }
+
+    pub(crate) fn subscriptions(&self) -> Vec<SubscriptionView> {
+        let st = self.state.lock();
+        let mut v = Vec::new();
+        for s in st.sessions.values() {
+            for (f, o) in &s.subs {
+                v.push(SubscriptionView {
+                    client_id: s.client_id.to_string(),
+                    filter: f.clone(),
+                    qos: o.qos,
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: o.retain_handling,
+                    subscription_id: o.id,
+                });
+            }
+        }
+        v.sort_by(|a, b| (&a.client_id, &a.filter).cmp(&(&b.client_id, &b.filter)));
+        v
+    }
+}
+
+/// Put `item` on `client`'s queue, within the limits; returns the
+/// connection to wake, if one is attached.
+fn enqueue(
+    st: &mut State,
+    limits: &Limits,
+    client: &ClientId,
+    item: Queued,
+) -> Option<Arc<Notify>> {
+    let State {
+        sessions, dropped, ..
+    } = st;
+    let s = sessions.get_mut(client)?;
+    if s.link.is_none() && item.qos == 0 && !limits.queue_qos0_offline {
+        return None;
+    }
+    if s.queue.len() >= limits.max_queued {
+        *dropped.entry(Dropped::QueueFull).or_default() += 1;
+        match limits.drop_policy {
+            DropPolicy::DropNew => return None,
+            DropPolicy::DropOldest => {
+                s.queue.pop_front();
+            }
+        }
+    }
+    s.queue.push_back(item);
+    s.link.as_ref().map(|l| l.wake.clone())
+}
+
+/// A shared group's next member, round robin, preferring connected ones.
+fn pick_member(
+    st: &mut State,
+    key: &(Arc<str>, String),
+    origin: Option<&str>,
+) -> Option<(ClientId, SubOpts)> {
+    let State {
+        groups, sessions, ..
+    } = st;
+    let g = groups.get_mut(key)?;
+    let n = g.members.len();
+    let eligible = |(c, o): &(ClientId, SubOpts)| !(o.no_local && origin == Some(&**c));
+    let connected = |c: &ClientId| sessions.get(c).is_some_and(|s| s.link.is_some());
+    for pass in 0..2 {
+        for i in 0..n {
+            let idx = (g.next + i) % n;
+            let m = &g.members[idx];
+            if eligible(m) && (pass == 1 || connected(&m.0)) {
+                g.next = (idx + 1) % n;
+                return Some(m.clone());
+            }
+        }
+    }
+    None
+}
+
+fn remove_subscription(st: &mut State, client: &ClientId, filter: &str) {
+    match shared(filter) {
+        Some((group, inner)) => {
+            let key: (Arc<str>, String) = (Arc::from(group), inner.to_string());
+            if let Some(g) = st.groups.get_mut(&key) {
+                g.members.retain(|(c, _)| c != client);
+                if g.members.is_empty() {
+                    st.groups.remove(&key);
+                    st.trie.remove(inner, &SubKey::Group(key.0.clone()));
+                }
+            }
+        }
+        None => {
+            st.trie.remove(filter, &SubKey::Client(client.clone()));
+        }
+    }
+}
+
+fn remove_subscriptions(st: &mut State, gone: &Session) {
+    for f in gone.subs.keys() {
+        remove_subscription(st, &gone.client_id, f);
+    }
+}
+
+/// A packet id not in flight. Ids wrap and skip those still in use (a
+/// sender must not reuse an id until its exchange is complete).
+fn free_packet_id(s: &mut Session) -> u16 {
+    loop {
+        s.next_packet_id = s.next_packet_id.wrapping_add(1);
+        if s.next_packet_id != 0 && !s.inflight.contains_key(&s.next_packet_id) {
+            return s.next_packet_id;
+        }
+    }
+}
+
+/// Retained messages whose topics match `filter`. Topics share a prefix
+/// with the filter's part before its first wildcard, so only that range of
+/// the ordered map is scanned.
+fn retained_matching(retained: &BTreeMap<String, Arc<Message>>, filter: &str) -> Vec<Arc<Message>> {
+    let literal_end = filter.find(['+', '#']).unwrap_or(filter.len());
+    let prefix = &filter[..literal_end];
+    if literal_end == filter.len() {
+        return retained.get(filter).cloned().into_iter().collect();
+    }
+    retained
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(t, _)| t.starts_with(prefix))
+        .filter(|(t, _)| super::topic::matches(t, filter))
+        .map(|(_, m)| m.clone())
+        .collect()
+}

@@ -1,0 +1,286 @@
+//! The MQTT listener: accept connections and run each one's I/O loop,
+//! which feeds whole packets to its protocol machine and carries out what
+//! the machine asks (writes, log appends, closing).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use mqtt5_protocol::ReasonCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::Mqtt;
+use super::conn::{Action, Protocol, publish_ack};
+use super::frame;
+
+/// Accept MQTT connections until `shutdown`.
+pub async fn serve(listener: TcpListener, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let mqtt = mqtt.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        tracing::debug!(%peer, "MQTT connection");
+                        connection(sock, mqtt, shutdown).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("MQTT accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// What an acknowledgement held back for the log resolves to.
+enum HeldAck {
+    Send(Bytes),
+    /// MQTT 3.1.1 has no way to refuse a publish: the connection closes
+    /// and the client sends it again on its next one.
+    Close,
+}
+
+type Held = Pin<Box<dyn Future<Output = HeldAck> + Send>>;
+
+/// Run one connection (TCP, or a WebSocket's byte stream) to its end.
+pub async fn connection<S>(io: S, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let wake = Arc::new(Notify::new());
+    let mut proto = Protocol::new(
+        mqtt.hub.clone(),
+        mqtt.settings.clone(),
+        mqtt.access.clone(),
+        wake.clone(),
+    );
+    let max = mqtt.settings.max_packet_size;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut held: FuturesOrdered<Held> = FuturesOrdered::new();
+    let mut out = BytesMut::new();
+    let mut last_heard = Instant::now();
+    let mut closing = false;
+    while !closing {
+        let deadline = proto.silence_limit().map(|d| last_heard + d);
+        let mut actions = Vec::new();
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    last_heard = Instant::now();
+                    let now = crate::broker::now_ms();
+                    loop {
+                        match frame::next(&mut buf, max) {
+                            Ok(Some(f)) => {
+                                actions.extend(proto.handle(f, now));
+                                if matches!(actions.last(), Some(Action::Close)) {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(client = ?proto.client_id(), "MQTT framing: {e}");
+                                actions.extend(proto.frame_error(&e));
+                                break;
+                            }
+                        }
+                    }
+                }
+            },
+            _ = wake.notified() => actions.extend(proto.pump(crate::broker::now_ms())),
+            Some(ack) = held.next(), if !held.is_empty() => {
+                proto.persisted_ack_sent();
+                match ack {
+                    HeldAck::Send(b) => out.extend_from_slice(&b),
+                    HeldAck::Close => closing = true,
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                actions.extend(proto.timed_out());
+            }
+            _ = shutdown.changed() => {
+                if proto.version() == 5 && proto.client_id().is_some() {
+                    out.extend_from_slice(&server_disconnect(ReasonCode::ServerShuttingDown));
+                }
+                closing = true;
+            }
+        }
+        for a in actions {
+            match a {
+                Action::Send(b) => out.extend_from_slice(&b),
+                Action::Ack(b) if held.is_empty() => out.extend_from_slice(&b),
+                Action::Ack(b) => held.push_back(Box::pin(async move { HeldAck::Send(b) })),
+                Action::Persist { msg, stream, ack } => {
+                    if let Some(f) = persist(&mqtt, &proto, msg, &stream, ack) {
+                        held.push_back(f);
+                    }
+                }
+                Action::Close => {
+                    closing = true;
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            let w = wr.write_all(&out).await;
+            out.clear();
+            if w.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+    proto.closed(crate::broker::now_ms());
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn server_disconnect(reason: ReasonCode) -> Bytes {
+    use mqtt5_protocol::packet::MqttPacket;
+    let mut b = BytesMut::new();
+    let _ = mqtt5_protocol::packet::disconnect::DisconnectPacket::new(reason).encode(&mut b);
+    b.freeze()
+}
+
+/// Append a publish to its stream; route it once the log has it; return
+/// the acknowledgement to send once it is durable.
+fn persist(
+    mqtt: &Arc<Mqtt>,
+    proto: &Protocol,
+    msg: super::message::Message,
+    stream: &str,
+    ack: Option<(u8, u16)>,
+) -> Option<Held> {
+    let version = proto.version();
+    let client = proto.client_id().map(Arc::<str>::from);
+    let refused = move |qos: u8, pid: u16| -> HeldAck {
+        if version == 5 {
+            HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::UnspecifiedError))
+        } else {
+            HeldAck::Close
+        }
+    };
+    match super::persist::append(&mqtt.broker, stream, &msg) {
+        Ok(appended) => {
+            // Live delivery does not wait for durability, only for the
+            // record to have its place in the log.
+            mqtt.hub.publish(msg, crate::broker::now_ms());
+            let (qos, pid) = ack?;
+            let timeout = mqtt.settings.persist_timeout;
+            let hub = mqtt.hub.clone();
+            Some(Box::pin(async move {
+                match appended.durable(timeout).await {
+                    Ok(()) => HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::Success)),
+                    Err(e) => {
+                        tracing::warn!("an MQTT publish was not made durable: {e}");
+                        if qos == 2
+                            && let Some(c) = &client
+                        {
+                            hub.release(c, pid);
+                        }
+                        refused(qos, pid)
+                    }
+                }
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(stream, "an MQTT publish was not persisted: {e}");
+            let (qos, pid) = ack?;
+            if qos == 2
+                && let Some(c) = &client
+            {
+                mqtt.hub.release(c, pid);
+            }
+            let r = refused(qos, pid);
+            Some(Box::pin(async move { r }))
+        }
+    }
+}
+
+/// Accept MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`) until
+/// `shutdown`. Each binary message carries bytes of the MQTT stream.
+pub async fn serve_ws(listener: TcpListener, mqtt: Arc<Mqtt>, shutdown: watch::Receiver<bool>) {
+    use axum::extract::State;
+    use axum::extract::ws::WebSocketUpgrade;
+    use axum::routing::get;
+
+    type WsState = (Arc<Mqtt>, watch::Receiver<bool>);
+    async fn upgrade(
+        State((mqtt, shutdown)): State<WsState>,
+        ws: WebSocketUpgrade,
+    ) -> axum::response::Response {
+        ws.protocols(["mqtt"])
+            .max_message_size(mqtt.settings.max_packet_size.saturating_add(16))
+            .on_upgrade(move |socket| websocket(socket, mqtt, shutdown))
+    }
+    let app = axum::Router::new()
+        .route("/mqtt", get(upgrade))
+        .with_state((mqtt, shutdown.clone()));
+    let mut stop = shutdown;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!("MQTT WebSocket server: {e}");
+    }
+}
+
+/// Carry one WebSocket's binary messages to and from a connection loop.
+async fn websocket(
+    mut socket: axum::extract::ws::WebSocket,
+    mqtt: Arc<Mqtt>,
+    shutdown: watch::Receiver<bool>,
+) {
+    use axum::extract::ws::Message as Ws;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let conn = tokio::spawn(connection(theirs, mqtt, shutdown));
+    let (mut rd, mut wr) = tokio::io::split(ours);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(Ws::Binary(b))) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Ws::Ping(_) | Ws::Pong(_))) => {}
+                // Text frames are not MQTT (MQTT §6): the connection ends.
+                Some(Ok(Ws::Text(_) | Ws::Close(_))) | Some(Err(_)) | None => break,
+            },
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let chunk = Bytes::copy_from_slice(&buf[..n]);
+                    if socket.send(Ws::Binary(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    drop(wr);
+    drop(rd);
+    let _ = socket.send(Ws::Close(None)).await;
+    let _ = conn.await;
+}

@@ -1,0 +1,311 @@
+//! MQTT settings shared by `shoal standalone` and `shoal broker`, the
+//! listeners they open, and `shoal mqtt passwd`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use shoal_broker::Broker;
+use shoal_broker::mqtt::{Access, DropPolicy, Limits, Mqtt, Settings};
+use tokio::net::TcpListener;
+
+use crate::config::{ConfigError, err, parse_addr, parse_bytes};
+
+#[derive(Debug, Args)]
+pub struct MqttArgs {
+    /// MQTT listener address, or `off` (standalone default 127.0.0.1:1883;
+    /// a cluster broker serves MQTT only when given one).
+    #[arg(long, env = "SHOAL_MQTT_ADDR")]
+    pub mqtt_addr: Option<String>,
+    /// MQTT over WebSocket listener address (path /mqtt), or `off` (default).
+    #[arg(long, env = "SHOAL_MQTT_WS_ADDR")]
+    pub mqtt_ws_addr: Option<String>,
+    /// File of `user:argon2-hash` lines (see `shoal mqtt passwd`).
+    #[arg(long, env = "SHOAL_MQTT_PASSWORD_FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// Topic access rules per user (`user`, `topic`, `pattern` lines).
+    #[arg(long, env = "SHOAL_MQTT_ACL_FILE")]
+    pub mqtt_acl_file: Option<PathBuf>,
+    /// Accept clients that send no user name (default true).
+    #[arg(long, env = "SHOAL_MQTT_ALLOW_ANONYMOUS")]
+    pub mqtt_allow_anonymous: Option<bool>,
+    /// Largest MQTT packet accepted (e.g. 1MiB).
+    #[arg(long, env = "SHOAL_MQTT_MAX_PACKET_SIZE")]
+    pub mqtt_max_packet_size: Option<String>,
+    /// Messages queued per session beyond those in flight.
+    #[arg(long, env = "SHOAL_MQTT_MAX_QUEUED_MESSAGES")]
+    pub mqtt_max_queued_messages: Option<usize>,
+    /// Which message goes when a session's queue is full: drop-new or
+    /// drop-oldest.
+    #[arg(long, env = "SHOAL_MQTT_QUEUE_DROP_POLICY")]
+    pub mqtt_queue_drop_policy: Option<String>,
+    /// Outgoing QoS 1/2 messages in flight per MQTT 3.1.1 client.
+    #[arg(long, env = "SHOAL_MQTT_MAX_INFLIGHT")]
+    pub mqtt_max_inflight: Option<usize>,
+    /// Keep Alive imposed on MQTT 5 clients that ask for none or a longer
+    /// one, in seconds (0: none).
+    #[arg(long, env = "SHOAL_MQTT_MAX_KEEP_ALIVE")]
+    pub mqtt_max_keep_alive: Option<u16>,
+}
+
+/// The same settings from the TOML file (flat `mqtt-*` keys), and the
+/// `[[mqtt.persist]]` rules.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MqttFile {
+    #[serde(default)]
+    pub persist: Vec<PersistRuleFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistRuleFile {
+    pub filter: String,
+    pub stream: String,
+    #[serde(default = "one")]
+    pub shards: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MqttFlatFile {
+    pub mqtt_addr: Option<String>,
+    pub mqtt_ws_addr: Option<String>,
+    pub mqtt_password_file: Option<PathBuf>,
+    pub mqtt_acl_file: Option<PathBuf>,
+    pub mqtt_allow_anonymous: Option<bool>,
+    pub mqtt_max_packet_size: Option<toml::Value>,
+    pub mqtt_max_queued_messages: Option<usize>,
+    pub mqtt_queue_drop_policy: Option<String>,
+    pub mqtt_max_inflight: Option<usize>,
+    pub mqtt_max_keep_alive: Option<u16>,
+}
+
+/// Resolved MQTT settings.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub tcp: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
+    pub allow_anonymous: bool,
+    pub settings: Settings,
+    pub persist: Vec<PersistRuleFile>,
+}
+
+fn listen_addr(flag: &str, v: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    match v.as_deref() {
+        None | Some("off") | Some("") => Ok(None),
+        Some(a) => parse_addr(flag, a).map(Some),
+    }
+}
+
+impl MqttArgs {
+    /// `default_addr`: the TCP listener when none is given (standalone).
+    pub fn resolve(
+        self,
+        file: MqttFlatFile,
+        persist: Vec<PersistRuleFile>,
+        default_addr: Option<&str>,
+    ) -> Result<MqttConfig, ConfigError> {
+        let tcp = listen_addr(
+            "--mqtt-addr",
+            self.mqtt_addr
+                .or(file.mqtt_addr)
+                .or(default_addr.map(str::to_string)),
+        )?;
+        let ws = listen_addr("--mqtt-ws-addr", self.mqtt_ws_addr.or(file.mqtt_ws_addr))?;
+        let mut settings = Settings::default();
+        match (self.mqtt_max_packet_size, file.mqtt_max_packet_size) {
+            (Some(s), _) => settings.max_packet_size = size(&s)?,
+            (None, Some(toml::Value::Integer(n))) => {
+                settings.max_packet_size =
+                    usize::try_from(n).map_err(|_| err("mqtt-max-packet-size must be positive"))?
+            }
+            (None, Some(toml::Value::String(s))) => settings.max_packet_size = size(&s)?,
+            (None, Some(v)) => return Err(err(format!("invalid mqtt-max-packet-size {v}"))),
+            (None, None) => {}
+        }
+        // MQTT's own limit: four bytes of remaining length plus the header.
+        if !(64..=268_435_460).contains(&settings.max_packet_size) {
+            return Err(err(
+                "--mqtt-max-packet-size must be between 64 B and 256 MiB",
+            ));
+        }
+        let mut limits = Limits::default();
+        if let Some(n) = self
+            .mqtt_max_queued_messages
+            .or(file.mqtt_max_queued_messages)
+        {
+            limits.max_queued = n;
+        }
+        if let Some(p) = self.mqtt_queue_drop_policy.or(file.mqtt_queue_drop_policy) {
+            limits.drop_policy = DropPolicy::parse(&p).ok_or_else(|| {
+                err(format!(
+                    "invalid --mqtt-queue-drop-policy {p:?}: expected drop-new or drop-oldest"
+                ))
+            })?;
+        }
+        settings.limits = limits;
+        if let Some(n) = self.mqtt_max_inflight.or(file.mqtt_max_inflight) {
+            if !(1..=65_535).contains(&n) {
+                return Err(err("--mqtt-max-inflight must be between 1 and 65535"));
+            }
+            settings.inflight_v3 = n;
+        }
+        if let Some(k) = self.mqtt_max_keep_alive.or(file.mqtt_max_keep_alive) {
+            settings.max_keep_alive = k;
+        }
+        for r in &persist {
+            if !shoal_broker::mqtt::valid_rule_filter(&r.filter) {
+                return Err(err(format!(
+                    "invalid [[mqtt.persist]] filter {:?}",
+                    r.filter
+                )));
+            }
+        }
+        Ok(MqttConfig {
+            tcp,
+            ws,
+            password_file: self.mqtt_password_file.or(file.mqtt_password_file),
+            acl_file: self.mqtt_acl_file.or(file.mqtt_acl_file),
+            allow_anonymous: self
+                .mqtt_allow_anonymous
+                .or(file.mqtt_allow_anonymous)
+                .unwrap_or(true),
+            settings,
+            persist,
+        })
+    }
+}
+
+fn size(s: &str) -> Result<usize, ConfigError> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| err(format!("size {s:?} too large")))
+}
+
+/// The MQTT service and its bound listeners, ready to serve.
+pub struct MqttServing {
+    pub mqtt: Arc<Mqtt>,
+    pub tcp: Option<TcpListener>,
+    pub ws: Option<TcpListener>,
+}
+
+/// Bind the listeners (so a port in use fails fast, before state opens).
+pub async fn bind(cfg: &MqttConfig) -> Result<(Option<TcpListener>, Option<TcpListener>), String> {
+    let tcp = match cfg.tcp {
+        Some(a) => Some(crate::bind("MQTT", a).await?),
+        None => None,
+    };
+    let ws = match cfg.ws {
+        Some(a) => Some(crate::bind("MQTT WebSocket", a).await?),
+        None => None,
+    };
+    Ok((tcp, ws))
+}
+
+/// Start the service for `broker` with the bound listeners; `None` when
+/// neither listener is on. Seeds the file's persistence rules.
+pub async fn start(
+    broker: &Arc<Broker>,
+    cfg: &MqttConfig,
+    tcp: Option<TcpListener>,
+    ws: Option<TcpListener>,
+) -> Result<Option<MqttServing>, String> {
+    for r in &cfg.persist {
+        shoal_broker::mqtt::http::put(broker, r.filter.clone(), r.stream.clone(), r.shards)
+            .await
+            .map_err(|(_, e)| format!("[[mqtt.persist]] {}: {e}", r.filter))?;
+    }
+    if tcp.is_none() && ws.is_none() {
+        return Ok(None);
+    }
+    let access = Access::load(
+        cfg.password_file.as_deref(),
+        cfg.acl_file.as_deref(),
+        cfg.allow_anonymous,
+    )
+    .map_err(|e| format!("MQTT access: {e}"))?;
+    let mqtt = Mqtt::new(broker.clone(), cfg.settings.clone(), access);
+    if let Err(e) = mqtt.load_rules().await {
+        tracing::warn!("MQTT persistence rules not loaded yet: {e}");
+    }
+    if let Some(l) = &tcp {
+        mqtt.add_listener("tcp", addr_of(l));
+    }
+    if let Some(l) = &ws {
+        mqtt.add_listener("websocket", format!("{}/mqtt", addr_of(l)));
+    }
+    Ok(Some(MqttServing { mqtt, tcp, ws }))
+}
+
+fn addr_of(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MqttCmd {
+    /// Add or replace USER in a password file, with a password read from
+    /// standard input (first line) or --password.
+    Passwd {
+        file: PathBuf,
+        user: String,
+        #[arg(long)]
+        password: Option<String>,
+        /// Remove USER instead.
+        #[arg(long, short = 'D')]
+        delete: bool,
+    },
+}
+
+pub fn command(cmd: MqttCmd) -> Result<(), String> {
+    match cmd {
+        MqttCmd::Passwd {
+            file,
+            user,
+            password,
+            delete,
+        } => passwd(&file, &user, password, delete),
+    }
+}
+
+fn passwd(file: &Path, user: &str, password: Option<String>, delete: bool) -> Result<(), String> {
+    if user.is_empty() || user.contains(':') {
+        return Err("a user name must be non-empty and contain no ':'".into());
+    }
+    let existing = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+    };
+    let mut lines: Vec<String> = existing
+        .lines()
+        .filter(|l| l.split_once(':').is_none_or(|(u, _)| u != user))
+        .map(str::to_string)
+        .collect();
+    if !delete {
+        let password = match password {
+            Some(p) => p,
+            None => {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| format!("reading the password: {e}"))?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            }
+        };
+        if password.is_empty() {
+            return Err("the password is empty".into());
+        }
+        let hash = shoal_broker::mqtt::hash_password(password.as_bytes())?;
+        lines.push(format!("{user}:{hash}"));
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))
+}
