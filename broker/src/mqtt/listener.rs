@@ -45,7 +45,9 @@ pub async fn serve(listener: TcpListener, mqtt: Arc<Mqtt>, mut shutdown: watch::
 
 /// What an acknowledgement held back for the log resolves to.
 enum HeldAck {
-    Send(Bytes),
+    /// The bytes, and whether the ack was for a persisted publish (counted
+    /// against the server's Receive Maximum until it goes out).
+    Send(Bytes, bool),
     /// MQTT 3.1.1 has no way to refuse a publish: the connection closes
     /// and the client sends it again on its next one.
     Close,
@@ -100,13 +102,15 @@ where
                 }
             },
             _ = wake.notified() => actions.extend(proto.pump(crate::broker::now_ms())),
-            Some(ack) = held.next(), if !held.is_empty() => {
-                proto.persisted_ack_sent();
-                match ack {
-                    HeldAck::Send(b) => out.extend_from_slice(&b),
-                    HeldAck::Close => closing = true,
+            Some(ack) = held.next(), if !held.is_empty() => match ack {
+                HeldAck::Send(b, persisted) => {
+                    if persisted {
+                        proto.persisted_ack_sent();
+                    }
+                    out.extend_from_slice(&b);
                 }
-            }
+                HeldAck::Close => closing = true,
+            },
             _ = sleep_until(deadline), if deadline.is_some() => {
                 actions.extend(proto.timed_out());
             }
@@ -121,7 +125,7 @@ where
             match a {
                 Action::Send(b) => out.extend_from_slice(&b),
                 Action::Ack(b) if held.is_empty() => out.extend_from_slice(&b),
-                Action::Ack(b) => held.push_back(Box::pin(async move { HeldAck::Send(b) })),
+                Action::Ack(b) => held.push_back(Box::pin(async move { HeldAck::Send(b, false) })),
                 Action::Persist { msg, stream, ack } => {
                     if let Some(f) = persist(&mqtt, &proto, msg, &stream, ack) {
                         held.push_back(f);
@@ -173,7 +177,10 @@ fn persist(
     let client = proto.client_id().map(Arc::<str>::from);
     let refused = move |qos: u8, pid: u16| -> HeldAck {
         if version == 5 {
-            HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::UnspecifiedError))
+            HeldAck::Send(
+                publish_ack(version, qos, pid, ReasonCode::UnspecifiedError),
+                true,
+            )
         } else {
             HeldAck::Close
         }
@@ -188,7 +195,9 @@ fn persist(
             let hub = mqtt.hub.clone();
             Some(Box::pin(async move {
                 match appended.durable(timeout).await {
-                    Ok(()) => HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::Success)),
+                    Ok(()) => {
+                        HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::Success), true)
+                    }
                     Err(e) => {
                         tracing::warn!("an MQTT publish was not made durable: {e}");
                         if qos == 2
