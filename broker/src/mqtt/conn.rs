@@ -274,7 +274,9 @@ impl Protocol {
                     return self.fail(ReasonCode::ProtocolError);
                 }
                 self.disconnect_expiry = expiry;
-                self.send_will = d.reason_code == ReasonCode::DisconnectWithWillMessage;
+                // Only a normal disconnection (0x00) discards the will
+                // (MQTT 5 §3.1.2.5).
+                self.send_will = d.reason_code != ReasonCode::Success;
                 self.close(link, now_ms);
                 vec![Action::Close]
             }
@@ -519,7 +521,8 @@ impl Protocol {
             origin: Some(client.clone()),
         };
         if let Some(stream) = self.hub.persist_target(&msg.topic) {
-            if qos > 0 {
+            // QoS 2 counts in the session's incoming ids until PUBREL.
+            if qos == 1 {
                 self.inbound_pending += 1;
             }
             return vec![Action::Persist {
@@ -540,8 +543,14 @@ impl Protocol {
         }
     }
 
-    /// An acknowledgement held back for the log went out.
-    pub(crate) fn persisted_ack_sent(&mut self) {
+    /// A QoS 1 acknowledgement is held back (for the log, or behind one
+    /// that is): it counts against the Receive Maximum until it goes out.
+    pub(crate) fn ack_held(&mut self) {
+        self.inbound_pending += 1;
+    }
+
+    /// A held-back QoS 1 acknowledgement went out.
+    pub(crate) fn held_ack_sent(&mut self) {
         self.inbound_pending = self.inbound_pending.saturating_sub(1);
     }
 
@@ -657,7 +666,10 @@ impl Protocol {
                     p.dup = dup;
                     let new_alias = self.alias(&mut p);
                     let bytes = encode(&p);
-                    if bytes.len() > self.client_max_packet {
+                    // An empty encoding is a message the codec cannot
+                    // write (an over-long property): dropped like one too
+                    // large for the client.
+                    if bytes.is_empty() || bytes.len() > self.client_max_packet {
                         // MQTT 5 §3.1.2.11.4: a message the client cannot
                         // take is dropped as if it had been delivered.
                         if let Some(t) = new_alias {

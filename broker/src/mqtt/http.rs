@@ -64,7 +64,10 @@ fn one() -> i32 {
 /// replace the rule for `filter`, creating the stream if it is missing.
 async fn put_rule(State(st): State<AppState>, Json(body): Json<RuleBody>) -> Response {
     match put(&st.broker, body.filter, body.stream, body.shards).await {
-        Ok(()) => rules_reply(&st.broker).await,
+        Ok(()) => {
+            refresh(&st).await;
+            rules_reply(&st.broker).await
+        }
         Err((code, msg)) => error(code, msg),
     }
 }
@@ -110,6 +113,15 @@ pub async fn put(
     }
 }
 
+/// This broker applies a changed rule at once (others within a second).
+async fn refresh(st: &AppState) {
+    if let Some(m) = &st.mqtt
+        && let Err(e) = m.load_rules().await
+    {
+        tracing::debug!("reloading the MQTT persistence rules: {e}");
+    }
+}
+
 #[derive(Deserialize)]
 struct FilterQuery {
     filter: String,
@@ -123,7 +135,10 @@ async fn delete_rule(State(st): State<AppState>, Query(q): Query<FilterQuery>) -
         .write(Command::DeleteMqttPersist { filter: q.filter })
         .await
     {
-        Ok(_) => rules_reply(&st.broker).await,
+        Ok(_) => {
+            refresh(&st).await;
+            rules_reply(&st.broker).await
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

@@ -335,7 +335,10 @@ impl Hub {
             window: req.window.max(1),
         });
         drop(st);
-        for w in wills {
+        for mut w in wills {
+            // A will's expiry runs from when it is published (MQTT 5
+            // §3.1.3.2.4), not from its CONNECT.
+            w.received_ms = now_ms;
             self.publish(w, now_ms);
         }
         // Queued messages wait for the connection to ask for them.
@@ -387,7 +390,8 @@ impl Hub {
             }
         }
         drop(st);
-        if let Some(m) = due {
+        if let Some(mut m) = due {
+            m.received_ms = now_ms;
             self.publish(m, now_ms);
         }
     }
@@ -425,7 +429,8 @@ impl Hub {
             }
         }
         drop(st);
-        for m in due {
+        for mut m in due {
+            m.received_ms = now_ms;
             self.publish(m, now_ms);
         }
     }

@@ -45,13 +45,16 @@ pub async fn serve(listener: TcpListener, mqtt: Arc<Mqtt>, mut shutdown: watch::
 
 /// What an acknowledgement held back for the log resolves to.
 enum HeldAck {
-    /// The bytes, and whether the ack was for a persisted publish (counted
-    /// against the server's Receive Maximum until it goes out).
+    /// The bytes, and whether it is a QoS 1 acknowledgement (counted against
+    /// the server's Receive Maximum until it goes out).
     Send(Bytes, bool),
     /// MQTT 3.1.1 has no way to refuse a publish: the connection closes
     /// and the client sends it again on its next one.
     Close,
 }
+
+/// How long a write may block when the client has no keep-alive.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Held = Pin<Box<dyn Future<Output = HeldAck> + Send>>;
 
@@ -78,6 +81,9 @@ where
         let deadline = proto.silence_limit().map(|d| last_heard + d);
         let mut actions = Vec::new();
         tokio::select! {
+            // Reads first: after a long write, a PINGREQ already buffered
+            // must count before the keep-alive deadline does.
+            biased;
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
@@ -103,9 +109,9 @@ where
             },
             _ = wake.notified() => actions.extend(proto.pump(crate::broker::now_ms())),
             Some(ack) = held.next(), if !held.is_empty() => match ack {
-                HeldAck::Send(b, persisted) => {
-                    if persisted {
-                        proto.persisted_ack_sent();
+                HeldAck::Send(b, counted) => {
+                    if counted {
+                        proto.held_ack_sent();
                     }
                     out.extend_from_slice(&b);
                 }
@@ -125,7 +131,13 @@ where
             match a {
                 Action::Send(b) => out.extend_from_slice(&b),
                 Action::Ack(b) if held.is_empty() => out.extend_from_slice(&b),
-                Action::Ack(b) => held.push_back(Box::pin(async move { HeldAck::Send(b, false) })),
+                Action::Ack(b) => {
+                    let qos1 = b.first().is_some_and(|&t| t >> 4 == 4);
+                    if qos1 {
+                        proto.ack_held();
+                    }
+                    held.push_back(Box::pin(async move { HeldAck::Send(b, qos1) }));
+                }
                 Action::Persist { msg, stream, ack } => {
                     if let Some(f) = persist(&mqtt, &proto, msg, &stream, ack) {
                         held.push_back(f);
@@ -138,9 +150,11 @@ where
             }
         }
         if !out.is_empty() {
-            let w = wr.write_all(&out).await;
+            // A client that stops reading is cut off like a silent one.
+            let limit = proto.silence_limit().unwrap_or(WRITE_TIMEOUT);
+            let w = tokio::time::timeout(limit, wr.write_all(&out)).await;
             out.clear();
-            if w.is_err() {
+            if !matches!(w, Ok(Ok(()))) {
                 break;
             }
         }
@@ -179,7 +193,7 @@ fn persist(
         if version == 5 {
             HeldAck::Send(
                 publish_ack(version, qos, pid, ReasonCode::UnspecifiedError),
-                true,
+                qos == 1,
             )
         } else {
             HeldAck::Close
@@ -195,9 +209,10 @@ fn persist(
             let hub = mqtt.hub.clone();
             Some(Box::pin(async move {
                 match appended.durable(timeout).await {
-                    Ok(()) => {
-                        HeldAck::Send(publish_ack(version, qos, pid, ReasonCode::Success), true)
-                    }
+                    Ok(()) => HeldAck::Send(
+                        publish_ack(version, qos, pid, ReasonCode::Success),
+                        qos == 1,
+                    ),
                     Err(e) => {
                         tracing::warn!("an MQTT publish was not made durable: {e}");
                         if qos == 2
@@ -212,7 +227,11 @@ fn persist(
         }
         Err(e) => {
             tracing::warn!(stream, "an MQTT publish was not persisted: {e}");
-            let (qos, pid) = ack?;
+            let Some((qos, pid)) = ack else {
+                // QoS 0 promises no storage: it is still delivered live.
+                mqtt.hub.publish(msg, crate::broker::now_ms());
+                return None;
+            };
             if qos == 2
                 && let Some(c) = &client
             {
