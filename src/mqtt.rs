@@ -232,6 +232,9 @@ pub async fn start(
     )
     .map_err(|e| format!("MQTT access: {e}"))?;
     let mqtt = Mqtt::new(broker.clone(), cfg.settings.clone(), access);
+    mqtt.open_state()
+        .await
+        .map_err(|e| format!("MQTT sessions and retained messages: {e}"))?;
     if let Err(e) = mqtt.load_rules().await {
         tracing::warn!("MQTT persistence rules not loaded yet: {e}");
     }

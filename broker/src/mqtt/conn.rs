@@ -38,6 +38,9 @@ pub(crate) enum Action {
     /// Write this PUBACK/PUBREC after those held back for the log, so
     /// acknowledgements keep the order of their PUBLISHes (MQTT §4.6).
     Ack(Bytes),
+    /// The same, once the durable state reaches `mark` (the message was
+    /// queued for a persistent session or retained).
+    AckAfter { mark: u64, ack: Bytes },
     /// Append `msg` to `stream`; on success route it to subscribers, and
     /// once it is durable send the acknowledgement `ack` (QoS, packet id).
     Persist {
@@ -532,14 +535,17 @@ impl Protocol {
             }];
         }
         self.hub.publish(msg, now_ms);
-        match qos {
-            0 => Vec::new(),
-            _ => vec![Action::Ack(publish_ack(
-                self.version,
-                qos,
-                packet_id,
-                ReasonCode::Success,
-            ))],
+        if qos == 0 {
+            return Vec::new();
+        }
+        let ack = publish_ack(self.version, qos, packet_id, ReasonCode::Success);
+        // Queued for a persistent session (or retained): acknowledged once
+        // that is durable.
+        let mark = self.hub.op_mark();
+        if self.hub.is_durable(mark) {
+            vec![Action::Ack(ack)]
+        } else {
+            vec![Action::AckAfter { mark, ack }]
         }
     }
 

@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use super::message::Message;
+use super::store::{Loaded, Op, SessionRecord, SubRecord};
 use super::trie::Trie;
 
 pub(crate) type ClientId = Arc<str>;
@@ -50,6 +51,9 @@ pub(crate) struct Queued {
     pub qos: u8,
     pub retain: bool,
     pub sub_ids: Vec<u32>,
+    /// Its record in the durable state (persistent sessions, QoS > 0); 0
+    /// when it is in memory only.
+    pub seq: u64,
 }
 
 /// Where an outgoing QoS 1/2 message is in its exchange.
@@ -116,6 +120,28 @@ struct Session {
     resend: bool,
     username: Option<String>,
     connected_ms: i64,
+    /// The next queued message's sequence number in the durable state.
+    next_seq: u64,
+}
+
+impl Session {
+    /// Kept in the durable state: it outlives its connection.
+    fn persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    fn record(&self) -> SessionRecord {
+        SessionRecord {
+            subs: self
+                .subs
+                .iter()
+                .map(|(f, o)| SubRecord::new(f, o))
+                .collect(),
+            expiry_secs: self.expiry_secs,
+            disconnected_ms: self.disconnected_ms,
+            username: self.username.clone(),
+        }
+    }
 }
 
 /// Limits that keep one client from growing the broker's memory.
@@ -197,6 +223,12 @@ pub(crate) struct ConnectRequest {
 
 #[derive(Default)]
 struct State {
+    /// Record changes for the durable state.
+    store: bool,
+    /// Changes not yet taken by the store writer, and how many were ever
+    /// recorded (the mark acknowledgements wait for).
+    ops: Vec<Op>,
+    op_count: u64,
     sessions: HashMap<ClientId, Session>,
     trie: Trie<SubKey, SubOpts>,
     groups: HashMap<(Arc<str>, String), SharedGroup>,
@@ -247,6 +279,9 @@ pub(crate) struct Hub {
     sent: [AtomicU64; 3],
     /// (filter, stream): where matching publishes are persisted.
     rules: RwLock<Vec<(String, Arc<str>)>>,
+    ops_ready: Notify,
+    /// How many recorded changes are durable.
+    durable: tokio::sync::watch::Sender<u64>,
 }
 
 /// A shared subscription's group and filter, if `filter` is one
@@ -264,6 +299,94 @@ impl Hub {
             received: Default::default(),
             sent: Default::default(),
             rules: RwLock::new(Vec::new()),
+            ops_ready: Notify::new(),
+            durable: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Record changes for the durable state from now on.
+    pub(crate) fn enable_store(&self) {
+        self.state.lock().store = true;
+    }
+
+    /// Wait until changes are recorded.
+    pub(crate) async fn ops_ready(&self) {
+        self.ops_ready.notified().await;
+    }
+
+    /// The recorded changes, and the mark they reach.
+    pub(crate) fn take_ops(&self) -> (Vec<Op>, u64) {
+        let mut st = self.state.lock();
+        (std::mem::take(&mut st.ops), st.op_count)
+    }
+
+    /// Changes up to `mark` are durable.
+    pub(crate) fn set_durable(&self, mark: u64) {
+        self.durable.send_if_modified(|d| {
+            let moved = mark > *d;
+            *d = (*d).max(mark);
+            moved
+        });
+    }
+
+    /// The mark of every change recorded so far; an acknowledgement that
+    /// depends on them waits for [`Hub::wait_durable`] of it.
+    pub(crate) fn op_mark(&self) -> u64 {
+        self.state.lock().op_count
+    }
+
+    pub(crate) fn is_durable(&self, mark: u64) -> bool {
+        *self.durable.borrow() >= mark
+    }
+
+    pub(crate) async fn wait_durable(&self, mark: u64) {
+        let mut rx = self.durable.subscribe();
+        let _ = rx.wait_for(|d| *d >= mark).await;
+    }
+
+    /// Sessions and retained messages read back from the durable state.
+    pub(crate) fn restore(&self, loaded: Loaded, now_ms: i64) {
+        let mut st = self.state.lock();
+        for m in loaded.retained {
+            st.retained.insert(m.topic.to_string(), m);
+        }
+        for (client, rec, queue) in loaded.sessions {
+            let next_seq = queue.iter().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+            let subs: BTreeMap<String, SubOpts> = rec
+                .subs
+                .iter()
+                .map(|r| (r.filter.clone(), r.opts()))
+                .collect();
+            for (f, o) in &subs {
+                add_subscription(&mut st, &client, f, o);
+            }
+            st.sessions.insert(
+                client.clone(),
+                Session {
+                    client_id: client,
+                    subs,
+                    expiry_secs: rec.expiry_secs,
+                    queue: queue
+                        .into_iter()
+                        .map(|(seq, mut q)| {
+                            q.seq = seq;
+                            q
+                        })
+                        .collect(),
+                    inflight: BTreeMap::new(),
+                    incoming_qos2: BTreeSet::new(),
+                    next_packet_id: 0,
+                    link: None,
+                    // Connected when the broker stopped: it ended then.
+                    disconnected_ms: Some(rec.disconnected_ms.unwrap_or(now_ms)),
+                    will: None,
+                    will_due_ms: None,
+                    resend: false,
+                    username: rec.username,
+                    connected_ms: 0,
+                    next_seq,
+                },
+            );
         }
     }
 
@@ -299,6 +422,7 @@ impl Hub {
                 let gone = st.sessions.remove(&req.client_id);
                 if let Some(gone) = gone {
                     remove_subscriptions(&mut st, &gone);
+                    forget(&mut st, &gone);
                 }
             } else {
                 present = true;
@@ -322,6 +446,7 @@ impl Hub {
                 resend: false,
                 username: None,
                 connected_ms: now_ms,
+                next_seq: 1,
             });
         s.expiry_secs = req.expiry_secs;
         s.will = req.will;
@@ -334,7 +459,15 @@ impl Hub {
             wake: req.wake.clone(),
             window: req.window.max(1),
         });
+        let op = s.persistent().then(|| Op::Session {
+            client: s.client_id.clone(),
+            record: Some(s.record()),
+        });
+        if let Some(op) = op {
+            record(&mut st, op);
+        }
         drop(st);
+        self.ops_ready.notify_one();
         for mut w in wills {
             // A will's expiry runs from when it is published (MQTT 5
             // §3.1.3.2.4), not from its CONNECT.
@@ -387,9 +520,17 @@ impl Hub {
             let gone = st.sessions.remove(client);
             if let Some(gone) = gone {
                 remove_subscriptions(&mut st, &gone);
+                forget(&mut st, &gone);
             }
+        } else {
+            let op = Op::Session {
+                client: s.client_id.clone(),
+                record: Some(s.record()),
+            };
+            record(&mut st, op);
         }
         drop(st);
+        self.ops_ready.notify_one();
         if let Some(mut m) = due {
             m.received_ms = now_ms;
             self.publish(m, now_ms);
@@ -426,9 +567,11 @@ impl Hub {
         for c in expired {
             if let Some(gone) = st.sessions.remove(&c) {
                 remove_subscriptions(&mut st, &gone);
+                forget(&mut st, &gone);
             }
         }
         drop(st);
+        self.ops_ready.notify_one();
         for mut m in due {
             m.received_ms = now_ms;
             self.publish(m, now_ms);
@@ -442,11 +585,20 @@ impl Hub {
         let mut st = self.state.lock();
         if msg.retain {
             if msg.payload.is_empty() {
-                st.retained.remove(&*msg.topic);
+                if st.retained.remove(&*msg.topic).is_some() {
+                    let op = Op::Retained {
+                        topic: msg.topic.clone(),
+                        msg: None,
+                    };
+                    record(&mut st, op);
+                }
             } else {
-                // Stored without the origin: no-local does not apply to
-                // retained messages sent on subscribe.
                 st.retained.insert(msg.topic.to_string(), msg.clone());
+                let op = Op::Retained {
+                    topic: msg.topic.clone(),
+                    msg: Some(msg.clone()),
+                };
+                record(&mut st, op);
             }
         }
         // One delivery per session, at the highest QoS of its matching
@@ -475,6 +627,7 @@ impl Hub {
                 qos: qos.min(msg.qos),
                 retain: rap && msg.retain,
                 sub_ids: ids,
+                seq: 0,
             };
             if let Some(w) = enqueue(&mut st, &self.limits, &client, item) {
                 wake.push(w);
@@ -491,6 +644,7 @@ impl Hub {
                 qos: opts.qos.min(msg.qos),
                 retain: false,
                 sub_ids: opts.id.into_iter().collect(),
+                seq: 0,
             };
             if let Some(w) = enqueue(&mut st, &self.limits, &client, item) {
                 wake.push(w);
@@ -498,6 +652,7 @@ impl Hub {
             delivered += 1;
         }
         drop(st);
+        self.ops_ready.notify_one();
         for w in wake {
             w.notify_one();
         }
@@ -520,33 +675,7 @@ impl Hub {
         let mut existed = Vec::with_capacity(subs.len());
         let mut retained = Vec::new();
         for (filter, opts) in subs {
-            let old = match shared(&filter) {
-                Some((group, inner)) => {
-                    let gkey: (Arc<str>, String) = (Arc::from(group), inner.to_string());
-                    st.trie.insert(
-                        inner,
-                        SubKey::Group(gkey.0.clone()),
-                        SubOpts {
-                            qos: 2,
-                            no_local: false,
-                            retain_as_published: false,
-                            retain_handling: 2,
-                            id: None,
-                        },
-                    );
-                    let g = st.groups.entry(gkey).or_default();
-                    match g.members.iter_mut().find(|(c, _)| *c == client) {
-                        Some(m) => Some(std::mem::replace(&mut m.1, opts.clone())),
-                        None => {
-                            g.members.push((client.clone(), opts.clone()));
-                            None
-                        }
-                    }
-                }
-                None => st
-                    .trie
-                    .insert(&filter, SubKey::Client(client.clone()), opts.clone()),
-            };
+            let old = add_subscription(&mut st, &client, &filter, &opts);
             // Shared subscriptions get no retained messages (§4.8.2).
             let send_retained = shared(&filter).is_none()
                 && match opts.retain_handling {
@@ -564,6 +693,7 @@ impl Hub {
                         msg: m,
                         retain: true,
                         sub_ids: opts.id.into_iter().collect(),
+                        seq: 0,
                     });
                 }
             }
@@ -578,7 +708,9 @@ impl Hub {
                 wake = Some(w);
             }
         }
+        save_session(&mut st, &client);
         drop(st);
+        self.ops_ready.notify_one();
         if let Some(w) = wake {
             w.notify_one();
         }
@@ -592,7 +724,7 @@ impl Hub {
             return vec![false; filters.len()];
         };
         let client: ClientId = key.clone();
-        filters
+        let existed = filters
             .iter()
             .map(|f| {
                 let existed = st
@@ -605,7 +737,11 @@ impl Hub {
                 }
                 existed
             })
-            .collect()
+            .collect();
+        save_session(&mut st, &client);
+        drop(st);
+        self.ops_ready.notify_one();
+        existed
     }
 
     /// The next packets for `link` to send, within its in-flight window:
@@ -622,6 +758,7 @@ impl Hub {
             _ => return None,
         };
         let mut out = Vec::new();
+        let mut expired = Vec::new();
         if s.resend {
             s.resend = false;
             for (&pid, o) in &s.inflight {
@@ -644,6 +781,7 @@ impl Hub {
             };
             if item.msg.expired(now_ms) {
                 *dropped.entry(Dropped::Expired).or_default() += 1;
+                expired.push(item.seq);
                 continue;
             }
             let packet_id = if item.qos > 0 {
@@ -665,6 +803,10 @@ impl Hub {
                 dup: false,
             });
         }
+        let client = s.client_id.clone();
+        for seq in expired {
+            unqueue(&mut st, &client, seq);
+        }
         Some(out)
     }
 
@@ -675,12 +817,23 @@ impl Hub {
         let Some(s) = st.sessions.get_mut(client) else {
             return false;
         };
-        let gone = s.inflight.remove(&packet_id).is_some();
-        if gone && let Some(l) = &s.link {
+        let gone = s.inflight.remove(&packet_id);
+        if gone.is_some()
+            && let Some(l) = &s.link
+        {
             // The window opened: more may go out.
             l.wake.notify_one();
         }
-        gone
+        let client = s.client_id.clone();
+        match gone {
+            Some(o) => {
+                unqueue(&mut st, &client, o.item.seq);
+                drop(st);
+                self.ops_ready.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     /// PUBREC for an outgoing QoS 2 message: it moves to Released (the
@@ -691,11 +844,20 @@ impl Hub {
             return false;
         };
         if failed {
-            let gone = s.inflight.remove(&packet_id).is_some();
+            let gone = s.inflight.remove(&packet_id);
             if let Some(l) = &s.link {
                 l.wake.notify_one();
             }
-            return gone;
+            let client = s.client_id.clone();
+            return match gone {
+                Some(o) => {
+                    unqueue(&mut st, &client, o.item.seq);
+                    drop(st);
+                    self.ops_ready.notify_one();
+                    true
+                }
+                None => false,
+            };
         }
         match s.inflight.get_mut(&packet_id) {
             Some(o) => {
@@ -849,26 +1011,45 @@ fn enqueue(
     st: &mut State,
     limits: &Limits,
     client: &ClientId,
-    item: Queued,
+    mut item: Queued,
 ) -> Option<Arc<Notify>> {
     let State {
-        sessions, dropped, ..
+        sessions,
+        dropped,
+        store,
+        ..
     } = st;
     let s = sessions.get_mut(client)?;
     if s.link.is_none() && item.qos == 0 && !limits.queue_qos0_offline {
         return None;
     }
+    let mut evicted = 0;
     if s.queue.len() >= limits.max_queued {
         *dropped.entry(Dropped::QueueFull).or_default() += 1;
         match limits.drop_policy {
             DropPolicy::DropNew => return None,
             DropPolicy::DropOldest => {
-                s.queue.pop_front();
+                evicted = s.queue.pop_front().map_or(0, |q| q.seq);
             }
         }
     }
+    let keep = *store && s.persistent() && item.qos > 0;
+    if keep {
+        item.seq = s.next_seq;
+        s.next_seq += 1;
+    }
+    let stored = keep.then(|| Op::Queue {
+        client: client.clone(),
+        seq: item.seq,
+        item: Some(item.clone()),
+    });
     s.queue.push_back(item);
-    s.link.as_ref().map(|l| l.wake.clone())
+    let wake = s.link.as_ref().map(|l| l.wake.clone());
+    unqueue(st, client, evicted);
+    if let Some(op) = stored {
+        record(st, op);
+    }
+    wake
 }
 
 /// A shared group's next member, round robin, preferring connected ones.
@@ -895,6 +1076,104 @@ fn pick_member(
         }
     }
     None
+}
+
+/// Index `client`'s subscription; returns the options it replaced.
+fn add_subscription(
+    st: &mut State,
+    client: &ClientId,
+    filter: &str,
+    opts: &SubOpts,
+) -> Option<SubOpts> {
+    match shared(filter) {
+        Some((group, inner)) => {
+            let gkey: (Arc<str>, String) = (Arc::from(group), inner.to_string());
+            st.trie.insert(
+                inner,
+                SubKey::Group(gkey.0.clone()),
+                SubOpts {
+                    qos: 2,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 2,
+                    id: None,
+                },
+            );
+            let g = st.groups.entry(gkey).or_default();
+            match g.members.iter_mut().find(|(c, _)| c == client) {
+                Some(m) => Some(std::mem::replace(&mut m.1, opts.clone())),
+                None => {
+                    g.members.push((client.clone(), opts.clone()));
+                    None
+                }
+            }
+        }
+        None => st
+            .trie
+            .insert(filter, SubKey::Client(client.clone()), opts.clone()),
+    }
+}
+
+/// Record a change for the durable state (when it is kept).
+fn record(st: &mut State, op: Op) {
+    if st.store {
+        st.ops.push(op);
+        st.op_count += 1;
+    }
+}
+
+/// A persistent session's current record.
+fn save_session(st: &mut State, client: &ClientId) {
+    let op = match st.sessions.get(client) {
+        Some(s) if s.persistent() => Op::Session {
+            client: s.client_id.clone(),
+            record: Some(s.record()),
+        },
+        _ => return,
+    };
+    record(st, op);
+}
+
+/// A session ended: its records go from the durable state.
+fn forget(st: &mut State, gone: &Session) {
+    let seqs: Vec<u64> = gone
+        .queue
+        .iter()
+        .chain(gone.inflight.values().map(|o| &o.item))
+        .map(|q| q.seq)
+        .filter(|&s| s != 0)
+        .collect();
+    for seq in seqs {
+        record(
+            st,
+            Op::Queue {
+                client: gone.client_id.clone(),
+                seq,
+                item: None,
+            },
+        );
+    }
+    record(
+        st,
+        Op::Session {
+            client: gone.client_id.clone(),
+            record: None,
+        },
+    );
+}
+
+/// A queued message left its session (delivered, dropped, expired).
+fn unqueue(st: &mut State, client: &ClientId, seq: u64) {
+    if seq != 0 {
+        record(
+            st,
+            Op::Queue {
+                client: client.clone(),
+                seq,
+                item: None,
+            },
+        );
+    }
 }
 
 fn remove_subscription(st: &mut State, client: &ClientId, filter: &str) {

@@ -138,6 +138,17 @@ where
                     }
                     held.push_back(Box::pin(async move { HeldAck::Send(b, qos1) }));
                 }
+                Action::AckAfter { mark, ack } => {
+                    let qos1 = ack.first().is_some_and(|&t| t >> 4 == 4);
+                    if qos1 {
+                        proto.ack_held();
+                    }
+                    let hub = mqtt.hub.clone();
+                    held.push_back(Box::pin(async move {
+                        hub.wait_durable(mark).await;
+                        HeldAck::Send(ack, qos1)
+                    }));
+                }
                 Action::Persist { msg, stream, ack } => {
                     if let Some(f) = persist(&mqtt, &proto, msg, &stream, ack) {
                         held.push_back(f);
@@ -207,12 +218,17 @@ fn persist(
             let (qos, pid) = ack?;
             let timeout = mqtt.settings.persist_timeout;
             let hub = mqtt.hub.clone();
+            // Also wait for what the publish queued for persistent sessions.
+            let mark = hub.op_mark();
             Some(Box::pin(async move {
                 match appended.durable(timeout).await {
-                    Ok(()) => HeldAck::Send(
-                        publish_ack(version, qos, pid, ReasonCode::Success),
-                        qos == 1,
-                    ),
+                    Ok(()) => {
+                        hub.wait_durable(mark).await;
+                        HeldAck::Send(
+                            publish_ack(version, qos, pid, ReasonCode::Success),
+                            qos == 1,
+                        )
+                    }
                     Err(e) => {
                         tracing::warn!("an MQTT publish was not made durable: {e}");
                         if qos == 2

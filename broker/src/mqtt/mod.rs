@@ -23,6 +23,7 @@ mod hub;
 pub mod listener;
 mod message;
 mod persist;
+mod store;
 mod topic;
 mod trie;
 
@@ -173,6 +174,11 @@ impl Mqtt {
     /// Timers (session expiry, delayed wills), the persistence rules from
     /// placement, and delivery of Kafka records to MQTT subscribers.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        tokio::spawn(store::run(
+            self.broker.clone(),
+            self.hub.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(persist::bridge(
             self.broker.clone(),
             self.hub.clone(),
@@ -206,6 +212,21 @@ impl Mqtt {
             }
             ticks += 1;
         }
+    }
+
+    /// Read persistent sessions and retained messages back from the log,
+    /// and keep them there from now on. Before any client connects.
+    pub async fn open_state(&self) -> crate::Result<()> {
+        store::ensure_stream(&self.broker).await?;
+        let loaded = store::load(&self.broker).await?;
+        tracing::info!(
+            sessions = loaded.sessions.len(),
+            retained = loaded.retained.len(),
+            "MQTT state loaded"
+        );
+        self.hub.restore(loaded, crate::broker::now_ms());
+        self.hub.enable_store();
+        Ok(())
     }
 
     /// Load the rules now (at start, so the first publishes are mapped).

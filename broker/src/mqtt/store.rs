@@ -1,0 +1,490 @@
+//! Durable MQTT state: persistent sessions, the messages queued for them
+//! and retained messages, kept as records of one compacted internal stream
+//! (`__mqtt_state`), so they scale with the log rather than with placement's
+//! memory, and the compactor keeps only the newest record per key.
+//!
+//! Keys: `s/{client}` (the session: subscriptions, expiry, when it was
+//! left), `q/{client}/{seq}` (a queued QoS 1/2 message), `r/{topic}` (a
+//! retained message). A null value deletes. A client's records all go to
+//! the shard of its id, so their order holds; a topic's to the shard of
+//! the topic.
+//!
+//! The hub records what changed as [`Op`]s; [`run`] appends them in
+//! batches and publishes how far they are durable, which acknowledgements
+//! to publishers wait for. At start, [`load`] reads the stream back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_storage::{Header, Record as Row};
+
+use super::hub::{ClientId, Hub, Queued, SubOpts};
+use super::message::{Message, MessageProps};
+use crate::Broker;
+use crate::error::{Error, Result};
+use crate::shard::Read;
+
+/// The internal stream.
+pub(crate) const STREAM: &str = "__mqtt_state";
+const SHARDS: i32 = 4;
+
+/// A change to durable state.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Session {
+        client: ClientId,
+        record: Option<SessionRecord>,
+    },
+    Queue {
+        client: ClientId,
+        seq: u64,
+        item: Option<Queued>,
+    },
+    Retained {
+        topic: Arc<str>,
+        msg: Option<Arc<Message>>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SubRecord {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    pub id: Option<u32>,
+}
+
+impl SubRecord {
+    pub(crate) fn new(filter: &str, o: &SubOpts) -> Self {
+        SubRecord {
+            filter: filter.to_string(),
+            qos: o.qos,
+            no_local: o.no_local,
+            retain_as_published: o.retain_as_published,
+            retain_handling: o.retain_handling,
+            id: o.id,
+        }
+    }
+
+    pub(crate) fn opts(&self) -> SubOpts {
+        SubOpts {
+            qos: self.qos.min(2),
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            retain_handling: self.retain_handling.min(2),
+            id: self.id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SessionRecord {
+    pub subs: Vec<SubRecord>,
+    pub expiry_secs: u32,
+    /// When its connection ended; `None` while connected.
+    pub disconnected_ms: Option<i64>,
+    pub username: Option<String>,
+}
+
+/// A session read back: its id, record and queued messages by sequence.
+pub(crate) type LoadedSession = (ClientId, SessionRecord, Vec<(u64, Queued)>);
+
+/// What [`load`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    pub sessions: Vec<LoadedSession>,
+    pub retained: Vec<Arc<Message>>,
+}
+
+fn route_key(op: &Op) -> &[u8] {
+    match op {
+        Op::Session { client, .. } | Op::Queue { client, .. } => client.as_bytes(),
+        Op::Retained { topic, .. } => topic.as_bytes(),
+    }
+}
+
+fn header(k: &str, v: impl Into<Bytes>) -> Header {
+    Header {
+        key: k.into(),
+        value: Some(v.into()),
+    }
+}
+
+/// A message's fields as record headers (the payload is the value).
+/// `qos`, `retain`: how it is delivered, when that differs from the
+/// message's own (a queued copy).
+fn message_headers(msg: &Message, qos: u8, retain: bool, sub_ids: &[u32]) -> Vec<Header> {
+    let flag = |b: bool| if b { "true" } else { "false" };
+    let mut h = vec![
+        header("mqtt.topic", msg.topic.as_bytes().to_vec()),
+        header("mqtt.qos", msg.qos.to_string()),
+        header("mqtt.retain", flag(msg.retain)),
+        header("mqtt.received_ms", msg.received_ms.to_string()),
+        header("mqtt.delivery_qos", qos.to_string()),
+        header("mqtt.delivery_retain", flag(retain)),
+    ];
+    if let Some(o) = &msg.origin {
+        h.push(header("mqtt.origin", o.as_bytes().to_vec()));
+    }
+    if !sub_ids.is_empty() {
+        let ids: Vec<String> = sub_ids.iter().map(u32::to_string).collect();
+        h.push(header("mqtt.sub_ids", ids.join(",")));
+    }
+    let p = &msg.props;
+    if let Some(v) = p.payload_format {
+        h.push(header("mqtt.payload_format", v.to_string()));
+    }
+    if let Some(v) = p.message_expiry {
+        h.push(header("mqtt.message_expiry", v.to_string()));
+    }
+    if let Some(v) = &p.content_type {
+        h.push(header("mqtt.content_type", v.clone()));
+    }
+    if let Some(v) = &p.response_topic {
+        h.push(header("mqtt.response_topic", v.clone()));
+    }
+    if let Some(v) = &p.correlation_data {
+        h.push(header("mqtt.correlation_data", v.clone()));
+    }
+    if !p.user.is_empty() {
+        // One header: record headers cannot repeat a name, user properties can.
+        if let Ok(json) = serde_json::to_vec(&p.user) {
+            h.push(header("mqtt.user", json));
+        }
+    }
+    h
+}
+
+/// The message, delivery QoS, retain flag and subscription ids in a record.
+fn message_from(row: &Row) -> Option<(Message, u8, bool, Vec<u32>)> {
+    let get = |k: &str| {
+        row.headers
+            .iter()
+            .find(|h| h.key == k)
+            .and_then(|h| h.value.as_ref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    let topic = get("mqtt.topic")?;
+    let own_qos: u8 = get("mqtt.qos")?.parse().ok()?;
+    let own_retain = get("mqtt.retain") == Some("true");
+    let qos: u8 = get("mqtt.delivery_qos")?.parse().ok()?;
+    let retain = get("mqtt.delivery_retain") == Some("true");
+    let received_ms: i64 = get("mqtt.received_ms")?.parse().ok()?;
+    let sub_ids = get("mqtt.sub_ids")
+        .map(|s| s.split(',').filter_map(|i| i.parse().ok()).collect())
+        .unwrap_or_default();
+    let props = MessageProps {
+        payload_format: get("mqtt.payload_format").and_then(|v| v.parse().ok()),
+        message_expiry: get("mqtt.message_expiry").and_then(|v| v.parse().ok()),
+        content_type: get("mqtt.content_type").map(str::to_string),
+        response_topic: get("mqtt.response_topic").map(str::to_string),
+        correlation_data: row
+            .headers
+            .iter()
+            .find(|h| h.key == "mqtt.correlation_data")
+            .and_then(|h| h.value.clone()),
+        user: row
+            .headers
+            .iter()
+            .find(|h| h.key == "mqtt.user")
+            .and_then(|h| h.value.as_deref())
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .unwrap_or_default(),
+    };
+    let msg = Message {
+        topic: Arc::from(topic),
+        payload: row.value.clone().unwrap_or_default(),
+        qos: own_qos.min(2),
+        retain: own_retain,
+        props,
+        received_ms,
+        origin: get("mqtt.origin").map(Arc::from),
+    };
+    Some((msg, qos.min(2), retain, sub_ids))
+}
+
+fn to_row(op: &Op, now_ms: i64) -> Row {
+    let (key, value, headers) = match op {
+        Op::Session { client, record } => (
+            format!("s/{client}"),
+            record
+                .as_ref()
+                .and_then(|r| serde_json::to_vec(r).ok())
+                .map(Bytes::from),
+            Vec::new(),
+        ),
+        Op::Queue { client, seq, item } => (
+            format!("q/{client}/{seq}"),
+            item.as_ref().map(|i| i.msg.payload.clone()),
+            item.as_ref()
+                .map(|i| message_headers(&i.msg, i.qos, i.retain, &i.sub_ids))
+                .unwrap_or_default(),
+        ),
+        Op::Retained { topic, msg } => (
+            format!("r/{topic}"),
+            msg.as_ref().map(|m| m.payload.clone()),
+            msg.as_ref()
+                .map(|m| message_headers(m, m.qos, true, &[]))
+                .unwrap_or_default(),
+        ),
+    };
+    Row {
+        offset: 0,
+        timestamp_ms: now_ms,
+        key: Some(Bytes::from(key)),
+        value,
+        headers,
+        producer_id: None,
+        producer_epoch: None,
+        sequence: None,
+    }
+}
+
+/// Create the stream if it is missing.
+pub(crate) async fn ensure_stream(broker: &Arc<Broker>) -> Result<()> {
+    if broker.stream(STREAM).is_some() {
+        return Ok(());
+    }
+    let config = BTreeMap::from([("cleanup.policy".to_string(), "compact".to_string())]);
+    match broker.create_stream(STREAM, SHARDS, config, false).await {
+        Ok(_) | Err(Error::StreamExists(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every record of `shard` from its log start to its end, oldest first.
+async fn read_all(broker: &Broker, log: &crate::shard::ShardLog) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut offset = log.log_start_offset();
+    loop {
+        match log.read(offset, 4 << 20) {
+            Read::Tail(batches) => {
+                if batches.is_empty() {
+                    return Ok(rows);
+                }
+                for b in &batches {
+                    for r in crate::batch::to_rows(b)? {
+                        if r.offset >= offset {
+                            offset = r.offset + 1;
+                            rows.push(r);
+                        }
+                    }
+                }
+            }
+            Read::Segment(seg) => {
+                let bytes = broker.read_segment(&seg).await?;
+                for b in crate::batch::split(bytes)? {
+                    for r in crate::batch::to_rows(&b)? {
+                        if r.offset >= offset {
+                            rows.push(r);
+                        }
+                    }
+                }
+                offset = seg.last_offset + 1;
+            }
+            Read::AtEnd => return Ok(rows),
+            Read::OutOfRange => {
+                let start = log.log_start_offset();
+                if offset < start {
+                    offset = start;
+                } else {
+                    return Ok(rows);
+                }
+            }
+        }
+    }
+}
+
+/// Read the durable state back (the shards this broker owns).
+pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
+    let Some(s) = broker.stream(STREAM) else {
+        return Ok(Loaded::default());
+    };
+    // Newest value per key; a null value deletes.
+    let mut latest: HashMap<Bytes, Row> = HashMap::new();
+    for log in s.owned() {
+        for r in read_all(broker, log).await? {
+            if let Some(k) = r.key.clone() {
+                latest.insert(k, r);
+            }
+        }
+    }
+    let mut sessions: HashMap<ClientId, (SessionRecord, Vec<(u64, Queued)>)> = HashMap::new();
+    let mut queued: Vec<(ClientId, u64, Queued)> = Vec::new();
+    let mut retained = Vec::new();
+    for (k, row) in latest {
+        let Ok(key) = std::str::from_utf8(&k) else {
+            continue;
+        };
+        if row.value.is_none() {
+            continue;
+        }
+        if let Some(client) = key.strip_prefix("s/") {
+            if let Some(rec) = row
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<SessionRecord>(v).ok())
+            {
+                sessions.insert(Arc::from(client), (rec, Vec::new()));
+            }
+        } else if let Some(rest) = key.strip_prefix("q/") {
+            let Some((client, seq)) = rest.rsplit_once('/') else {
+                continue;
+            };
+            let (Ok(seq), Some((msg, qos, retain, sub_ids))) = (seq.parse(), message_from(&row))
+            else {
+                continue;
+            };
+            queued.push((
+                Arc::from(client),
+                seq,
+                Queued {
+                    msg: Arc::new(msg),
+                    qos,
+                    retain,
+                    sub_ids,
+                    seq,
+                },
+            ));
+        } else if key.starts_with("r/")
+            && let Some((msg, ..)) = message_from(&row)
+        {
+            retained.push(Arc::new(Message {
+                retain: true,
+                ..msg
+            }));
+        }
+    }
+    for (client, seq, item) in queued {
+        // A queued message whose session is gone is left for compaction.
+        if let Some(s) = sessions.get_mut(&client) {
+            s.1.push((seq, item));
+        }
+    }
+    Ok(Loaded {
+        sessions: sessions
+            .into_iter()
+            .map(|(c, (rec, mut q))| {
+                q.sort_by_key(|(seq, _)| *seq);
+                (c, rec, q)
+            })
+            .collect(),
+        retained,
+    })
+}
+
+/// Append the hub's changes as they come and report how far they are
+/// durable. A shard this broker does not own cannot take them (a cluster
+/// broker without that lease): those changes stay in memory only.
+pub(crate) async fn run(
+    broker: Arc<Broker>,
+    hub: Arc<Hub>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = hub.ops_ready() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (ops, mark) = hub.take_ops();
+        if ops.is_empty() {
+            hub.set_durable(mark);
+            continue;
+        }
+        loop {
+            match write(&broker, &ops).await {
+                Ok(()) => break,
+                Err(
+                    e @ (Error::NotLeader { .. }
+                    | Error::UnknownShard { .. }
+                    | Error::UnknownStream(_)),
+                ) => {
+                    tracing::warn!("MQTT session state not stored: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("storing MQTT session state (retrying): {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+        hub.set_durable(mark);
+    }
+}
+
+async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
+    let s = broker
+        .stream(STREAM)
+        .ok_or_else(|| Error::UnknownStream(STREAM.to_string()))?;
+    let now = crate::broker::now_ms();
+    let mut by_shard: BTreeMap<i32, Vec<Row>> = BTreeMap::new();
+    for op in ops {
+        let shard = super::persist::partition_for(route_key(op), s.partition_count());
+        by_shard.entry(shard).or_default().push(to_row(op, now));
+    }
+    let mut waits = Vec::new();
+    for (index, rows) in by_shard {
+        let shard = s.shard(index).ok_or_else(|| s.not_here(index))?;
+        let batch = crate::batch::from_rows(&rows)?;
+        let accepted = crate::log::append(broker, shard, batch, true)?;
+        waits.push(crate::log::wait(
+            shard,
+            accepted,
+            broker.durability(&s),
+            Duration::from_secs(30),
+        ));
+    }
+    for w in waits {
+        w.await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_messages_round_trip_through_records() {
+        let msg = Message {
+            topic: Arc::from("a/b"),
+            payload: Bytes::from_static(b"p"),
+            qos: 2,
+            retain: true,
+            props: MessageProps {
+                payload_format: Some(1),
+                message_expiry: Some(30),
+                content_type: Some("text/plain".into()),
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            },
+            received_ms: 77,
+            origin: Some(Arc::from("me")),
+        };
+        let op = Op::Queue {
+            client: Arc::from("c"),
+            seq: 5,
+            item: Some(Queued {
+                msg: Arc::new(msg.clone()),
+                qos: 1,
+                retain: false,
+                sub_ids: vec![3, 4],
+                seq: 5,
+            }),
+        };
+        let row = to_row(&op, 0);
+        assert_eq!(row.key.as_deref(), Some(&b"q/c/5"[..]));
+        let (back, qos, retain, ids) = message_from(&row).unwrap();
+        assert_eq!(back, msg);
+        assert_eq!((qos, retain, ids), (1, false, vec![3, 4]));
+    }
+}
