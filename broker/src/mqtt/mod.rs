@@ -217,7 +217,6 @@ impl Mqtt {
     /// Read persistent sessions and retained messages back from the log,
     /// and keep them there from now on. Before any client connects.
     pub async fn open_state(&self) -> crate::Result<()> {
-        store::ensure_stream(&self.broker).await?;
         let loaded = store::load(&self.broker).await?;
         tracing::info!(
             sessions = loaded.sessions.len(),

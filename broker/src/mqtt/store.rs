@@ -421,6 +421,9 @@ pub(crate) async fn run(
 }
 
 async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
+    // Created with the first state to keep, so a broker whose MQTT clients
+    // keep none shows no extra stream.
+    ensure_stream(broker).await?;
     let s = broker
         .stream(STREAM)
         .ok_or_else(|| Error::UnknownStream(STREAM.to_string()))?;
