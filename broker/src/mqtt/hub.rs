@@ -1220,7 +1220,7 @@ fn retained_matching(retained: &BTreeMap<String, Arc<Message>>, filter: &str) ->
     if literal_end == filter.len() {
         return retained.get(filter).cloned().into_iter().collect();
     }
-    retained
+    let mut found: Vec<Arc<Message>> = retained
         .range::<str, _>((
             std::ops::Bound::Included(prefix),
             std::ops::Bound::Unbounded,
@@ -1228,5 +1228,13 @@ fn retained_matching(retained: &BTreeMap<String, Arc<Message>>, filter: &str) ->
         .take_while(|(t, _)| t.starts_with(prefix))
         .filter(|(t, _)| super::topic::matches(t, filter))
         .map(|(_, m)| m.clone())
-        .collect()
+        .collect();
+    // `a/#` also matches `a` itself, which sorts outside the `a/` range.
+    if let Some(parent) = filter.strip_suffix("/#")
+        && !parent.contains('+')
+        && let Some(m) = retained.get(parent)
+    {
+        found.push(m.clone());
+    }
+    found
 }

@@ -400,19 +400,25 @@ pub(crate) async fn run(
             match write(&broker, &ops).await {
                 Ok(()) => break,
                 Err(
-                    e @ (Error::NotLeader { .. }
-                    | Error::UnknownShard { .. }
-                    | Error::UnknownStream(_)),
+                    e @ (Error::Backpressure { .. }
+                    | Error::Wal(_)
+                    | Error::Timeout
+                    | Error::ShardStopped { .. }
+                    | Error::Placement(_)
+                    | Error::Storage(_)),
                 ) => {
-                    tracing::warn!("MQTT session state not stored: {e}");
-                    break;
-                }
-                Err(e) => {
                     tracing::warn!("storing MQTT session state (retrying): {e}");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         _ = shutdown.changed() => return,
                     }
+                }
+                // Not a passing condition (a shard this broker does not
+                // own, say): the changes stay in memory only, and the
+                // acknowledgements waiting for them go out.
+                Err(e) => {
+                    tracing::warn!("MQTT session state not stored: {e}");
+                    break;
                 }
             }
         }
@@ -431,7 +437,11 @@ async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
     let mut by_shard: BTreeMap<i32, Vec<Row>> = BTreeMap::new();
     for op in ops {
         let shard = super::persist::partition_for(route_key(op), s.partition_count());
-        by_shard.entry(shard).or_default().push(to_row(op, now));
+        let rows = by_shard.entry(shard).or_default();
+        // Offsets relative to the batch (the shard assigns the real ones).
+        let mut row = to_row(op, now);
+        row.offset = rows.len() as i64;
+        rows.push(row);
     }
     let mut waits = Vec::new();
     for (index, rows) in by_shard {
