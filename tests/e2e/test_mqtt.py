@@ -1398,6 +1398,56 @@ def test_acknowledged_persisted_publishes_survive_kill9(shoal_factory, mq, tmp_p
     assert {m.key() for m in recs} == {b"dur/t"}
 
 
+def test_persistent_sessions_and_retained_messages_survive_kill9(shoal_factory, mq):
+    s = shoal_factory(name="sess-dur")
+    s.start()
+    port = s.mqtt_port
+    # A v3.1.1 persistent session and a v5 one with an expiry, both offline.
+    v3 = mq(port, unique_name("dur-v3"), version=V3, clean_session=False)
+    v3.connected()
+    assert v3.subscribe([("sd/#", 1)]) == [1]
+    v5_props = Properties(PacketTypes.CONNECT)
+    v5_props.SessionExpiryInterval = 3600
+    v5 = mq(port, unique_name("dur-v5"))
+    v5.connected(clean_start=False, properties=v5_props)
+    assert v5.subscribe([("sd/+", 2)]) == [2]
+    v3.disconnect()
+    v5.disconnect()
+    until(lambda: not any(c["connected"] for c in mqtt_clients(s).values()
+                          if c["client_id"] in (v3.client_id, v5.client_id)),
+          "both sessions offline")
+    pub = mq(port, version=V3)
+    pub.connected()
+    sent = [f"q-{i}".encode() for i in range(5)]
+    for v in sent:
+        assert pub.publish("sd/x", v, qos=1) == 0  # PUBACK: queued durably
+    assert pub.publish("sd/ret", b"kept", qos=1, retain=True) == 0
+    s.kill9()
+    pub.close()
+    s.start()
+
+    clients = mqtt_clients(s)
+    assert clients[v3.client_id]["connected"] is False
+    assert clients[v3.client_id]["queued"] == 6
+
+    back3 = mq(port, v3.client_id, version=V3, clean_session=False)
+    assert back3.connected().session_present is True
+    until(lambda: len(back3.received()) == 6, "the queued messages after the restart")
+    assert [m.payload for m in back3.received("sd/x")] == sent
+    back5 = mq(port, v5.client_id)
+    assert back5.connected(clean_start=False, properties=v5_props).session_present is True
+    until(lambda: len(back5.received()) == 6, "the v5 session's queued messages")
+    assert [m.payload for m in back5.received("sd/x")] == sent
+
+    # The retained message is there for a new subscriber too.
+    fresh = mq(port)
+    fresh.connected()
+    fresh.subscribe([("sd/ret", 0)])
+    until(lambda: fresh.received("sd/ret"), "the retained message after the restart")
+    assert fresh.received("sd/ret")[0].payload == b"kept"
+    assert fresh.received("sd/ret")[0].retain
+
+
 # --------------------------------------------------------------------------
 # admin API, metrics, command-line clients
 
