@@ -52,6 +52,10 @@ struct Args {
     payload: usize,
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Messages per second per publisher (0: as fast as the broker takes
+    /// them). A paced run measures latency below saturation.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Unacknowledged QoS 1 publishes per publisher.
     #[arg(long, default_value_t = 64)]
     inflight: usize,
@@ -314,13 +318,27 @@ async fn publisher(
     let mut pid: u16 = 0;
     let mut unacked = 0usize;
     let mut sent = 0u64;
+    let began = Instant::now();
     while Instant::now() < deadline {
-        // A burst of publishes per write: as many as the window allows.
-        let burst = if args.qos == 0 {
+        // A burst of publishes per write: as many as the window allows, or
+        // (paced) as many as are due.
+        let mut burst = if args.qos == 0 {
             64
         } else {
             args.inflight - unacked
         };
+        if args.rate > 0 {
+            let due = (began.elapsed().as_secs_f64() * args.rate as f64) as u64;
+            if due <= sent {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                if args.qos == 0 || unacked == 0 {
+                    continue;
+                }
+                burst = 0;
+            } else {
+                burst = burst.min(usize::try_from(due - sent).unwrap_or(usize::MAX));
+            }
+        }
         for _ in 0..burst {
             payload[..8].copy_from_slice(&now_ns(start).to_be_bytes());
             pid = pid.wrapping_add(1).max(1);

@@ -115,9 +115,19 @@ impl Access {
         let Ok(parsed) = PasswordHash::new(hash) else {
             return Err(Refusal::BadCredentials);
         };
-        argon2::Argon2::default()
-            .verify_password(password, &parsed)
-            .map_err(|_| Refusal::BadCredentials)
+        let verify = || {
+            argon2::Argon2::default()
+                .verify_password(password, &parsed)
+                .map_err(|_| Refusal::BadCredentials)
+        };
+        // Argon2 is meant to take tens of milliseconds: on a multi-thread
+        // runtime the worker hands its other tasks on while it hashes.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(verify)
+            }
+            _ => verify(),
+        }
     }
 
     pub(crate) fn may_publish(&self, user: Option<&str>, client: &str, topic: &str) -> bool {

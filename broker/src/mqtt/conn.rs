@@ -225,6 +225,11 @@ impl Protocol {
             return vec![Action::Close];
         };
         let (client, link) = (client.clone(), *link);
+        if !matches!(packet, Packet::Disconnect(_)) && !self.hub.is_attached(&client, link) {
+            // Taken over: what this connection still sends must not touch
+            // the session its successor now has.
+            return self.pump(now_ms);
+        }
         match packet {
             Packet::Connect(_) => self.fail(ReasonCode::ProtocolError),
             Packet::Publish(p) => self.publish(&client, p, now_ms),
@@ -622,8 +627,10 @@ impl Protocol {
         let existed = self.hub.unsubscribe(client, &u.filters);
         let ack = if self.version == 5 {
             let mut a = UnsubAckPacket::new(u.packet_id);
-            for e in existed {
-                a = a.add_reason_code(if e {
+            for (f, e) in u.filters.iter().zip(existed) {
+                a = a.add_reason_code(if !topic::valid_filter(f) {
+                    UnsubAckReasonCode::TopicFilterInvalid
+                } else if e {
                     UnsubAckReasonCode::Success
                 } else {
                     UnsubAckReasonCode::NoSubscriptionExisted

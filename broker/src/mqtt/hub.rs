@@ -399,26 +399,34 @@ impl Hub {
         st.next_link += 1;
         let link = st.next_link;
         let mut present = false;
+        // A session is resumed only by the user who left it; anyone else
+        // with the same client id starts afresh (its subscriptions were
+        // authorised for the other user).
+        let clean_start = req.clean_start
+            || st
+                .sessions
+                .get(&req.client_id)
+                .is_some_and(|s| s.username != req.username);
         if let Some(s) = st.sessions.get_mut(&req.client_id) {
             if let Some(old) = s.link.take() {
                 // Taken over (MQTT 5 §3.1.4): the old connection's will is
                 // published unless a delay is still running and the session
                 // lives on, in which case the new connection cancels it.
                 if let Some(w) = s.will.take()
-                    && (w.delay_secs == 0 || req.clean_start)
+                    && (w.delay_secs == 0 || clean_start)
                 {
                     wills.push(w.msg);
                 }
                 old.wake.notify_one();
             } else if let Some(w) = s.will.take()
                 && s.will_due_ms.is_some()
-                && req.clean_start
+                && clean_start
             {
                 // A delayed will whose session ends now is due now.
                 wills.push(w.msg);
             }
             s.will_due_ms = None;
-            if req.clean_start {
+            if clean_start {
                 let gone = st.sessions.remove(&req.client_id);
                 if let Some(gone) = gone {
                     remove_subscriptions(&mut st, &gone);
@@ -480,6 +488,15 @@ impl Hub {
             link,
             session_present: present,
         }
+    }
+
+    /// Is `link` still the connection of `client`'s session?
+    pub(crate) fn is_attached(&self, client: &str, link: u64) -> bool {
+        let st = self.state.lock();
+        st.sessions
+            .get(client)
+            .and_then(|s| s.link.as_ref())
+            .is_some_and(|l| l.id == link)
     }
 
     /// The connection `link` ended. `send_will`: it ended without a normal

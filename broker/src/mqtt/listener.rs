@@ -53,6 +53,21 @@ enum HeldAck {
     Close,
 }
 
+/// The read buffer of a connection with nothing pending.
+const READ_BUFFER: usize = 256;
+
+/// Read into `buf`, giving back the memory of a large packet once it has
+/// been handled.
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.is_empty() && buf.capacity() > 64 * READ_BUFFER {
+        *buf = BytesMut::with_capacity(READ_BUFFER);
+    }
+    if buf.capacity() == buf.len() {
+        buf.reserve(READ_BUFFER);
+    }
+    rd.read_buf(buf).await
+}
+
 /// How long a write may block when the client has no keep-alive.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -72,7 +87,9 @@ where
         wake.clone(),
     );
     let max = mqtt.settings.max_packet_size;
-    let mut buf = BytesMut::with_capacity(4096);
+    // Small to start: most connections are idle most of the time, and a
+    // larger packet reserves what it needs (frame::next).
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut held: FuturesOrdered<Held> = FuturesOrdered::new();
     let mut out = BytesMut::new();
     let mut last_heard = Instant::now();
@@ -84,7 +101,7 @@ where
             // Reads first: after a long write, a PINGREQ already buffered
             // must count before the keep-alive deadline does.
             biased;
-            r = rd.read_buf(&mut buf) => match r {
+            r = read_some(&mut rd, &mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     last_heard = Instant::now();
@@ -165,6 +182,9 @@ where
             let limit = proto.silence_limit().unwrap_or(WRITE_TIMEOUT);
             let w = tokio::time::timeout(limit, wr.write_all(&out)).await;
             out.clear();
+            if out.capacity() > 64 * 1024 {
+                out = BytesMut::new();
+            }
             if !matches!(w, Ok(Ok(()))) {
                 break;
             }
