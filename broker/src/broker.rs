@@ -105,6 +105,9 @@ pub struct Broker {
     default_retention_ms: std::sync::atomic::AtomicI64,
     /// Placement's compaction totals as last seen (exported as metrics).
     pub(crate) compaction_totals: parking_lot::Mutex<Option<shoal_placement::CompactionTotals>>,
+    /// MQTT subscription routes, this broker's and its peers' (exchanged
+    /// through placement with the heartbeat).
+    pub mqtt_routes: Arc<crate::mqtt::routes::Routes>,
 }
 
 /// Size of the batches cold reads are re-encoded into (Kafka's default
@@ -168,6 +171,7 @@ impl Broker {
                 shoal_placement::lifecycle::DEFAULT_RETENTION_MS,
             ),
             compaction_totals: parking_lot::Mutex::new(None),
+            mqtt_routes: Default::default(),
             cluster,
             groups: Coordinator::new(),
             config,

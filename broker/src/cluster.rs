@@ -93,8 +93,14 @@ async fn sync(broker: &Arc<Broker>, first: bool, fresh: Option<Duration>) -> Res
     let sent = Instant::now();
     let reply = broker
         .placement
-        .heartbeat(&Heartbeat { info: info(broker) })
+        .heartbeat(&Heartbeat {
+            info: info(broker),
+            mqtt_filters: broker.mqtt_routes.local_filters(),
+        })
         .await?;
+    broker
+        .mqtt_routes
+        .set_remote(&reply.mqtt_routes, broker.config.broker_id);
     let lapsed = !cluster.lease_valid();
     let lease = Duration::from_millis(reply.session_timeout_ms).saturating_sub(LEASE_MARGIN);
     *cluster.lease_until.lock() = Some(sent + lease);

@@ -45,6 +45,18 @@ const TICK: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub info: BrokerInfo,
+    /// The MQTT topic filters this broker has subscribers for (shared ones
+    /// as `$share/{group}/{filter}`); `None` when it serves no MQTT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_filters: Option<Vec<String>>,
+}
+
+/// One live broker's MQTT subscription routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttRoute {
+    pub broker: BrokerId,
+    pub http_addr: String,
+    pub filters: Vec<String>,
 }
 
 /// What a broker needs to serve: the live brokers and every shard's owner.
@@ -57,6 +69,11 @@ pub struct HeartbeatReply {
     pub streams: Vec<StreamAssignment>,
     /// State version the assignment was read at.
     pub version: u64,
+    /// The MQTT routes of the live brokers that serve MQTT (soft state the
+    /// leader keeps from heartbeats; a broker that stops heartbeating drops
+    /// out with its liveness).
+    #[serde(default)]
+    pub mqtt_routes: Vec<MqttRoute>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +108,8 @@ pub struct ShardAssignment {
 pub struct Liveness {
     pub session_timeout: Duration,
     seen: parking_lot::Mutex<HashMap<BrokerId, Instant>>,
+    /// Each broker's MQTT filters, from its last heartbeat.
+    mqtt_routes: parking_lot::Mutex<HashMap<BrokerId, Vec<String>>>,
     /// (term, when this node became leader in it)
     leading: parking_lot::Mutex<Option<(u64, Instant)>>,
     pub lease_changes: AtomicU64,
@@ -102,6 +121,7 @@ impl Liveness {
         Liveness {
             session_timeout,
             seen: parking_lot::Mutex::new(HashMap::new()),
+            mqtt_routes: parking_lot::Mutex::new(HashMap::new()),
             leading: parking_lot::Mutex::new(None),
             lease_changes: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
@@ -110,6 +130,33 @@ impl Liveness {
 
     pub fn saw(&self, id: BrokerId) {
         self.seen.lock().insert(id, Instant::now());
+    }
+
+    /// Note a broker's MQTT filters (`None`: it serves no MQTT).
+    pub fn mqtt_filters(&self, id: BrokerId, filters: Option<Vec<String>>) {
+        let mut r = self.mqtt_routes.lock();
+        match filters {
+            Some(f) => {
+                r.insert(id, f);
+            }
+            None => {
+                r.remove(&id);
+            }
+        }
+    }
+
+    /// The MQTT routes of `live` brokers.
+    pub fn mqtt_routes(&self, live: &[BrokerInfo]) -> Vec<MqttRoute> {
+        let r = self.mqtt_routes.lock();
+        live.iter()
+            .filter_map(|b| {
+                r.get(&b.id).map(|f| MqttRoute {
+                    broker: b.id,
+                    http_addr: b.http_addr.clone(),
+                    filters: f.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Note the term this node leads in; a new term restarts the grace.

@@ -36,7 +36,7 @@ pub use command::{
     Command, CompactionRun, OffsetCommit, Query, QueryReply, RangeId, Rejection, Reply,
     SegmentCommit, SegmentReplacement, ShardCommit, ShardRejection,
 };
-pub use controller::{Heartbeat, HeartbeatReply, ShardAssignment, StreamAssignment};
+pub use controller::{Heartbeat, HeartbeatReply, MqttRoute, ShardAssignment, StreamAssignment};
 pub use error::{Error, Result};
 pub use lifecycle::{CompactionLease, CompactionTotals, Lifecycle};
 pub use model::{

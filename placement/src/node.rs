@@ -492,13 +492,17 @@ impl PlacementNode {
             self.liveness.leading(status.term);
         }
         self.liveness.saw(hb.info.id);
+        self.liveness
+            .mqtt_filters(hb.info.id, hb.mqtt_filters.clone());
         let st = state_machine::read(&self.state);
         let (live, streams) = crate::controller::assignment(&st.state, &self.liveness);
+        let mqtt_routes = self.liveness.mqtt_routes(&live);
         Ok(crate::controller::HeartbeatReply {
             session_timeout_ms: self.liveness.session_timeout.as_millis() as u64,
             live,
             streams,
             version: st.state.version,
+            mqtt_routes,
         })
     }
 

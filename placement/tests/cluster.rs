@@ -50,6 +50,7 @@ fn heartbeat(id: u64) -> Heartbeat {
             http_addr: format!("b{id}:8080"),
             registered_ms: 0,
         },
+        mqtt_filters: None,
     }
 }
 

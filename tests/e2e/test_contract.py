@@ -85,7 +85,9 @@ def placement_stream(shoal, topic: str) -> dict:
 
 def produce_local(shoal, topic: str, values: list[bytes], partition: int = 0) -> DeliveryLog:
     log = DeliveryLog()
-    p = ck_producer(shoal.bootstrap, **{"acks": "all", "linger.ms": 5})
+    # A long linger and one flush: the values go as one batch (one WAL
+    # entry), however slow the machine is.
+    p = ck_producer(shoal.bootstrap, **{"acks": "all", "linger.ms": 10_000})
     for v in values:
         p.produce(topic, value=v, partition=partition, on_delivery=log)
     assert p.flush(60) == 0

@@ -27,6 +27,14 @@ pub fn router(broker: Arc<Broker>, mqtt: Option<Arc<Mqtt>>) -> Router {
             "/api/v1/mqtt/persist",
             get(list_rules).put(put_rule).delete(delete_rule),
         )
+        .route(
+            "/api/v1/mqtt/forward",
+            axum::routing::post(forwarded).layer(axum::extract::DefaultBodyLimit::max(
+                mqtt.as_ref()
+                    .map_or(0, |m| m.settings.max_packet_size.saturating_mul(2))
+                    .max(4 << 20),
+            )),
+        )
         .route("/api/v1/mqtt/clients", get(clients))
         .route("/api/v1/mqtt/subscriptions", get(subscriptions))
         .with_state(AppState { broker, mqtt })
@@ -141,6 +149,21 @@ async fn delete_rule(State(st): State<AppState>, Query(q): Query<FilterQuery>) -
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// `POST /api/v1/mqtt/forward`: messages another broker routes to this
+/// one's subscribers (a Kafka record batch, see `forward.rs`).
+async fn forwarded(State(st): State<AppState>, body: bytes::Bytes) -> Response {
+    let Some(m) = &st.mqtt else {
+        return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
+    };
+    let Some(msgs) = super::forward::decode(&body) else {
+        return error(StatusCode::BAD_REQUEST, "not a batch of forwarded messages");
+    };
+    for (msg, plain, groups) in msgs {
+        m.hub.deliver_forwarded(msg, plain, groups);
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn clients(State(st): State<AppState>) -> Response {

@@ -14,11 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+use super::forward::{Forward, Forwarder};
 use super::message::Message;
+use super::routes::Routes;
 use super::store::{Loaded, Op, SessionRecord, SubRecord};
 use super::trie::Trie;
+use shoal_placement::BrokerId;
 
 pub(crate) type ClientId = Arc<str>;
+
+/// A shared subscription: its group and filter.
+pub(crate) type GroupKey = (Arc<str>, String);
 
 /// A subscription's options (MQTT 5 §3.8.3.1; v3.1.1 has only the QoS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +196,17 @@ pub(crate) enum Dropped {
     QueueFull,
     Expired,
     PacketTooLarge,
+    /// Another broker's subscribers could not be reached.
+    ForwardFailed,
+}
+
+/// Where a routed message came from.
+enum Origin {
+    /// A client of this broker, a will, or a Kafka record: forwarded to
+    /// the other brokers with subscribers too.
+    Here,
+    /// Forwarded by another broker, for these subscribers here.
+    Peer { plain: bool, groups: Vec<GroupKey> },
 }
 
 impl Dropped {
@@ -198,6 +215,7 @@ impl Dropped {
             Dropped::QueueFull => "queue_full",
             Dropped::Expired => "expired",
             Dropped::PacketTooLarge => "packet_too_large",
+            Dropped::ForwardFailed => "forward_failed",
         }
     }
 }
@@ -223,6 +241,8 @@ pub(crate) struct ConnectRequest {
 
 #[derive(Default)]
 struct State {
+    /// Told which filters have subscribers here.
+    routes: Arc<Routes>,
     /// Record changes for the durable state.
     store: bool,
     /// Changes not yet taken by the store writer, and how many were ever
@@ -231,7 +251,7 @@ struct State {
     op_count: u64,
     sessions: HashMap<ClientId, Session>,
     trie: Trie<SubKey, SubOpts>,
-    groups: HashMap<(Arc<str>, String), SharedGroup>,
+    groups: HashMap<GroupKey, SharedGroup>,
     retained: BTreeMap<String, Arc<Message>>,
     next_link: u64,
     /// Messages dropped, by reason, since start.
@@ -279,6 +299,9 @@ pub(crate) struct Hub {
     sent: [AtomicU64; 3],
     /// (filter, stream): where matching publishes are persisted.
     rules: RwLock<Vec<(String, Arc<str>)>>,
+    /// This broker's and its peers' subscription routes.
+    routes: Arc<Routes>,
+    forwarder: std::sync::OnceLock<Forwarder>,
     ops_ready: Notify,
     /// How many recorded changes are durable.
     durable: tokio::sync::watch::Sender<u64>,
@@ -292,9 +315,20 @@ pub(crate) fn shared(filter: &str) -> Option<(&str, &str)> {
 }
 
 impl Hub {
+    #[cfg(test)]
     pub(crate) fn new(limits: Limits) -> Self {
+        Self::with_routes(limits, Arc::new(Routes::default()))
+    }
+
+    pub(crate) fn with_routes(limits: Limits, routes: Arc<Routes>) -> Self {
+        routes.serve();
         Hub {
-            state: Mutex::new(State::default()),
+            routes: routes.clone(),
+            forwarder: std::sync::OnceLock::new(),
+            state: Mutex::new(State {
+                routes,
+                ..State::default()
+            }),
             limits,
             received: Default::default(),
             sent: Default::default(),
@@ -490,6 +524,53 @@ impl Hub {
         }
     }
 
+    /// Forward messages to other brokers through `forwarder` from now on.
+    pub(crate) fn set_forwarder(&self, forwarder: Forwarder) {
+        let _ = self.forwarder.set(forwarder);
+    }
+
+    /// The other brokers `msg` must reach. Each shared group that has
+    /// members here and/or on other brokers takes the message once, on a
+    /// broker chosen in turn; `local_groups` keeps only those chosen here.
+    fn plan_forwards(&self, msg: &Arc<Message>, local_groups: &mut Vec<GroupKey>) -> Vec<Forward> {
+        let remote = self.routes.matches(&msg.topic);
+        let mut plan: BTreeMap<BrokerId, (bool, Vec<GroupKey>)> = BTreeMap::new();
+        for b in remote.plain {
+            plan.entry(b).or_default().0 = true;
+        }
+        let mut keep_here = Vec::new();
+        let mut keys: Vec<GroupKey> = local_groups.clone();
+        for (k, _) in &remote.groups {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        for key in keys {
+            let here = local_groups.contains(&key);
+            let brokers: &[BrokerId] = remote
+                .groups
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or(&[], |(_, b)| b.as_slice());
+            let n = brokers.len() + usize::from(here);
+            let turn = self.routes.next_turn(n);
+            if here && turn == brokers.len() {
+                keep_here.push(key);
+            } else if let Some(&b) = brokers.get(turn) {
+                plan.entry(b).or_default().1.push(key);
+            }
+        }
+        *local_groups = keep_here;
+        plan.into_iter()
+            .map(|(broker, (plain, groups))| Forward {
+                broker,
+                msg: msg.clone(),
+                plain,
+                groups,
+            })
+            .collect()
+    }
+
     /// Is `link` still the connection of `client`'s session?
     pub(crate) fn is_attached(&self, client: &str, link: u64) -> bool {
         let st = self.state.lock();
@@ -598,9 +679,24 @@ impl Hub {
     /// Route `msg` to every matching subscription (and store it if it is
     /// retained). Returns how many sessions it was queued for.
     pub(crate) fn publish(&self, msg: Message, _now_ms: i64) -> usize {
-        let msg = Arc::new(msg);
+        self.route(Arc::new(msg), Origin::Here)
+    }
+
+    /// A message another broker forwarded: delivered to this broker's
+    /// ordinary subscribers (`plain`) and to one member of each of `groups`,
+    /// never forwarded again, never stored as retained here.
+    pub(crate) fn deliver_forwarded(
+        &self,
+        msg: Message,
+        plain: bool,
+        groups: Vec<GroupKey>,
+    ) -> usize {
+        self.route(Arc::new(msg), Origin::Peer { plain, groups })
+    }
+
+    fn route(&self, msg: Arc<Message>, origin: Origin) -> usize {
         let mut st = self.state.lock();
-        if msg.retain {
+        if msg.retain && matches!(origin, Origin::Here) {
             if msg.payload.is_empty() {
                 if st.retained.remove(&*msg.topic).is_some() {
                     let op = Op::Retained {
@@ -621,7 +717,7 @@ impl Hub {
         // One delivery per session, at the highest QoS of its matching
         // subscriptions, with all their identifiers (MQTT 5 §3.3.4).
         let mut direct: HashMap<ClientId, (u8, bool, Vec<u32>)> = HashMap::new();
-        let mut groups: Vec<(Arc<str>, String)> = Vec::new();
+        let mut groups: Vec<GroupKey> = Vec::new();
         st.trie.matches(&msg.topic, |filter, key, opts| match key {
             SubKey::Client(c) => {
                 if opts.no_local && msg.origin.as_deref() == Some(&**c) {
@@ -636,6 +732,23 @@ impl Hub {
             }
             SubKey::Group(g) => groups.push((g.clone(), filter.to_string())),
         });
+        let mut forwards = Vec::new();
+        match &origin {
+            Origin::Here => {
+                if self.forwarder.get().is_some() && self.routes.has_peers() {
+                    forwards = self.plan_forwards(&msg, &mut groups);
+                }
+            }
+            Origin::Peer {
+                plain,
+                groups: chosen,
+            } => {
+                if !plain {
+                    direct.clear();
+                }
+                groups.retain(|g| chosen.contains(g));
+            }
+        }
         let mut wake = Vec::new();
         let mut delivered = 0;
         for (client, (qos, rap, ids)) in direct {
@@ -672,6 +785,14 @@ impl Hub {
         self.ops_ready.notify_one();
         for w in wake {
             w.notify_one();
+        }
+        if let Some(fw) = self.forwarder.get() {
+            for f in forwards {
+                delivered += 1;
+                if !fw.send(f) {
+                    self.note_dropped(Dropped::ForwardFailed);
+                }
+            }
         }
         delivered
     }
@@ -909,7 +1030,11 @@ impl Hub {
     }
 
     pub(crate) fn note_dropped(&self, why: Dropped) {
-        *self.state.lock().dropped.entry(why).or_default() += 1;
+        self.note_dropped_n(why, 1);
+    }
+
+    pub(crate) fn note_dropped_n(&self, why: Dropped, n: u64) {
+        *self.state.lock().dropped.entry(why).or_default() += n;
     }
 
     /// Dropped messages by reason, since start.
@@ -1072,7 +1197,7 @@ fn enqueue(
 /// A shared group's next member, round robin, preferring connected ones.
 fn pick_member(
     st: &mut State,
-    key: &(Arc<str>, String),
+    key: &GroupKey,
     origin: Option<&str>,
 ) -> Option<(ClientId, SubOpts)> {
     let State {
@@ -1102,9 +1227,22 @@ fn add_subscription(
     filter: &str,
     opts: &SubOpts,
 ) -> Option<SubOpts> {
+    let old = index_subscription(st, client, filter, opts);
+    if old.is_none() {
+        st.routes.add_local(filter);
+    }
+    old
+}
+
+fn index_subscription(
+    st: &mut State,
+    client: &ClientId,
+    filter: &str,
+    opts: &SubOpts,
+) -> Option<SubOpts> {
     match shared(filter) {
         Some((group, inner)) => {
-            let gkey: (Arc<str>, String) = (Arc::from(group), inner.to_string());
+            let gkey: GroupKey = (Arc::from(group), inner.to_string());
             st.trie.insert(
                 inner,
                 SubKey::Group(gkey.0.clone()),
@@ -1194,9 +1332,10 @@ fn unqueue(st: &mut State, client: &ClientId, seq: u64) {
 }
 
 fn remove_subscription(st: &mut State, client: &ClientId, filter: &str) {
+    st.routes.remove_local(filter);
     match shared(filter) {
         Some((group, inner)) => {
-            let key: (Arc<str>, String) = (Arc::from(group), inner.to_string());
+            let key: GroupKey = (Arc::from(group), inner.to_string());
             if let Some(g) = st.groups.get_mut(&key) {
                 g.members.retain(|(c, _)| c != client);
                 if g.members.is_empty() {
@@ -1254,4 +1393,133 @@ fn retained_matching(retained: &BTreeMap<String, Arc<Message>>, filter: &str) ->
         found.push(m.clone());
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use shoal_placement::MqttRoute;
+
+    use super::*;
+
+    fn member(hub: &Hub, client: &str, filter: &str) {
+        hub.connect(
+            ConnectRequest {
+                client_id: Arc::from(client),
+                clean_start: true,
+                expiry_secs: 0,
+                will: None,
+                wake: Arc::new(Notify::new()),
+                window: 10,
+                username: None,
+            },
+            0,
+        );
+        let opts = SubOpts {
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id: None,
+        };
+        hub.subscribe(client, vec![(filter.to_string(), opts)], 0);
+    }
+
+    fn msg(topic: &str) -> Message {
+        Message {
+            topic: Arc::from(topic),
+            payload: Bytes::from_static(b"x"),
+            qos: 1,
+            retain: false,
+            props: Default::default(),
+            received_ms: 0,
+            origin: None,
+        }
+    }
+
+    fn queued(hub: &Hub, client: &str) -> usize {
+        hub.clients()
+            .iter()
+            .find(|c| c.client_id == client)
+            .map_or(0, |c| c.queued)
+    }
+
+    #[test]
+    fn shared_groups_take_turns_across_brokers_and_plain_routes_get_every_message() {
+        let routes = Arc::new(Routes::default());
+        let hub = Hub::with_routes(Limits::default(), routes.clone());
+        let (fw, mut rx) = Forwarder::new();
+        hub.set_forwarder(fw);
+        member(&hub, "here", "$share/g/t/#");
+        assert_eq!(
+            routes.local_filters(),
+            Some(vec!["$share/g/t/#".to_string()])
+        );
+        routes.set_remote(
+            &[
+                MqttRoute {
+                    broker: 2,
+                    http_addr: "b2".into(),
+                    filters: vec!["$share/g/t/#".into()],
+                },
+                MqttRoute {
+                    broker: 3,
+                    http_addr: "b3".into(),
+                    filters: vec!["t/+".into()],
+                },
+            ],
+            1,
+        );
+        for _ in 0..10 {
+            hub.publish(msg("t/x"), 0);
+        }
+        let mut to2 = 0;
+        let mut to3 = 0;
+        while let Ok(f) = rx.try_recv() {
+            match f.broker {
+                2 => {
+                    assert!(!f.plain);
+                    assert_eq!(f.groups.len(), 1);
+                    to2 += 1;
+                }
+                3 => {
+                    assert!(f.plain && f.groups.is_empty());
+                    to3 += 1;
+                }
+                b => panic!("forwarded to {b}"),
+            }
+        }
+        // Broker 3 subscribes plainly: every message. The group takes each
+        // message once, here or on broker 2, in turn.
+        assert_eq!(to3, 10);
+        assert_eq!(to2 + queued(&hub, "here"), 10);
+        assert!(to2 > 0 && queued(&hub, "here") > 0);
+    }
+
+    #[test]
+    fn forwarded_messages_reach_only_the_chosen_subscribers_and_go_no_further() {
+        let routes = Arc::new(Routes::default());
+        let hub = Hub::with_routes(Limits::default(), routes.clone());
+        let (fw, mut rx) = Forwarder::new();
+        hub.set_forwarder(fw);
+        member(&hub, "plain", "t/#");
+        member(&hub, "shared", "$share/g/t/#");
+        routes.set_remote(
+            &[MqttRoute {
+                broker: 2,
+                http_addr: "b2".into(),
+                filters: vec!["t/#".into()],
+            }],
+            1,
+        );
+        // For the group only: the plain subscriber does not get it.
+        hub.deliver_forwarded(msg("t/x"), false, vec![(Arc::from("g"), "t/#".into())]);
+        assert_eq!(queued(&hub, "plain"), 0);
+        assert_eq!(queued(&hub, "shared"), 1);
+        hub.deliver_forwarded(msg("t/x"), true, vec![]);
+        assert_eq!(queued(&hub, "plain"), 1);
+        assert_eq!(queued(&hub, "shared"), 1);
+        // Never forwarded again, though broker 2 subscribes too.
+        assert!(rx.try_recv().is_err());
+    }
 }

@@ -17,12 +17,14 @@
 
 pub mod access;
 mod conn;
+mod forward;
 mod frame;
 pub mod http;
 mod hub;
 pub mod listener;
 mod message;
 mod persist;
+pub mod routes;
 mod store;
 mod topic;
 mod trie;
@@ -86,7 +88,10 @@ pub struct Mqtt {
 impl Mqtt {
     pub fn new(broker: Arc<Broker>, settings: Settings, access: Access) -> Arc<Self> {
         Arc::new(Mqtt {
-            hub: Arc::new(hub::Hub::new(settings.limits.clone())),
+            hub: Arc::new(hub::Hub::with_routes(
+                settings.limits.clone(),
+                broker.mqtt_routes.clone(),
+            )),
             settings: Arc::new(settings),
             access: Arc::new(access),
             broker,
@@ -158,6 +163,7 @@ impl Mqtt {
             hub::Dropped::QueueFull,
             hub::Dropped::Expired,
             hub::Dropped::PacketTooLarge,
+            hub::Dropped::ForwardFailed,
         ] {
             let n = dropped
                 .iter()
@@ -174,6 +180,14 @@ impl Mqtt {
     /// Timers (session expiry, delayed wills), the persistence rules from
     /// placement, and delivery of Kafka records to MQTT subscribers.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let (forwarder, queue) = forward::Forwarder::new();
+        self.hub.set_forwarder(forwarder);
+        tokio::spawn(forward::run(
+            queue,
+            self.broker.mqtt_routes.clone(),
+            self.hub.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(store::run(
             self.broker.clone(),
             self.hub.clone(),

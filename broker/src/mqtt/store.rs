@@ -118,7 +118,12 @@ fn header(k: &str, v: impl Into<Bytes>) -> Header {
 /// A message's fields as record headers (the payload is the value).
 /// `qos`, `retain`: how it is delivered, when that differs from the
 /// message's own (a queued copy).
-fn message_headers(msg: &Message, qos: u8, retain: bool, sub_ids: &[u32]) -> Vec<Header> {
+pub(crate) fn message_headers(
+    msg: &Message,
+    qos: u8,
+    retain: bool,
+    sub_ids: &[u32],
+) -> Vec<Header> {
     let flag = |b: bool| if b { "true" } else { "false" };
     let mut h = vec![
         header("mqtt.topic", msg.topic.as_bytes().to_vec()),
@@ -161,7 +166,7 @@ fn message_headers(msg: &Message, qos: u8, retain: bool, sub_ids: &[u32]) -> Vec
 }
 
 /// The message, delivery QoS, retain flag and subscription ids in a record.
-fn message_from(row: &Row) -> Option<(Message, u8, bool, Vec<u32>)> {
+pub(crate) fn message_from(row: &Row) -> Option<(Message, u8, bool, Vec<u32>)> {
     let get = |k: &str| {
         row.headers
             .iter()
