@@ -496,7 +496,12 @@ impl PlacementNode {
             .mqtt_filters(hb.info.id, hb.mqtt_filters.clone());
         let st = state_machine::read(&self.state);
         let (live, streams) = crate::controller::assignment(&st.state, &self.liveness);
-        let mqtt_routes = self.liveness.mqtt_routes(&live);
+        // Routes only for brokers that serve MQTT (and report theirs).
+        let mqtt_routes = if hb.mqtt_filters.is_some() {
+            self.liveness.mqtt_routes(&live)
+        } else {
+            Vec::new()
+        };
         Ok(crate::controller::HeartbeatReply {
             session_timeout_ms: self.liveness.session_timeout.as_millis() as u64,
             live,

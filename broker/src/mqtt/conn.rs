@@ -38,9 +38,10 @@ pub(crate) enum Action {
     /// Write this PUBACK/PUBREC after those held back for the log, so
     /// acknowledgements keep the order of their PUBLISHes (MQTT §4.6).
     Ack(Bytes),
-    /// The same, once the durable state reaches `mark` (the message was
-    /// queued for a persistent session or retained).
-    AckAfter { mark: u64, ack: Bytes },
+    /// The acknowledgement of this QoS 1/2 publish once the durable state
+    /// reaches `mark` (the message was queued for a persistent session or
+    /// retained).
+    AckAfter { mark: u64, qos: u8, packet_id: u16 },
     /// Append `msg` to `stream`; on success route it to subscribers, and
     /// once it is durable send the acknowledgement `ack` (QoS, packet id).
     Persist {
@@ -357,6 +358,12 @@ impl Protocol {
         } else {
             Arc::from(c.client_id.as_str())
         };
+        // Another user's session is neither resumed nor wiped.
+        if let Some(owner) = self.hub.session_user(&client_id)
+            && owner != c.username
+        {
+            return self.refuse(ReasonCode::NotAuthorized);
+        }
         // The will.
         let will = match &c.will {
             None => None,
@@ -539,18 +546,24 @@ impl Protocol {
                 ack: (qos > 0).then_some((qos, packet_id)),
             }];
         }
-        self.hub.publish(msg, now_ms);
+        let (_, mark) = self.hub.publish_marked(msg, now_ms);
         if qos == 0 {
             return Vec::new();
         }
-        let ack = publish_ack(self.version, qos, packet_id, ReasonCode::Success);
         // Queued for a persistent session (or retained): acknowledged once
         // that is durable.
-        let mark = self.hub.op_mark();
-        if self.hub.is_durable(mark) {
-            vec![Action::Ack(ack)]
-        } else {
-            vec![Action::AckAfter { mark, ack }]
+        match mark {
+            Some(mark) if !self.hub.is_durable(mark) => vec![Action::AckAfter {
+                mark,
+                qos,
+                packet_id,
+            }],
+            _ => vec![Action::Ack(publish_ack(
+                self.version,
+                qos,
+                packet_id,
+                ReasonCode::Success,
+            ))],
         }
     }
 

@@ -86,6 +86,11 @@ pub(crate) fn decode(body: &Bytes) -> Option<Vec<Forwarded>> {
     for b in crate::batch::split(body.clone()).ok()? {
         for row in crate::batch::to_rows(&b).ok()? {
             let (msg, ..) = super::store::message_from(&row)?;
+            // The endpoint is reachable by anyone who reaches the HTTP API:
+            // nothing that is not a topic name goes to clients.
+            if !super::topic::valid_name(&msg.topic) {
+                return None;
+            }
             let header = |k: &str| {
                 row.headers
                     .iter()
@@ -171,7 +176,17 @@ fn chunks(fs: &[Forward]) -> Vec<&[Forward]> {
     let mut start = 0;
     let mut size = 0;
     for (i, f) in fs.iter().enumerate() {
-        let n = f.msg.payload.len() + f.msg.topic.len() + 64;
+        let p = &f.msg.props;
+        let n = f.msg.payload.len()
+            + f.msg.topic.len()
+            + p.user
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + p.content_type.as_ref().map_or(0, String::len)
+            + p.response_topic.as_ref().map_or(0, String::len)
+            + p.correlation_data.as_ref().map_or(0, |d| d.len())
+            + 256;
         if i > start && size + n > BATCH_BYTES {
             out.push(&fs[start..i]);
             start = i;

@@ -241,6 +241,9 @@ pub(crate) struct ConnectRequest {
 
 #[derive(Default)]
 struct State {
+    /// Queued messages read back without a session, deleted once the
+    /// store is on.
+    orphans: Vec<(ClientId, u64)>,
     /// Told which filters have subscribers here.
     routes: Arc<Routes>,
     /// Record changes for the durable state.
@@ -338,9 +341,25 @@ impl Hub {
         }
     }
 
-    /// Record changes for the durable state from now on.
+    /// Record changes for the durable state from now on, starting with
+    /// deleting the queued messages [`Hub::restore`] found no session for.
     pub(crate) fn enable_store(&self) {
-        self.state.lock().store = true;
+        let mut st = self.state.lock();
+        st.store = true;
+        for (client, seq) in std::mem::take(&mut st.orphans) {
+            unqueue(&mut st, &client, seq);
+        }
+        drop(st);
+        self.ops_ready.notify_one();
+    }
+
+    /// The user name a session was left by, if the session exists.
+    pub(crate) fn session_user(&self, client: &str) -> Option<Option<String>> {
+        self.state
+            .lock()
+            .sessions
+            .get(client)
+            .map(|s| s.username.clone())
     }
 
     /// Wait until changes are recorded.
@@ -365,6 +384,7 @@ impl Hub {
 
     /// The mark of every change recorded so far; an acknowledgement that
     /// depends on them waits for [`Hub::wait_durable`] of it.
+    #[cfg(test)]
     pub(crate) fn op_mark(&self) -> u64 {
         self.state.lock().op_count
     }
@@ -381,6 +401,7 @@ impl Hub {
     /// Sessions and retained messages read back from the durable state.
     pub(crate) fn restore(&self, loaded: Loaded, now_ms: i64) {
         let mut st = self.state.lock();
+        st.orphans = loaded.orphans;
         for m in loaded.retained {
             st.retained.insert(m.topic.to_string(), m);
         }
@@ -490,6 +511,7 @@ impl Hub {
                 connected_ms: now_ms,
                 next_seq: 1,
             });
+        let was_persistent = s.persistent();
         s.expiry_secs = req.expiry_secs;
         s.will = req.will;
         s.disconnected_ms = None;
@@ -501,9 +523,11 @@ impl Hub {
             wake: req.wake.clone(),
             window: req.window.max(1),
         });
-        let op = s.persistent().then(|| Op::Session {
+        // Its record follows it; a session no longer kept loses it (else a
+        // crash would bring back what the client gave up).
+        let op = (s.persistent() || was_persistent).then(|| Op::Session {
             client: s.client_id.clone(),
-            record: Some(s.record()),
+            record: s.persistent().then(|| s.record()),
         });
         if let Some(op) = op {
             record(&mut st, op);
@@ -532,7 +556,12 @@ impl Hub {
     /// The other brokers `msg` must reach. Each shared group that has
     /// members here and/or on other brokers takes the message once, on a
     /// broker chosen in turn; `local_groups` keeps only those chosen here.
-    fn plan_forwards(&self, msg: &Arc<Message>, local_groups: &mut Vec<GroupKey>) -> Vec<Forward> {
+    fn plan_forwards(
+        &self,
+        st: &State,
+        msg: &Arc<Message>,
+        local_groups: &mut Vec<GroupKey>,
+    ) -> Vec<Forward> {
         let remote = self.routes.matches(&msg.topic);
         let mut plan: BTreeMap<BrokerId, (bool, Vec<GroupKey>)> = BTreeMap::new();
         for b in remote.plain {
@@ -546,12 +575,24 @@ impl Hub {
             }
         }
         for key in keys {
-            let here = local_groups.contains(&key);
+            // Here only with a connected member, or the turn would go to
+            // an absent one while others wait on other brokers.
+            let here = local_groups.contains(&key)
+                && st.groups.get(&key).is_some_and(|g| {
+                    g.members
+                        .iter()
+                        .any(|(c, _)| st.sessions.get(c).is_some_and(|s| s.link.is_some()))
+                });
             let brokers: &[BrokerId] = remote
                 .groups
                 .iter()
                 .find(|(k, _)| *k == key)
                 .map_or(&[], |(_, b)| b.as_slice());
+            if local_groups.contains(&key) && !here && brokers.is_empty() {
+                // No member connected anywhere: queued here, as before.
+                keep_here.push(key);
+                continue;
+            }
             let n = brokers.len() + usize::from(here);
             let turn = self.routes.next_turn(n);
             if here && turn == brokers.len() {
@@ -678,7 +719,13 @@ impl Hub {
 
     /// Route `msg` to every matching subscription (and store it if it is
     /// retained). Returns how many sessions it was queued for.
-    pub(crate) fn publish(&self, msg: Message, _now_ms: i64) -> usize {
+    pub(crate) fn publish(&self, msg: Message, now_ms: i64) -> usize {
+        self.publish_marked(msg, now_ms).0
+    }
+
+    /// [`Hub::publish`], also returning the durable mark to wait for when
+    /// the message was queued for a persistent session or retained.
+    pub(crate) fn publish_marked(&self, msg: Message, _now_ms: i64) -> (usize, Option<u64>) {
         self.route(Arc::new(msg), Origin::Here)
     }
 
@@ -691,11 +738,14 @@ impl Hub {
         plain: bool,
         groups: Vec<GroupKey>,
     ) -> usize {
-        self.route(Arc::new(msg), Origin::Peer { plain, groups })
+        self.route(Arc::new(msg), Origin::Peer { plain, groups }).0
     }
 
-    fn route(&self, msg: Arc<Message>, origin: Origin) -> usize {
+    /// Route `msg`; returns how many deliveries it made, and the durable
+    /// mark its acknowledgement must wait for if it recorded state to keep.
+    fn route(&self, msg: Arc<Message>, origin: Origin) -> (usize, Option<u64>) {
         let mut st = self.state.lock();
+        let ops_before = st.op_count;
         if msg.retain && matches!(origin, Origin::Here) {
             if msg.payload.is_empty() {
                 if st.retained.remove(&*msg.topic).is_some() {
@@ -736,7 +786,7 @@ impl Hub {
         match &origin {
             Origin::Here => {
                 if self.forwarder.get().is_some() && self.routes.has_peers() {
-                    forwards = self.plan_forwards(&msg, &mut groups);
+                    forwards = self.plan_forwards(&st, &msg, &mut groups);
                 }
             }
             Origin::Peer {
@@ -781,8 +831,11 @@ impl Hub {
             }
             delivered += 1;
         }
+        let mark = (st.op_count > ops_before).then_some(st.op_count);
         drop(st);
-        self.ops_ready.notify_one();
+        if mark.is_some() {
+            self.ops_ready.notify_one();
+        }
         for w in wake {
             w.notify_one();
         }
@@ -794,7 +847,7 @@ impl Hub {
                 }
             }
         }
-        delivered
+        (delivered, mark)
     }
 
     /// Add subscriptions; returns per filter whether it existed before.
@@ -942,8 +995,13 @@ impl Hub {
             });
         }
         let client = s.client_id.clone();
+        let any = !expired.is_empty();
         for seq in expired {
             unqueue(&mut st, &client, seq);
+        }
+        drop(st);
+        if any {
+            self.ops_ready.notify_one();
         }
         Some(out)
     }
@@ -1494,6 +1552,60 @@ mod tests {
         assert_eq!(to3, 10);
         assert_eq!(to2 + queued(&hub, "here"), 10);
         assert!(to2 > 0 && queued(&hub, "here") > 0);
+    }
+
+    #[test]
+    fn only_publishes_that_queue_durable_state_wait_for_it() {
+        let hub = Hub::new(Limits::default());
+        hub.enable_store();
+        let connect = |expiry| {
+            hub.connect(
+                ConnectRequest {
+                    client_id: Arc::from("p"),
+                    clean_start: false,
+                    expiry_secs: expiry,
+                    will: None,
+                    wake: Arc::new(Notify::new()),
+                    window: 10,
+                    username: None,
+                },
+                0,
+            )
+        };
+        let first = connect(3600);
+        let opts = SubOpts {
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id: None,
+        };
+        hub.subscribe("p", vec![("t".to_string(), opts)], 0);
+        hub.disconnect("p", first.link, false, None, 0);
+        let _ = hub.take_ops();
+        // Queued for the offline persistent session: a mark to wait for.
+        let (_, mark) = hub.publish_marked(msg("t"), 0);
+        assert_eq!(mark, Some(hub.op_mark()));
+        let (ops, _) = hub.take_ops();
+        assert!(matches!(
+            &ops[..],
+            [Op::Queue {
+                seq: 1,
+                item: Some(_),
+                ..
+            }]
+        ));
+        // Nobody keeps this one: nothing to wait for.
+        assert_eq!(hub.publish_marked(msg("u"), 0).1, None);
+        // Back with no expiry: the session is no longer kept, and its
+        // durable record goes.
+        connect(0);
+        let (ops, _) = hub.take_ops();
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, Op::Session { record: None, .. })),
+            "{ops:?}"
+        );
     }
 
     #[test]

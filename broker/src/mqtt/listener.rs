@@ -155,15 +155,34 @@ where
                     }
                     held.push_back(Box::pin(async move { HeldAck::Send(b, qos1) }));
                 }
-                Action::AckAfter { mark, ack } => {
-                    let qos1 = ack.first().is_some_and(|&t| t >> 4 == 4);
-                    if qos1 {
+                Action::AckAfter {
+                    mark,
+                    qos,
+                    packet_id,
+                } => {
+                    if qos == 1 {
                         proto.ack_held();
                     }
-                    let hub = mqtt.hub.clone();
+                    let (hub, version) = (mqtt.hub.clone(), proto.version());
+                    let client = proto.client_id().map(Arc::<str>::from);
+                    let timeout = mqtt.settings.persist_timeout;
                     held.push_back(Box::pin(async move {
-                        hub.wait_durable(mark).await;
-                        HeldAck::Send(ack, qos1)
+                        if tokio::time::timeout(timeout, hub.wait_durable(mark))
+                            .await
+                            .is_ok()
+                        {
+                            return HeldAck::Send(
+                                publish_ack(version, qos, packet_id, ReasonCode::Success),
+                                qos == 1,
+                            );
+                        }
+                        tracing::warn!("MQTT session state not durable in time: publish refused");
+                        if qos == 2
+                            && let Some(c) = &client
+                        {
+                            hub.release(c, packet_id);
+                        }
+                        refused(version, qos, packet_id)
                     }));
                 }
                 Action::Persist { msg, stream, ack } => {
@@ -209,6 +228,19 @@ fn server_disconnect(reason: ReasonCode) -> Bytes {
     b.freeze()
 }
 
+/// A publish refused after the fact: MQTT 5 says so in the acknowledgement;
+/// MQTT 3.1.1 cannot, so the connection closes and the client sends again.
+fn refused(version: u8, qos: u8, packet_id: u16) -> HeldAck {
+    if version == 5 {
+        HeldAck::Send(
+            publish_ack(version, qos, packet_id, ReasonCode::UnspecifiedError),
+            qos == 1,
+        )
+    } else {
+        HeldAck::Close
+    }
+}
+
 /// Append a publish to its stream; route it once the log has it; return
 /// the acknowledgement to send once it is durable.
 fn persist(
@@ -220,30 +252,22 @@ fn persist(
 ) -> Option<Held> {
     let version = proto.version();
     let client = proto.client_id().map(Arc::<str>::from);
-    let refused = move |qos: u8, pid: u16| -> HeldAck {
-        if version == 5 {
-            HeldAck::Send(
-                publish_ack(version, qos, pid, ReasonCode::UnspecifiedError),
-                qos == 1,
-            )
-        } else {
-            HeldAck::Close
-        }
-    };
+    let refused = move |qos: u8, pid: u16| refused(version, qos, pid);
     match super::persist::append(&mqtt.broker, stream, &msg) {
         Ok(appended) => {
             // Live delivery does not wait for durability, only for the
             // record to have its place in the log.
-            mqtt.hub.publish(msg, crate::broker::now_ms());
+            let (_, mark) = mqtt.hub.publish_marked(msg, crate::broker::now_ms());
             let (qos, pid) = ack?;
             let timeout = mqtt.settings.persist_timeout;
             let hub = mqtt.hub.clone();
-            // Also wait for what the publish queued for persistent sessions.
-            let mark = hub.op_mark();
             Some(Box::pin(async move {
                 match appended.durable(timeout).await {
                     Ok(()) => {
-                        hub.wait_durable(mark).await;
+                        // Also what the publish queued for persistent sessions.
+                        if let Some(mark) = mark {
+                            let _ = tokio::time::timeout(timeout, hub.wait_durable(mark)).await;
+                        }
                         HeldAck::Send(
                             publish_ack(version, qos, pid, ReasonCode::Success),
                             qos == 1,

@@ -99,6 +99,8 @@ pub(crate) type LoadedSession = (ClientId, SessionRecord, Vec<(u64, Queued)>);
 pub(crate) struct Loaded {
     pub sessions: Vec<LoadedSession>,
     pub retained: Vec<Arc<Message>>,
+    /// Queued messages whose session is gone: (client, seq).
+    pub orphans: Vec<(ClientId, u64)>,
 }
 
 fn route_key(op: &Op) -> &[u8] {
@@ -273,10 +275,29 @@ async fn read_all(broker: &Broker, log: &crate::shard::ShardLog) -> Result<Vec<R
                     return Ok(rows);
                 }
                 for b in &batches {
-                    for r in crate::batch::to_rows(b)? {
-                        if r.offset >= offset {
-                            offset = r.offset + 1;
-                            rows.push(r);
+                    match crate::batch::to_rows(b) {
+                        Ok(decoded) => {
+                            for r in decoded {
+                                if r.offset >= offset {
+                                    offset = r.offset + 1;
+                                    rows.push(r);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            // One bad batch must not keep MQTT (and the
+                            // broker) from starting: it is skipped, loudly.
+                            tracing::error!(
+                                shard = log.shard,
+                                "an unreadable MQTT state batch is skipped: {e}"
+                            );
+                            let last_delta = b
+                                .get(23..27)
+                                .and_then(|d| <[u8; 4]>::try_from(d).ok())
+                                .map_or(0, i32::from_be_bytes);
+                            offset = offset.max(
+                                crate::batch::base_offset(b) + i64::from(last_delta.max(0)) + 1,
+                            );
                         }
                     }
                 }
@@ -365,10 +386,13 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
             }));
         }
     }
+    let mut orphans = Vec::new();
     for (client, seq, item) in queued {
-        // A queued message whose session is gone is left for compaction.
-        if let Some(s) = sessions.get_mut(&client) {
-            s.1.push((seq, item));
+        match sessions.get_mut(&client) {
+            Some(s) => s.1.push((seq, item)),
+            // Its session's end was recorded but not the message's: it is
+            // deleted now, or a new session of that id would inherit it.
+            None => orphans.push((client, seq)),
         }
     }
     Ok(Loaded {
@@ -380,6 +404,7 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
             })
             .collect(),
         retained,
+        orphans,
     })
 }
 
@@ -432,6 +457,11 @@ pub(crate) async fn run(
 }
 
 async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
+    if !broker.lease_valid() {
+        // Cut off from placement: its shards may be another's already. The
+        // writer tries again; acknowledgements wait (up to their timeout).
+        return Err(Error::Timeout);
+    }
     // Created with the first state to keep, so a broker whose MQTT clients
     // keep none shows no extra stream.
     ensure_stream(broker).await?;
@@ -449,8 +479,14 @@ async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
         rows.push(row);
     }
     let mut waits = Vec::new();
+    let mut elsewhere = 0;
     for (index, rows) in by_shard {
-        let shard = s.shard(index).ok_or_else(|| s.not_here(index))?;
+        // A shard another broker owns cannot take them (a cluster broker):
+        // those changes stay in memory only; the others are still written.
+        let Some(shard) = s.shard(index) else {
+            elsewhere += rows.len();
+            continue;
+        };
         let batch = crate::batch::from_rows(&rows)?;
         let accepted = crate::log::append(broker, shard, batch, true)?;
         waits.push(crate::log::wait(
@@ -462,6 +498,12 @@ async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
     }
     for w in waits {
         w.await?;
+    }
+    if elsewhere > 0 {
+        tracing::debug!(
+            changes = elsewhere,
+            "MQTT session state for shards owned elsewhere is kept in memory only"
+        );
     }
     Ok(())
 }
