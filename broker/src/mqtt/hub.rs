@@ -1035,26 +1035,14 @@ impl Hub {
     /// PUBREC for an outgoing QoS 2 message: it moves to Released (the
     /// caller sends PUBREL). With a failure code the exchange ends.
     pub(crate) fn received(&self, client: &str, packet_id: u16, failed: bool) -> bool {
+        if failed {
+            // A refused PUBREC ends the exchange as a PUBACK would.
+            return self.acked(client, packet_id);
+        }
         let mut st = self.state.lock();
         let Some(s) = st.sessions.get_mut(client) else {
             return false;
         };
-        if failed {
-            let gone = s.inflight.remove(&packet_id);
-            if let Some(l) = &s.link {
-                l.wake.notify_one();
-            }
-            let client = s.client_id.clone();
-            return match gone {
-                Some(o) => {
-                    unqueue(&mut st, &client, o.item.seq);
-                    drop(st);
-                    self.ops_ready.notify_one();
-                    true
-                }
-                None => false,
-            };
-        }
         match s.inflight.get_mut(&packet_id) {
             Some(o) => {
                 o.state = OutState::Released;
