@@ -10,12 +10,17 @@ import pytest
 
 from cluster import Cluster
 from harness import unique_name
-from test_mqtt import Mq, until
+from paho.mqtt.packettypes import PacketTypes
+
+import paho.mqtt.client as mqtt
+
+from test_mqtt import Mq, mqtt_clients, until, v5_props, wait_offline
 
 
 @pytest.fixture
 def mqtt_cluster(tmp_path, request):
-    c = Cluster(tmp_path)
+    # A fourth broker waits, for tests that add one later.
+    c = Cluster(tmp_path, brokers=4)
     for b in c.brokers:
         b.extra_args += ["--mqtt-addr", f"127.0.0.1:{b.mqtt_port}"]
     request.node._shoal_instances = c.processes
@@ -27,7 +32,7 @@ def mqtt_cluster(tmp_path, request):
         return m
 
     try:
-        c.start()
+        c.start(brokers=3)
         yield c, client
     finally:
         for m in made:
@@ -132,3 +137,105 @@ def test_shared_subscription_balances_across_brokers_and_survives_a_kill(mqtt_cl
 
     until(m1_takes_all, "the group's messages to go to the member left", timeout=30)
     assert len(m1.received("sh/data")) == before
+
+
+def test_a_persistent_session_resumes_on_another_broker(mqtt_cluster):
+    c, client = mqtt_cluster
+    cid = unique_name("roam")
+    expiry = v5_props(PacketTypes.CONNECT, SessionExpiryInterval=600)
+    first = client(1, cid)
+    assert first.connected(clean_start=False, properties=expiry).session_present is False
+    assert first.subscribe([("roam/#", 1)]) == [1]
+    pub = client(3)
+    pub.connected()
+    probe_until_received(pub, first, "roam/probe", "the route from broker 1 to reach broker 3")
+    first.disconnect()
+    wait_offline(c.broker(1), cid)
+
+    # Queued on broker 1 for the session while its client is away.
+    sent = [f"q-{i}".encode() for i in range(10)]
+    for v in sent:
+        assert pub.publish("roam/data", v, qos=1) == 0
+    until(lambda: mqtt_clients(c.broker(1)).get(cid, {}).get("queued") == 10,
+          "broker 1 to queue the 10 messages")
+
+    # The client comes back on broker 2: the session, with its queue, moves.
+    back = client(2, cid)
+    ack = back.connected(clean_start=False, properties=expiry)
+    assert ack.session_present is True
+    until(lambda: back.payloads("roam/data") == sent, "the queued messages on broker 2")
+    assert all(m.qos == 1 for m in back.received("roam/data"))
+    assert cid not in mqtt_clients(c.broker(1))
+    assert mqtt_clients(c.broker(2))[cid]["connected"] is True
+
+    # Its subscription moved too: publishes reach it on broker 2.
+    probe_until_received(pub, back, "roam/probe2", "the route from broker 2 to reach broker 3")
+    assert pub.publish("roam/data", b"after", qos=1) == 0
+    back.wait_payload(b"after")
+
+    # Taken over from another broker while connected: 0x8E, as on one broker.
+    again = client(1, cid)
+    assert again.connected(clean_start=False, properties=expiry).session_present is True
+    assert back.wait_disconnected() == 0x8E
+    assert cid not in mqtt_clients(c.broker(2))
+
+    # Another user's client id is refused, not handed over.
+    thief = client(3, cid)
+    ack = thief.connect(clean_start=False, properties=expiry, username="someone-else",
+                        password="x")
+    assert ack.rc == 0x87
+    assert mqtt_clients(c.broker(1))[cid]["connected"] is True
+
+    # MQTT 3.1.1 sessions (Clean Session 0) move the same way.
+    v3 = unique_name("roam3")
+    a = client(1, v3, version=mqtt.MQTTv311, clean_session=False)
+    a.connected()
+    assert a.subscribe([("roam3/#", 1)]) == [1]
+    a.disconnect()
+    wait_offline(c.broker(1), v3)
+    b = client(3, v3, version=mqtt.MQTTv311, clean_session=False)
+    assert b.connected().session_present is True
+    assert mqtt_clients(c.broker(3))[v3]["subscriptions"] == 1
+    assert v3 not in mqtt_clients(c.broker(1))
+
+
+def test_retained_messages_are_the_same_on_every_broker(mqtt_cluster):
+    c, client = mqtt_cluster
+    topic = unique_name("ret") + "/state"
+    pub = client(1)
+    pub.connected()
+    assert pub.publish(topic, b"on", qos=1, retain=True) == 0
+
+    # Brokers 2 and 3 have it for subscribers that come later.
+    def retained_at(broker: int) -> list[bytes]:
+        s = client(broker)
+        s.connected()
+        s.subscribe([(topic, 1)])
+        try:
+            until(lambda: s.received(topic), f"the retained message on broker {broker}",
+                  timeout=3)
+        except AssertionError:
+            pass
+        payloads = [(m.payload, m.retain) for m in s.received(topic)]
+        s.close()
+        return payloads
+
+    until(lambda: retained_at(2) == [(b"on", True)], "broker 2 to have the retained message",
+          timeout=20)
+    assert retained_at(3) == [(b"on", True)]
+
+    # Replaced and then cleared on broker 3: every broker follows.
+    assert pub.publish(topic, b"off", qos=1, retain=True) == 0
+    until(lambda: retained_at(3) == [(b"off", True)], "the replacement on broker 3")
+    clear = client(3)
+    clear.connected()
+    assert clear.publish(topic, b"", qos=1, retain=True) == 0
+    until(lambda: retained_at(1) == [] and retained_at(2) == [], "the clear on brokers 1 and 2",
+          timeout=20)
+
+    # A broker that starts later takes the retained messages of the others.
+    assert pub.publish(topic, b"late", qos=1, retain=True) == 0
+    until(lambda: retained_at(2) == [(b"late", True)], "the message on broker 2")
+    c.add_broker(4)
+    until(lambda: retained_at(4) == [(b"late", True)],
+          "the new broker 4 to have the retained message", timeout=30)

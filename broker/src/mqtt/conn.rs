@@ -49,6 +49,13 @@ pub(crate) enum Action {
         stream: Arc<str>,
         ack: Option<(u8, u16)>,
     },
+    /// Ask the other brokers for `client`'s session (its client connected
+    /// here without Clean Start, and this broker does not hold it), then
+    /// call [`Protocol::peers_answered`].
+    AskPeers {
+        client: ClientId,
+        username: Option<String>,
+    },
     /// Close the connection (after the sends before it).
     Close,
 }
@@ -57,6 +64,9 @@ pub(crate) enum Action {
 enum Phase {
     /// Waiting for CONNECT.
     New,
+    /// CONNECT accepted so far; the other brokers are asked for its
+    /// session.
+    AskingPeers(Box<ConnectPacket>),
     Connected {
         client: ClientId,
         link: u64,
@@ -87,6 +97,9 @@ pub(crate) struct Protocol {
     connect_expiry: u32,
     disconnect_expiry: Option<u32>,
     username: Option<String>,
+    /// The other brokers were asked for the session (after the client's
+    /// credentials passed).
+    peers_asked: bool,
 }
 
 /// How long without a packet before a client with this Keep Alive is cut
@@ -147,6 +160,7 @@ impl Protocol {
             connect_expiry: 0,
             disconnect_expiry: None,
             username: None,
+            peers_asked: false,
         }
     }
 
@@ -166,7 +180,7 @@ impl Protocol {
         match self.phase {
             // A client gets as long to send CONNECT as a keep-alive of
             // the server's maximum would give it.
-            Phase::New => Some(self.settings.connect_timeout),
+            Phase::New | Phase::AskingPeers(_) => Some(self.settings.connect_timeout),
             _ => keep_alive_limit(self.keep_alive),
         }
     }
@@ -336,10 +350,12 @@ impl Protocol {
                 return self.refuse(ReasonCode::ProtocolError);
             }
         }
-        // Credentials and identity.
-        if let Err(r) = self
-            .access
-            .authenticate(c.username.as_deref(), c.password.as_deref())
+        // Credentials and identity (checked once: a CONNECT that waited for
+        // the other brokers passed them already).
+        if !self.peers_asked
+            && let Err(r) = self
+                .access
+                .authenticate(c.username.as_deref(), c.password.as_deref())
         {
             return self.refuse(match r {
                 Refusal::BadCredentials => ReasonCode::BadUsernameOrPassword,
@@ -363,6 +379,20 @@ impl Protocol {
             && owner != c.username
         {
             return self.refuse(ReasonCode::NotAuthorized);
+        }
+        // In a cluster, a session to resume may be on another broker.
+        if !c.clean_start
+            && !self.peers_asked
+            && self.hub.has_peers()
+            && self.hub.session_user(&client_id).is_none()
+        {
+            self.peers_asked = true;
+            let username = c.username.clone();
+            self.phase = Phase::AskingPeers(Box::new(c));
+            return vec![Action::AskPeers {
+                client: client_id,
+                username,
+            }];
         }
         // The will.
         let will = match &c.will {
@@ -462,6 +492,18 @@ impl Protocol {
         let mut out = vec![Action::Send(encode(&ack))];
         out.extend(self.pump(now_ms));
         out
+    }
+
+    /// The other brokers answered [`Action::AskPeers`]: the session moved
+    /// here if one of them had it; `other_user` if it is another user's.
+    pub(crate) fn peers_answered(&mut self, other_user: bool, now_ms: i64) -> Vec<Action> {
+        let Phase::AskingPeers(c) = std::mem::replace(&mut self.phase, Phase::New) else {
+            return vec![Action::Close];
+        };
+        if other_user {
+            return self.refuse(ReasonCode::NotAuthorized);
+        }
+        self.connect(*c, now_ms)
     }
 
     fn publish(&mut self, client: &ClientId, mut p: PublishPacket, now_ms: i64) -> Vec<Action> {
@@ -1013,5 +1055,39 @@ mod tests {
             publishes,
             vec![(true, QoS::AtLeastOnce), (false, QoS::AtLeastOnce)]
         );
+    }
+
+    #[test]
+    fn a_session_not_here_is_asked_of_the_other_brokers_before_connack() {
+        let routes = Arc::new(crate::mqtt::routes::Routes::default());
+        routes.set_remote(
+            &[shoal_placement::MqttRoute {
+                broker: 2,
+                http_addr: "b2".into(),
+                filters: vec![],
+            }],
+            1,
+        );
+        let hub = Arc::new(Hub::with_routes(Limits::default(), routes));
+        // Clean Start asks no one.
+        let (_, actions) = connect(&hub, 5, "fresh", true);
+        assert!(matches!(sent(&actions, 5).as_slice(), [Packet::ConnAck(_)]));
+        let (mut c, actions) = connect(&hub, 5, "kept", false);
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::AskPeers { client, username: None }] if &**client == "kept"
+        ));
+        assert_eq!(c.proto.client_id(), None);
+        let actions = c.proto.peers_answered(false, 0);
+        assert!(matches!(sent(&actions, 5).as_slice(), [Packet::ConnAck(_)]));
+        assert_eq!(c.proto.client_id(), Some("kept"));
+        // Another user's session elsewhere: refused, as it would be here.
+        let (mut c, _) = connect(&hub, 5, "theirs", false);
+        let actions = c.proto.peers_answered(true, 0);
+        match sent(&actions, 5).as_slice() {
+            [Packet::ConnAck(a)] => assert_eq!(a.reason_code, ReasonCode::NotAuthorized),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(actions.last(), Some(Action::Close)));
     }
 }

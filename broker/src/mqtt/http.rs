@@ -35,6 +35,8 @@ pub fn router(broker: Arc<Broker>, mqtt: Option<Arc<Mqtt>>) -> Router {
                     .max(4 << 20),
             )),
         )
+        .route("/api/v1/mqtt/takeover", axum::routing::post(takeover))
+        .route("/api/v1/mqtt/retained", get(retained))
         .route("/api/v1/mqtt/clients", get(clients))
         .route("/api/v1/mqtt/subscriptions", get(subscriptions))
         .with_state(AppState { broker, mqtt })
@@ -164,6 +166,39 @@ async fn forwarded(State(st): State<AppState>, body: bytes::Bytes) -> Response {
         m.hub.deliver_forwarded(msg, plain, groups);
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `POST /api/v1/mqtt/takeover` `{"client", "username"}` (from another
+/// broker, where the client just connected): the session, detached from
+/// this broker, as a record batch; 404 if it is not here, 409 if it is
+/// another user's.
+async fn takeover(
+    State(st): State<AppState>,
+    Json(req): Json<super::handover::TakeoverRequest>,
+) -> Response {
+    let Some(m) = &st.mqtt else {
+        return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
+    };
+    let now = crate::broker::now_ms();
+    match m.hub.hand_over(&req.client, req.username.as_deref(), now) {
+        Ok(Some(h)) => match super::handover::encode(&h) {
+            Ok(body) => body.into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
+        Err(_) => error(StatusCode::CONFLICT, "the session is another user's"),
+    }
+}
+
+/// `GET /api/v1/mqtt/retained`: every retained message, as a record batch.
+async fn retained(State(st): State<AppState>) -> Response {
+    let Some(m) = &st.mqtt else {
+        return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
+    };
+    match super::handover::encode_retained(&m.hub.retained_all()) {
+        Ok(body) => body.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 async fn clients(State(st): State<AppState>) -> Response {

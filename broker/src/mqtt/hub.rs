@@ -131,6 +131,27 @@ struct Session {
 }
 
 impl Session {
+    /// A session with nothing in it yet.
+    fn empty(client_id: ClientId) -> Self {
+        Session {
+            client_id,
+            subs: BTreeMap::new(),
+            expiry_secs: 0,
+            queue: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            incoming_qos2: BTreeSet::new(),
+            next_packet_id: 0,
+            link: None,
+            disconnected_ms: None,
+            will: None,
+            will_due_ms: None,
+            resend: false,
+            username: None,
+            connected_ms: 0,
+            next_seq: 1,
+        }
+    }
+
     /// Kept in the durable state: it outlives its connection.
     fn persistent(&self) -> bool {
         self.expiry_secs > 0
@@ -219,6 +240,20 @@ impl Dropped {
         }
     }
 }
+
+/// A session on its way from one broker to another.
+#[derive(Debug)]
+pub(crate) struct Handover {
+    pub record: SessionRecord,
+    pub next_packet_id: u16,
+    pub incoming_qos2: Vec<u16>,
+    pub inflight: Vec<(u16, Outgoing)>,
+    pub queue: Vec<Queued>,
+}
+
+/// The session asked for belongs to another user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OtherUser;
 
 /// The outcome of attaching a connection to a session.
 #[derive(Debug)]
@@ -353,6 +388,11 @@ impl Hub {
         self.ops_ready.notify_one();
     }
 
+    /// Are there other brokers serving MQTT?
+    pub(crate) fn has_peers(&self) -> bool {
+        self.routes.has_peers()
+    }
+
     /// The user name a session was left by, if the session exists.
     pub(crate) fn session_user(&self, client: &str) -> Option<Option<String>> {
         self.state
@@ -415,33 +455,21 @@ impl Hub {
             for (f, o) in &subs {
                 add_subscription(&mut st, &client, f, o);
             }
-            st.sessions.insert(
-                client.clone(),
-                Session {
-                    client_id: client,
-                    subs,
-                    expiry_secs: rec.expiry_secs,
-                    queue: queue
-                        .into_iter()
-                        .map(|(seq, mut q)| {
-                            q.seq = seq;
-                            q
-                        })
-                        .collect(),
-                    inflight: BTreeMap::new(),
-                    incoming_qos2: BTreeSet::new(),
-                    next_packet_id: 0,
-                    link: None,
-                    // Connected when the broker stopped: it ended then.
-                    disconnected_ms: Some(rec.disconnected_ms.unwrap_or(now_ms)),
-                    will: None,
-                    will_due_ms: None,
-                    resend: false,
-                    username: rec.username,
-                    connected_ms: 0,
-                    next_seq,
-                },
-            );
+            let mut s = Session::empty(client.clone());
+            s.subs = subs;
+            s.expiry_secs = rec.expiry_secs;
+            s.queue = queue
+                .into_iter()
+                .map(|(seq, mut q)| {
+                    q.seq = seq;
+                    q
+                })
+                .collect();
+            // Connected when the broker stopped: it ended then.
+            s.disconnected_ms = Some(rec.disconnected_ms.unwrap_or(now_ms));
+            s.username = rec.username;
+            s.next_seq = next_seq;
+            st.sessions.insert(client, s);
         }
     }
 
@@ -494,23 +522,7 @@ impl Hub {
         let s = st
             .sessions
             .entry(req.client_id.clone())
-            .or_insert_with(|| Session {
-                client_id: req.client_id.clone(),
-                subs: BTreeMap::new(),
-                expiry_secs: 0,
-                queue: VecDeque::new(),
-                inflight: BTreeMap::new(),
-                incoming_qos2: BTreeSet::new(),
-                next_packet_id: 0,
-                link: None,
-                disconnected_ms: None,
-                will: None,
-                will_due_ms: None,
-                resend: false,
-                username: None,
-                connected_ms: now_ms,
-                next_seq: 1,
-            });
+            .or_insert_with(|| Session::empty(req.client_id.clone()));
         let was_persistent = s.persistent();
         s.expiry_secs = req.expiry_secs;
         s.will = req.will;
@@ -548,6 +560,152 @@ impl Hub {
         }
     }
 
+    /// Give up `client`'s session to another broker, where its client just
+    /// connected: a connection attached here is taken over (MQTT 5
+    /// §3.1.4, its will as a takeover here would send it), and the session
+    /// leaves this broker with its durable records. `Err` if the session
+    /// belongs to another user, who alone may resume it.
+    pub(crate) fn hand_over(
+        &self,
+        client: &str,
+        username: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<Handover>, OtherUser> {
+        let mut wills = Vec::new();
+        let mut st = self.state.lock();
+        let Some(s) = st.sessions.get_mut(client) else {
+            return Ok(None);
+        };
+        if s.username.as_deref() != username {
+            return Err(OtherUser);
+        }
+        if let Some(old) = s.link.take() {
+            if let Some(w) = s.will.take()
+                && w.delay_secs == 0
+            {
+                wills.push(w.msg);
+            }
+            old.wake.notify_one();
+        }
+        // A delayed will is cancelled by the session's new connection.
+        s.will = None;
+        s.will_due_ms = None;
+        let Some(gone) = st.sessions.remove(client) else {
+            return Ok(None);
+        };
+        remove_subscriptions(&mut st, &gone);
+        forget(&mut st, &gone);
+        drop(st);
+        self.ops_ready.notify_one();
+        for mut w in wills {
+            w.received_ms = now_ms;
+            self.publish(w, now_ms);
+        }
+        let mut record = gone.record();
+        record.disconnected_ms = Some(record.disconnected_ms.unwrap_or(now_ms));
+        Ok(Some(Handover {
+            record,
+            next_packet_id: gone.next_packet_id,
+            incoming_qos2: gone.incoming_qos2.into_iter().collect(),
+            inflight: gone.inflight.into_iter().collect(),
+            queue: gone.queue.into_iter().collect(),
+        }))
+    }
+
+    /// Take in a session another broker handed over (see
+    /// [`Hub::hand_over`]), detached, for the connection about to resume
+    /// it. A session already here wins.
+    pub(crate) fn adopt(&self, client: ClientId, h: Handover, now_ms: i64) {
+        let mut st = self.state.lock();
+        if st.sessions.contains_key(&client) {
+            return;
+        }
+        let mut s = Session::empty(client.clone());
+        for r in &h.record.subs {
+            s.subs.insert(r.filter.clone(), r.opts());
+        }
+        for (f, o) in &s.subs {
+            add_subscription(&mut st, &client, f, o);
+        }
+        s.expiry_secs = h.record.expiry_secs;
+        s.disconnected_ms = Some(h.record.disconnected_ms.unwrap_or(now_ms));
+        s.username = h.record.username;
+        s.next_packet_id = h.next_packet_id;
+        s.incoming_qos2 = h.incoming_qos2.into_iter().collect();
+        // Its messages get records in this broker's durable state.
+        let keep = st.store && s.persistent();
+        let mut ops = Vec::new();
+        if keep {
+            ops.push(Op::Session {
+                client: client.clone(),
+                record: Some(s.record()),
+            });
+        }
+        let mut renumber = |item: &mut Queued| {
+            item.seq = 0;
+            if keep && item.qos > 0 {
+                item.seq = s.next_seq;
+                s.next_seq += 1;
+                ops.push(Op::Queue {
+                    client: client.clone(),
+                    seq: item.seq,
+                    item: Some(item.clone()),
+                });
+            }
+        };
+        let mut inflight = BTreeMap::new();
+        for (pid, mut o) in h.inflight {
+            renumber(&mut o.item);
+            inflight.insert(pid, o);
+        }
+        let mut queue = VecDeque::new();
+        for mut item in h.queue {
+            renumber(&mut item);
+            queue.push_back(item);
+        }
+        s.inflight = inflight;
+        s.queue = queue;
+        st.sessions.insert(client, s);
+        for op in ops {
+            record(&mut st, op);
+        }
+        drop(st);
+        self.ops_ready.notify_one();
+    }
+
+    /// Every retained message (for a broker that starts beside this one).
+    pub(crate) fn retained_all(&self) -> Vec<Arc<Message>> {
+        self.state.lock().retained.values().cloned().collect()
+    }
+
+    /// Retained messages another broker has: each one is kept unless this
+    /// broker has a newer one for its topic.
+    pub(crate) fn merge_retained(&self, msgs: Vec<Message>) -> usize {
+        let mut st = self.state.lock();
+        let mut taken = 0;
+        for m in msgs {
+            if m.payload.is_empty()
+                || st
+                    .retained
+                    .get(&*m.topic)
+                    .is_some_and(|have| have.received_ms >= m.received_ms)
+            {
+                continue;
+            }
+            let m = Arc::new(Message { retain: true, ..m });
+            st.retained.insert(m.topic.to_string(), m.clone());
+            let op = Op::Retained {
+                topic: m.topic.clone(),
+                msg: Some(m),
+            };
+            record(&mut st, op);
+            taken += 1;
+        }
+        drop(st);
+        self.ops_ready.notify_one();
+        taken
+    }
+
     /// Forward messages to other brokers through `forwarder` from now on.
     pub(crate) fn set_forwarder(&self, forwarder: Forwarder) {
         let _ = self.forwarder.set(forwarder);
@@ -564,6 +722,13 @@ impl Hub {
     ) -> Vec<Forward> {
         let remote = self.routes.matches(&msg.topic);
         let mut plan: BTreeMap<BrokerId, (bool, Vec<GroupKey>)> = BTreeMap::new();
+        if msg.retain {
+            // Every broker keeps the retained messages, for its subscribers
+            // to come.
+            for b in self.routes.peers() {
+                plan.entry(b).or_default();
+            }
+        }
         for b in remote.plain {
             plan.entry(b).or_default().0 = true;
         }
@@ -731,7 +896,7 @@ impl Hub {
 
     /// A message another broker forwarded: delivered to this broker's
     /// ordinary subscribers (`plain`) and to one member of each of `groups`,
-    /// never forwarded again, never stored as retained here.
+    /// never forwarded again; kept if it is retained.
     pub(crate) fn deliver_forwarded(
         &self,
         msg: Message,
@@ -746,7 +911,9 @@ impl Hub {
     fn route(&self, msg: Arc<Message>, origin: Origin) -> (usize, Option<u64>) {
         let mut st = self.state.lock();
         let ops_before = st.op_count;
-        if msg.retain && matches!(origin, Origin::Here) {
+        // A retained message goes to every broker (see plan_forwards), so
+        // each one keeps the cluster's whole set.
+        if msg.retain {
             if msg.payload.is_empty() {
                 if st.retained.remove(&*msg.topic).is_some() {
                     let op = Op::Retained {
@@ -1621,5 +1788,132 @@ mod tests {
         assert_eq!(queued(&hub, "shared"), 1);
         // Never forwarded again, though broker 2 subscribes too.
         assert!(rx.try_recv().is_err());
+    }
+
+    fn persistent(hub: &Hub, client: &str, user: Option<&str>, wake: Arc<Notify>) -> Attached {
+        hub.connect(
+            ConnectRequest {
+                client_id: Arc::from(client),
+                clean_start: false,
+                expiry_secs: 600,
+                will: None,
+                wake,
+                window: 1,
+                username: user.map(str::to_string),
+            },
+            0,
+        )
+    }
+
+    #[test]
+    fn a_session_handed_over_resumes_on_the_other_broker_with_its_messages() {
+        let (routes_a, routes_b) = (Arc::new(Routes::default()), Arc::new(Routes::default()));
+        let a = Hub::with_routes(Limits::default(), routes_a.clone());
+        let b = Hub::with_routes(Limits::default(), routes_b.clone());
+        let old = Arc::new(Notify::new());
+        let first = persistent(&a, "c", Some("u"), old.clone());
+        let opts = SubOpts {
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id: Some(4),
+        };
+        a.subscribe("c", vec![("t/#".to_string(), opts)], 0);
+        // Window 1: one message goes out and stays in flight, two wait.
+        for _ in 0..3 {
+            a.publish(msg("t/x"), 0);
+        }
+        let sent = a.next_sends("c", first.link, 0).unwrap();
+        assert_eq!(sent.len(), 1);
+        // Only the user who left it may take it.
+        assert_eq!(a.hand_over("c", Some("v"), 0).unwrap_err(), OtherUser);
+        assert!(a.hand_over("nobody", None, 0).unwrap().is_none());
+        let h = a.hand_over("c", Some("u"), 5).unwrap().unwrap();
+        // Gone from the first broker, its connection detached, its route too.
+        assert!(a.session_user("c").is_none());
+        assert!(!a.is_attached("c", first.link));
+        assert_eq!(routes_a.local_filters(), Some(vec![]));
+        b.adopt(Arc::from("c"), h, 5);
+        assert_eq!(routes_b.local_filters(), Some(vec!["t/#".to_string()]));
+        let resumed = persistent(&b, "c", Some("u"), Arc::new(Notify::new()));
+        assert!(resumed.session_present);
+        // The message in flight goes again with DUP and its packet id.
+        let again = b.next_sends("c", resumed.link, 0).unwrap();
+        assert!(matches!(
+            again.as_slice(),
+            [Send::Publish { packet_id: Some(p), dup: true, item }]
+                if Some(*p) == match &sent[0] { Send::Publish { packet_id, .. } => *packet_id, _ => None }
+                    && item.sub_ids == vec![4]
+        ));
+        assert!(b.acked(
+            "c",
+            match &again[0] {
+                Send::Publish {
+                    packet_id: Some(p), ..
+                } => *p,
+                _ => 0,
+            }
+        ));
+        let rest = b.next_sends("c", resumed.link, 0).unwrap();
+        assert!(matches!(
+            rest.as_slice(),
+            [Send::Publish { dup: false, .. }]
+        ));
+    }
+
+    #[test]
+    fn retained_messages_reach_every_broker_and_are_kept_there() {
+        let routes = Arc::new(Routes::default());
+        let hub = Hub::with_routes(Limits::default(), routes.clone());
+        let (fw, mut rx) = Forwarder::new();
+        hub.set_forwarder(fw);
+        routes.set_remote(
+            &[
+                MqttRoute {
+                    broker: 2,
+                    http_addr: "b2".into(),
+                    filters: vec![],
+                },
+                MqttRoute {
+                    broker: 3,
+                    http_addr: "b3".into(),
+                    filters: vec!["r/#".into()],
+                },
+            ],
+            1,
+        );
+        let mut m = msg("r/1");
+        m.retain = true;
+        hub.publish(m.clone(), 0);
+        let mut to = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            to.push((f.broker, f.plain));
+        }
+        // Broker 2 has no subscriber: it keeps the message, delivers none.
+        assert_eq!(to, vec![(2, false), (3, true)]);
+        // The receiving side keeps what a peer forwards, and what a peer
+        // has when it starts, unless it has something newer.
+        let other = Hub::new(Limits::default());
+        other.deliver_forwarded(m.clone(), false, vec![]);
+        assert_eq!(other.retained_all().len(), 1);
+        let mut older = msg("r/1");
+        older.payload = Bytes::from_static(b"old");
+        older.received_ms = -1;
+        let mut newer = msg("r/2");
+        newer.retain = true;
+        assert_eq!(other.merge_retained(vec![older, newer]), 1);
+        let topics: Vec<(String, Bytes)> = other
+            .retained_all()
+            .iter()
+            .map(|m| (m.topic.to_string(), m.payload.clone()))
+            .collect();
+        assert_eq!(
+            topics,
+            vec![
+                ("r/1".to_string(), Bytes::from_static(b"x")),
+                ("r/2".to_string(), Bytes::from_static(b"x"))
+            ]
+        );
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::Mqtt;
 use super::conn::{Action, Protocol, publish_ack};
 use super::frame;
+use super::handover;
 
 /// Accept MQTT connections until `shutdown`.
 pub async fn serve(listener: TcpListener, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>) {
@@ -110,6 +111,17 @@ where
                         match frame::next(&mut buf, max) {
                             Ok(Some(f)) => {
                                 actions.extend(proto.handle(f, now));
+                                if let Some(Action::AskPeers { client, username }) = actions.last() {
+                                    // Nothing else is read until the answer: the
+                                    // packets after CONNECT are for the session.
+                                    let asked =
+                                        handover::fetch(&mqtt, client, username.as_deref()).await;
+                                    actions.pop();
+                                    let other_user = asked == handover::Asked::OtherUser;
+                                    actions.extend(
+                                        proto.peers_answered(other_user, crate::broker::now_ms()),
+                                    );
+                                }
                                 if matches!(actions.last(), Some(Action::Close)) {
                                     break;
                                 }
@@ -190,6 +202,8 @@ where
                         held.push_back(f);
                     }
                 }
+                // Answered where it was asked (above).
+                Action::AskPeers { .. } => {}
                 Action::Close => {
                     closing = true;
                     break;

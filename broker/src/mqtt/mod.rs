@@ -19,6 +19,7 @@ pub mod access;
 mod conn;
 mod forward;
 mod frame;
+mod handover;
 pub mod http;
 mod hub;
 pub mod listener;
@@ -81,6 +82,8 @@ pub struct Mqtt {
     pub(crate) settings: Arc<Settings>,
     pub(crate) access: Arc<Access>,
     pub(crate) broker: Arc<Broker>,
+    /// For asking the other brokers (sessions, retained messages).
+    pub(crate) peers: reqwest::Client,
     /// Listener kind ("tcp", "websocket") -> address, for /health.
     listeners: parking_lot::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
@@ -95,6 +98,10 @@ impl Mqtt {
             settings: Arc::new(settings),
             access: Arc::new(access),
             broker,
+            peers: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
             listeners: Default::default(),
         })
     }
@@ -193,6 +200,7 @@ impl Mqtt {
             self.hub.clone(),
             shutdown.clone(),
         ));
+        tokio::spawn(handover::sync_retained(self.clone(), shutdown.clone()));
         tokio::spawn(persist::bridge(
             self.broker.clone(),
             self.hub.clone(),

@@ -106,6 +106,11 @@ impl Routes {
         !self.remote.read().routes.is_empty()
     }
 
+    /// The other brokers serving MQTT.
+    pub(crate) fn peers(&self) -> Vec<BrokerId> {
+        self.remote.read().routes.iter().map(|r| r.broker).collect()
+    }
+
     pub(crate) fn addr(&self, broker: BrokerId) -> Option<String> {
         self.remote.read().addrs.get(&broker).cloned()
     }
