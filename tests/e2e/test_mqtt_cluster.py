@@ -4,10 +4,12 @@ clients subscribe to it."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
+from clients import ck_consume_all
 from cluster import Cluster
 from harness import unique_name
 from paho.mqtt.packettypes import PacketTypes
@@ -239,3 +241,51 @@ def test_retained_messages_are_the_same_on_every_broker(mqtt_cluster):
     c.add_broker(4)
     until(lambda: retained_at(4) == [(b"late", True)],
           "the new broker 4 to have the retained message", timeout=30)
+
+
+def test_persisted_publishes_reach_their_shard_from_any_broker(mqtt_cluster):
+    """An MQTT client cannot choose the partition leader: the broker it is
+    connected to sends a mapped publish to the shard's owner."""
+    c, client = mqtt_cluster
+    stream = unique_name("fleet")
+    rule = {"filter": "fleet/#", "stream": stream, "shards": 6}
+    resp = c.broker(1).http("/api/v1/mqtt/persist", "PUT", json.dumps(rule).encode())
+    assert resp.status == 200, resp.text
+    until(lambda: len({o for o in c.owners(stream).values() if o is not None}) == 3,
+          "the 6 shards to be spread over the 3 brokers", timeout=30)
+    owners = c.owners(stream)
+
+    def keys_in_stream() -> dict[bytes, list]:
+        by_key: dict[bytes, list] = {}
+        for part, msgs in ck_consume_all(c.bootstrap(), stream, range(6)).items():
+            for m in msgs:
+                by_key.setdefault(m.key(), []).append((part, m.value()))
+        return by_key
+
+    pubs = {b: client(b) for b in (1, 2, 3)}
+    for p in pubs.values():
+        p.connected()
+    # Each broker picks the rule up within about a second: probe until each
+    # one's QoS 1 publish is in the stream.
+    n = 0
+
+    def rule_applied_everywhere() -> bool:
+        nonlocal n
+        n += 1
+        for b, p in pubs.items():
+            assert p.publish(f"fleet/probe/{b}", str(n).encode(), qos=1) == 0
+        keys = keys_in_stream()
+        return all(f"fleet/probe/{b}".encode() in keys for b in pubs)
+
+    until(rule_applied_everywhere, "every broker to persist to the stream", timeout=30)
+
+    for b, p in pubs.items():
+        for i in range(30):
+            assert p.publish(f"fleet/b{b}/t{i}", f"v{b}-{i}".encode(), qos=1) == 0
+    keys = keys_in_stream()
+    for b in pubs:
+        for i in range(30):
+            assert [v for _, v in keys[f"fleet/b{b}/t{i}".encode()]] == [f"v{b}-{i}".encode()]
+        # Some of each broker's topics belong to shards another broker owns.
+        shards = {keys[f"fleet/b{b}/t{i}".encode()][0][0] for i in range(30)}
+        assert any(owners[s] != b for s in shards), (b, shards, owners)

@@ -35,6 +35,14 @@ pub fn router(broker: Arc<Broker>, mqtt: Option<Arc<Mqtt>>) -> Router {
                     .max(4 << 20),
             )),
         )
+        .route(
+            "/api/v1/mqtt/append",
+            axum::routing::post(append).layer(axum::extract::DefaultBodyLimit::max(
+                mqtt.as_ref()
+                    .map_or(0, |m| m.settings.max_packet_size.saturating_mul(1024))
+                    .clamp(4 << 20, 256 << 20),
+            )),
+        )
         .route("/api/v1/mqtt/takeover", axum::routing::post(takeover))
         .route("/api/v1/mqtt/retained", get(retained))
         .route("/api/v1/mqtt/clients", get(clients))
@@ -166,6 +174,42 @@ async fn forwarded(State(st): State<AppState>, body: bytes::Bytes) -> Response {
         m.hub.deliver_forwarded(msg, plain, groups);
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct AppendTarget {
+    stream: String,
+    shard: i32,
+}
+
+/// `POST /api/v1/mqtt/append?stream=..&shard=..` (from another broker):
+/// MQTT publishes for a shard this broker owns, as a record batch; 204 once
+/// they are durable. Only streams that persistence rules map to.
+async fn append(
+    State(st): State<AppState>,
+    Query(to): Query<AppendTarget>,
+    body: bytes::Bytes,
+) -> Response {
+    let Some(m) = &st.mqtt else {
+        return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
+    };
+    if !m.hub.rule_streams().iter().any(|s| **s == *to.stream) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("no MQTT persistence rule maps to stream {}", to.stream),
+        );
+    }
+    let timeout = m.settings.persist_timeout;
+    match super::persist::append_for_peer(&st.broker, &to.stream, to.shard, body, timeout).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e @ (crate::Error::NotLeader { .. } | crate::Error::UnknownShard { .. })) => {
+            error(StatusCode::MISDIRECTED_REQUEST, e)
+        }
+        Err(e @ (crate::Error::Corrupt(_) | crate::Error::InvalidRecord(_))) => {
+            error(StatusCode::BAD_REQUEST, e)
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 /// `POST /api/v1/mqtt/takeover` `{"client", "username"}` (from another

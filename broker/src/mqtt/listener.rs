@@ -267,7 +267,7 @@ fn persist(
     let version = proto.version();
     let client = proto.client_id().map(Arc::<str>::from);
     let refused = move |qos: u8, pid: u16| refused(version, qos, pid);
-    match super::persist::append(&mqtt.broker, stream, &msg) {
+    match super::persist::append(&mqtt.broker, &mqtt.remote, stream, &msg) {
         Ok(appended) => {
             // Live delivery does not wait for durability, only for the
             // record to have its place in the log.

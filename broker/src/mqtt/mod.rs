@@ -25,6 +25,7 @@ mod hub;
 pub mod listener;
 mod message;
 mod persist;
+mod remote_append;
 pub mod routes;
 mod store;
 mod topic;
@@ -84,13 +85,21 @@ pub struct Mqtt {
     pub(crate) broker: Arc<Broker>,
     /// For asking the other brokers (sessions, retained messages).
     pub(crate) peers: reqwest::Client,
+    /// Persisted publishes for shards other brokers own, and the queue
+    /// [`Mqtt::run`] drains.
+    pub(crate) remote: remote_append::RemoteAppender,
+    remote_queue:
+        parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<remote_append::RemoteRecord>>>,
     /// Listener kind ("tcp", "websocket") -> address, for /health.
     listeners: parking_lot::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Mqtt {
     pub fn new(broker: Arc<Broker>, settings: Settings, access: Access) -> Arc<Self> {
+        let (remote, remote_queue) = remote_append::RemoteAppender::new();
         Arc::new(Mqtt {
+            remote,
+            remote_queue: parking_lot::Mutex::new(Some(remote_queue)),
             hub: Arc::new(hub::Hub::with_routes(
                 settings.limits.clone(),
                 broker.mqtt_routes.clone(),
@@ -201,6 +210,14 @@ impl Mqtt {
             shutdown.clone(),
         ));
         tokio::spawn(handover::sync_retained(self.clone(), shutdown.clone()));
+        if let Some(queue) = self.remote_queue.lock().take() {
+            tokio::spawn(remote_append::run(
+                queue,
+                self.peers.clone(),
+                self.settings.persist_timeout,
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(persist::bridge(
             self.broker.clone(),
             self.hub.clone(),

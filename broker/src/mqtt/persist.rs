@@ -19,6 +19,7 @@ use shoal_storage::{Header, Record as Row};
 
 use super::hub::Hub;
 use super::message::{Message, MessageProps};
+use super::remote_append::{RemoteAppender, RemoteRecord};
 use crate::Broker;
 use crate::error::{Error, Result};
 use crate::shard::{Read, ShardLog};
@@ -119,29 +120,90 @@ pub(crate) fn to_row(msg: &Message) -> Row {
 }
 
 /// An appended MQTT message, waiting for its durability point.
-pub(crate) struct Appended {
-    shard: Arc<ShardLog>,
-    accepted: crate::log::Accepted,
-    durability: crate::Durability,
+/// A publish on its way into its stream.
+pub(crate) enum Appended {
+    /// In this broker's shard.
+    Here {
+        shard: Arc<ShardLog>,
+        accepted: crate::log::Accepted,
+        durability: crate::Durability,
+    },
+    /// Sent to the broker that owns the shard; it says when it is durable.
+    Owner {
+        stream: Arc<str>,
+        shard: i32,
+        done: tokio::sync::oneshot::Receiver<bool>,
+    },
 }
 
 impl Appended {
-    /// Wait until the stream's durability point is reached.
     pub(crate) async fn durable(self, timeout: Duration) -> Result<()> {
-        crate::log::wait(&self.shard, self.accepted, self.durability, timeout)
-            .await
-            .map(|_| ())
+        match self {
+            Appended::Here {
+                shard,
+                accepted,
+                durability,
+            } => crate::log::wait(&shard, accepted, durability, timeout)
+                .await
+                .map(|_| ()),
+            Appended::Owner {
+                stream,
+                shard,
+                done,
+            } => match tokio::time::timeout(timeout, done).await {
+                Ok(Ok(true)) => Ok(()),
+                Ok(_) => Err(Error::NotLeader {
+                    stream: stream.to_string(),
+                    shard,
+                }),
+                Err(_) => Err(Error::Timeout),
+            },
+        }
     }
 }
 
-/// Append `msg` to `stream` on the shard its topic hashes to. Synchronous:
-/// the record has its offset when this returns.
-pub(crate) fn append(broker: &Broker, stream: &str, msg: &Message) -> Result<Appended> {
+/// Append `msg` to its shard of `stream`: here if this broker owns the
+/// shard, else through `remote` to the broker that does.
+pub(crate) fn append(
+    broker: &Broker,
+    remote: &RemoteAppender,
+    stream: &str,
+    msg: &Message,
+) -> Result<Appended> {
     let s = broker
         .stream(stream)
         .ok_or_else(|| Error::UnknownStream(stream.to_string()))?;
     let index = partition_for(msg.topic.as_bytes(), s.partition_count());
-    let shard = s.shard(index).ok_or_else(|| s.not_here(index))?;
+    let Some(shard) = s.shard(index) else {
+        let owner = s
+            .partition(index)
+            .and_then(|p| p.leader)
+            .filter(|&b| b != broker.config.broker_id)
+            .and_then(|b| broker.live_brokers().into_iter().find(|i| i.id == b));
+        let Some(owner) = owner else {
+            return Err(s.not_here(index));
+        };
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let sent = remote.send(RemoteRecord {
+            broker: owner.id,
+            addr: owner.http_addr,
+            stream: Arc::from(stream),
+            shard: index,
+            row: to_row(msg),
+            done: tx,
+        });
+        if !sent {
+            return Err(Error::Backpressure {
+                pending: 0,
+                limit: 0,
+            });
+        }
+        return Ok(Appended::Owner {
+            stream: Arc::from(stream),
+            shard: index,
+            done,
+        });
+    };
     if !broker.lease_valid() {
         return Err(Error::NotLeader {
             stream: s.name.clone(),
@@ -155,11 +217,38 @@ pub(crate) fn append(broker: &Broker, stream: &str, msg: &Message) -> Result<App
         batch,
         crate::topic_config::is_compacted(&s.config),
     )?;
-    Ok(Appended {
+    Ok(Appended::Here {
         shard: shard.clone(),
         accepted,
         durability: broker.durability(&s),
     })
+}
+
+/// Records another broker sent for a shard this broker owns (see
+/// [`super::remote_append`]): appended, and `Ok` once durable.
+pub(crate) async fn append_for_peer(
+    broker: &Broker,
+    stream: &str,
+    index: i32,
+    records: Bytes,
+    timeout: Duration,
+) -> Result<()> {
+    let s = broker
+        .stream(stream)
+        .ok_or_else(|| Error::UnknownStream(stream.to_string()))?;
+    let shard = s.shard(index).ok_or_else(|| s.not_here(index))?;
+    if !broker.lease_valid() {
+        return Err(s.not_here(index));
+    }
+    let accepted = crate::log::append(
+        broker,
+        shard,
+        records,
+        crate::topic_config::is_compacted(&s.config),
+    )?;
+    crate::log::wait(shard, accepted, broker.durability(&s), timeout)
+        .await
+        .map(|_| ())
 }
 
 /// The MQTT message a Kafka-written record becomes: topic = key, payload =

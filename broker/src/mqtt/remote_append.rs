@@ -1,0 +1,139 @@
+//! Persisted publishes whose shard another broker owns. An MQTT client
+//! cannot pick the partition leader as a Kafka client does, so the broker
+//! it is connected to sends the record to the owner
+//! (`POST /api/v1/mqtt/append?stream=..&shard=..`, a Kafka record batch),
+//! which appends it through the same path as its own and answers once the
+//! stream's durability point is reached.
+//!
+//! One task sends everything: each round takes what is waiting, sends one
+//! batch per (broker, stream, shard) at once, and starts the next round
+//! when they are all answered, so records of one shard keep the order they
+//! were published in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_placement::BrokerId;
+use shoal_storage::Record as Row;
+use tokio::sync::{mpsc, oneshot};
+
+/// A record for another broker's shard.
+#[derive(Debug)]
+pub(crate) struct RemoteRecord {
+    pub broker: BrokerId,
+    pub addr: String,
+    pub stream: Arc<str>,
+    pub shard: i32,
+    pub row: Row,
+    /// Told whether the owner made it durable.
+    pub done: oneshot::Sender<bool>,
+}
+
+const QUEUE: usize = 16_384;
+/// Records per request, at most.
+const BATCH: usize = 1024;
+
+pub(crate) struct RemoteAppender {
+    tx: mpsc::Sender<RemoteRecord>,
+}
+
+impl RemoteAppender {
+    pub(crate) fn new() -> (Self, mpsc::Receiver<RemoteRecord>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (RemoteAppender { tx }, rx)
+    }
+
+    /// Queue `r`; false if the queue is full (the publish is refused).
+    pub(crate) fn send(&self, r: RemoteRecord) -> bool {
+        self.tx.try_send(r).is_ok()
+    }
+}
+
+/// Drain the queue into requests to the owners.
+pub(crate) async fn run(
+    mut rx: mpsc::Receiver<RemoteRecord>,
+    client: reqwest::Client,
+    timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut pending = Vec::new();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut pending, 4 * BATCH) => if n == 0 { return },
+            _ = shutdown.changed() => return,
+        }
+        let mut groups: BTreeMap<(BrokerId, Arc<str>, i32), Vec<RemoteRecord>> = BTreeMap::new();
+        for r in pending.drain(..) {
+            groups
+                .entry((r.broker, r.stream.clone(), r.shard))
+                .or_default()
+                .push(r);
+        }
+        let sends = groups.into_values().map(|records| {
+            let client = client.clone();
+            async move {
+                let mut records = records;
+                while !records.is_empty() {
+                    let rest = records.split_off(records.len().min(BATCH));
+                    let ok = send(&client, &records, timeout).await;
+                    for r in records {
+                        let _ = r.done.send(ok);
+                    }
+                    records = rest;
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+}
+
+async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Duration) -> bool {
+    let Some(first) = records.first() else {
+        return true;
+    };
+    let rows: Vec<Row> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Row {
+            offset: i as i64,
+            ..r.row.clone()
+        })
+        .collect();
+    let Ok(body) = crate::batch::from_rows(&rows) else {
+        return false;
+    };
+    let sent = client
+        .post(format!("http://{}/api/v1/mqtt/append", first.addr))
+        .query(&[
+            ("stream", first.stream.to_string()),
+            ("shard", first.shard.to_string()),
+        ])
+        .header("content-type", "application/octet-stream")
+        .timeout(timeout)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => true,
+        Ok(r) => {
+            tracing::warn!(
+                broker = first.broker,
+                stream = %first.stream,
+                shard = first.shard,
+                status = %r.status(),
+                "the owner refused MQTT records"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                broker = first.broker,
+                stream = %first.stream,
+                shard = first.shard,
+                "MQTT records not sent to their shard's owner: {e}"
+            );
+            false
+        }
+    }
+}
