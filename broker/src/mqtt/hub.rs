@@ -118,8 +118,9 @@ struct Session {
     next_packet_id: u16,
     link: Option<Link>,
     disconnected_ms: Option<i64>,
-    /// The will of the current (or last) connection.
-    will: Option<Will>,
+    /// The will of the current (or last) connection (boxed: most sessions
+    /// have none, and every session would pay for its size).
+    will: Option<Box<Will>>,
     /// A will waiting for its delay after the connection dropped.
     will_due_ms: Option<i64>,
     /// Inflight messages go out again, with DUP, on the next connection.
@@ -131,9 +132,10 @@ struct Session {
 }
 
 impl Session {
-    /// A session with nothing in it yet.
-    fn empty(client_id: ClientId) -> Self {
-        Session {
+    /// A session with nothing in it yet (boxed: the session map then holds
+    /// a pointer per entry, not a whole session per slot of its capacity).
+    fn empty(client_id: ClientId) -> Box<Self> {
+        Box::new(Session {
             client_id,
             subs: BTreeMap::new(),
             expiry_secs: 0,
@@ -149,7 +151,7 @@ impl Session {
             username: None,
             connected_ms: 0,
             next_seq: 1,
-        }
+        })
     }
 
     /// Kept in the durable state: it outlives its connection.
@@ -287,7 +289,7 @@ struct State {
     /// recorded (the mark acknowledgements wait for).
     ops: Vec<Op>,
     op_count: u64,
-    sessions: HashMap<ClientId, Session>,
+    sessions: HashMap<ClientId, Box<Session>>,
     trie: Trie<SubKey, SubOpts>,
     groups: HashMap<GroupKey, SharedGroup>,
     retained: BTreeMap<String, Arc<Message>>,
@@ -525,7 +527,7 @@ impl Hub {
             .or_insert_with(|| Session::empty(req.client_id.clone()));
         let was_persistent = s.persistent();
         s.expiry_secs = req.expiry_secs;
-        s.will = req.will;
+        s.will = req.will.map(Box::new);
         s.disconnected_ms = None;
         s.resend = present && !s.inflight.is_empty();
         s.username = req.username;

@@ -54,14 +54,21 @@ enum HeldAck {
     Close,
 }
 
-/// The read buffer of a connection with nothing pending.
+/// What a read reserves in a connection's buffer once it holds part of a
+/// packet.
 const READ_BUFFER: usize = 256;
 
-/// Read into `buf`, giving back the memory of a large packet once it has
-/// been handled.
+/// Read into `buf`. An idle connection keeps no buffer: a read that starts
+/// with nothing pending goes through a small array in the task and
+/// allocates only for what arrived; a large packet's memory is given back
+/// once it has been handled.
 async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.is_empty() && buf.capacity() > 64 * READ_BUFFER {
-        *buf = BytesMut::with_capacity(READ_BUFFER);
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+        let mut first = [0u8; 64];
+        let n = rd.read(&mut first).await?;
+        buf.extend_from_slice(&first[..n]);
+        return Ok(n);
     }
     if buf.capacity() == buf.len() {
         buf.reserve(READ_BUFFER);
@@ -74,12 +81,37 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Held = Pin<Box<dyn Future<Output = HeldAck> + Send>>;
 
+/// Acknowledgements held back, in order; allocated only while there are
+/// some (an idle connection keeps none).
+#[derive(Default)]
+struct HeldAcks(Option<FuturesOrdered<Held>>);
+
+impl HeldAcks {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+    }
+
+    fn push_back(&mut self, f: Held) {
+        self.0.get_or_insert_with(FuturesOrdered::new).push_back(f);
+    }
+
+    async fn next(&mut self) -> Option<HeldAck> {
+        let next = self.0.as_mut()?.next().await;
+        if self.is_empty() {
+            self.0 = None;
+        }
+        next
+    }
+}
+
 /// Run one connection (TCP, or a WebSocket's byte stream) to its end.
 pub async fn connection<S>(io: S, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut rd, mut wr) = tokio::io::split(io);
+    // Reads and writes take turns (a write happens between two selects), so
+    // the socket is not split: that would cost a shared allocation each.
+    let mut io = io;
     let wake = Arc::new(Notify::new());
     let mut proto = Protocol::new(
         mqtt.hub.clone(),
@@ -88,10 +120,10 @@ where
         wake.clone(),
     );
     let max = mqtt.settings.max_packet_size;
-    // Small to start: most connections are idle most of the time, and a
-    // larger packet reserves what it needs (frame::next).
-    let mut buf = BytesMut::with_capacity(READ_BUFFER);
-    let mut held: FuturesOrdered<Held> = FuturesOrdered::new();
+    // Empty to start: most connections are idle most of the time, and a
+    // packet reserves what it needs (read_some, frame::next).
+    let mut buf = BytesMut::new();
+    let mut held = HeldAcks::default();
     let mut out = BytesMut::new();
     let mut last_heard = Instant::now();
     let mut closing = false;
@@ -102,7 +134,7 @@ where
             // Reads first: after a long write, a PINGREQ already buffered
             // must count before the keep-alive deadline does.
             biased;
-            r = read_some(&mut rd, &mut buf) => match r {
+            r = read_some(&mut io, &mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     last_heard = Instant::now();
@@ -114,8 +146,11 @@ where
                                 if let Some(Action::AskPeers { client, username }) = actions.last() {
                                     // Nothing else is read until the answer: the
                                     // packets after CONNECT are for the session.
+                                    // Boxed: rare, and its state would otherwise
+                                    // enlarge every connection's task.
                                     let asked =
-                                        handover::fetch(&mqtt, client, username.as_deref()).await;
+                                        Box::pin(handover::fetch(&mqtt, client, username.as_deref()))
+                                            .await;
                                     actions.pop();
                                     let other_user = asked == handover::Asked::OtherUser;
                                     actions.extend(
@@ -213,7 +248,7 @@ where
         if !out.is_empty() {
             // A client that stops reading is cut off like a silent one.
             let limit = proto.silence_limit().unwrap_or(WRITE_TIMEOUT);
-            let w = tokio::time::timeout(limit, wr.write_all(&out)).await;
+            let w = tokio::time::timeout(limit, io.write_all(&out)).await;
             out.clear();
             if out.capacity() > 64 * 1024 {
                 out = BytesMut::new();
@@ -223,8 +258,8 @@ where
             }
         }
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
+    let _ = io.flush().await;
+    let _ = io.shutdown().await;
     proto.closed(crate::broker::now_ms());
 }
 
