@@ -181,6 +181,17 @@ def test_a_persistent_session_resumes_on_another_broker(mqtt_cluster):
     assert back.wait_disconnected() == 0x8E
     assert cid not in mqtt_clients(c.broker(2))
 
+    # Clean Start on another broker ends the session where it was, and its
+    # connection there (0x8E).
+    fresh = client(2, cid)
+    assert fresh.connected(clean_start=True, properties=expiry).session_present is False
+    assert again.wait_disconnected() == 0x8E
+    until(lambda: cid not in mqtt_clients(c.broker(1)), "the session to end on broker 1")
+    fresh.disconnect()
+    again = client(1, cid)
+    assert again.connected(clean_start=False, properties=expiry).session_present is True
+    assert mqtt_clients(c.broker(1))[cid]["subscriptions"] == 0
+
     # Another user's client id is refused, not handed over.
     thief = client(3, cid)
     ack = thief.connect(clean_start=False, properties=expiry, username="someone-else",
@@ -209,18 +220,22 @@ def test_retained_messages_are_the_same_on_every_broker(mqtt_cluster):
     assert pub.publish(topic, b"on", qos=1, retain=True) == 0
 
     # Brokers 2 and 3 have it for subscribers that come later.
-    def retained_at(broker: int) -> list[bytes]:
+    def retained_at(broker: int) -> list[tuple[bytes, bool]]:
+        """What a new subscriber on `broker` gets before a fence message that
+        it publishes itself after subscribing (retained messages come first)."""
         s = client(broker)
         s.connected()
-        s.subscribe([(topic, 1)])
-        try:
-            until(lambda: s.received(topic), f"the retained message on broker {broker}",
-                  timeout=3)
-        except AssertionError:
-            pass
-        payloads = [(m.payload, m.retain) for m in s.received(topic)]
+        assert s.subscribe([(topic, 1)]) == [1]
+        fence = f"fence-{unique_name('f')}".encode()
+        assert s.publish(topic, fence, qos=1) == 0
+        s.wait_payload(fence)
+        got = []
+        for m in s.received(topic):
+            if m.payload == fence:
+                break
+            got.append((m.payload, m.retain))
         s.close()
-        return payloads
+        return got
 
     until(lambda: retained_at(2) == [(b"on", True)], "broker 2 to have the retained message",
           timeout=20)
@@ -279,13 +294,17 @@ def test_persisted_publishes_reach_their_shard_from_any_broker(mqtt_cluster):
 
     until(rule_applied_everywhere, "every broker to persist to the stream", timeout=30)
 
-    for b, p in pubs.items():
-        for i in range(30):
-            assert p.publish(f"fleet/b{b}/t{i}", f"v{b}-{i}".encode(), qos=1) == 0
+    # Three records per topic, one after another: each topic's records are
+    # in its shard once each, in the order they were published.
+    for j in range(3):
+        for b, p in pubs.items():
+            for i in range(20):
+                assert p.publish(f"fleet/b{b}/t{i}", f"v{b}-{i}-{j}".encode(), qos=1) == 0
     keys = keys_in_stream()
     for b in pubs:
-        for i in range(30):
-            assert [v for _, v in keys[f"fleet/b{b}/t{i}".encode()]] == [f"v{b}-{i}".encode()]
+        for i in range(20):
+            assert [v for _, v in keys[f"fleet/b{b}/t{i}".encode()]] == \
+                [f"v{b}-{i}-{j}".encode() for j in range(3)]
         # Some of each broker's topics belong to shards another broker owns.
-        shards = {keys[f"fleet/b{b}/t{i}".encode()][0][0] for i in range(30)}
+        shards = {keys[f"fleet/b{b}/t{i}".encode()][0][0] for i in range(20)}
         assert any(owners[s] != b for s in shards), (b, shards, owners)

@@ -56,6 +56,13 @@ pub(crate) enum Action {
         client: ClientId,
         username: Option<String>,
     },
+    /// Tell the other brokers to end `client`'s session there, if they
+    /// have one (its client connected here with Clean Start); nothing
+    /// waits for the answer.
+    DiscardElsewhere {
+        client: ClientId,
+        username: Option<String>,
+    },
     /// Close the connection (after the sends before it).
     Close,
 }
@@ -380,20 +387,6 @@ impl Protocol {
         {
             return self.refuse(ReasonCode::NotAuthorized);
         }
-        // In a cluster, a session to resume may be on another broker.
-        if !c.clean_start
-            && !self.peers_asked
-            && self.hub.has_peers()
-            && self.hub.session_user(&client_id).is_none()
-        {
-            self.peers_asked = true;
-            let username = c.username.clone();
-            self.phase = Phase::AskingPeers(Box::new(c));
-            return vec![Action::AskPeers {
-                client: client_id,
-                username,
-            }];
-        }
         // The will.
         let will = match &c.will {
             None => None,
@@ -448,6 +441,26 @@ impl Protocol {
         }
         self.keep_alive = keep_alive;
         self.username = c.username.clone();
+        // In a cluster the session may be on another broker: once the
+        // CONNECT is known to be acceptable, a client resuming one waits for
+        // it to move here, and one starting clean ends it there.
+        let mut discard_elsewhere = None;
+        if self.hub.has_peers() && assigned.is_none() && !self.peers_asked {
+            if c.clean_start {
+                discard_elsewhere = Some(Action::DiscardElsewhere {
+                    client: client_id.clone(),
+                    username: c.username.clone(),
+                });
+            } else if self.hub.session_user(&client_id).is_none() {
+                self.peers_asked = true;
+                let username = c.username.clone();
+                self.phase = Phase::AskingPeers(Box::new(c));
+                return vec![Action::AskPeers {
+                    client: client_id,
+                    username,
+                }];
+            }
+        }
         let attached = self.hub.connect(
             ConnectRequest {
                 client_id: client_id.clone(),
@@ -489,7 +502,8 @@ impl Protocol {
         if v5 && c.properties.get_request_response_information() == Some(true) {
             ack = ack.with_response_information(format!("response/{client_id}"));
         }
-        let mut out = vec![Action::Send(encode(&ack))];
+        let mut out: Vec<Action> = discard_elsewhere.into_iter().collect();
+        out.push(Action::Send(encode(&ack)));
         out.extend(self.pump(now_ms));
         out
     }
@@ -1069,8 +1083,13 @@ mod tests {
             1,
         );
         let hub = Arc::new(Hub::with_routes(Limits::default(), routes));
-        // Clean Start asks no one.
+        // Clean Start waits for no one; the other brokers are told to end
+        // the session they may have.
         let (_, actions) = connect(&hub, 5, "fresh", true);
+        assert!(matches!(
+            actions.first(),
+            Some(Action::DiscardElsewhere { client, .. }) if &**client == "fresh"
+        ));
         assert!(matches!(sent(&actions, 5).as_slice(), [Packet::ConnAck(_)]));
         let (mut c, actions) = connect(&hub, 5, "kept", false);
         assert!(matches!(

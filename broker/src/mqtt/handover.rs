@@ -29,6 +29,9 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) struct TakeoverRequest {
     pub client: String,
     pub username: Option<String>,
+    /// End the session rather than hand it over.
+    #[serde(default)]
+    pub discard: bool,
 }
 
 /// The first record of a handed-over session.
@@ -156,6 +159,7 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
     let body = TakeoverRequest {
         client: client.to_string(),
         username: username.map(str::to_string),
+        discard: false,
     };
     let asks = routes.peers().into_iter().filter_map(|b| {
         let addr = routes.addr(b)?;
@@ -192,6 +196,28 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
         }
     }
     outcome
+}
+
+/// Tell every other MQTT broker to end `client`'s session, if it has one
+/// (its client connected here with Clean Start).
+pub(crate) async fn discard(mqtt: Arc<Mqtt>, client: Arc<str>, username: Option<String>) {
+    let routes = &mqtt.broker.mqtt_routes;
+    let body = TakeoverRequest {
+        client: client.to_string(),
+        username,
+        discard: true,
+    };
+    let asks = routes.peers().into_iter().filter_map(|b| {
+        let addr = routes.addr(b)?;
+        Some(
+            mqtt.peers
+                .post(format!("http://{addr}/api/v1/mqtt/takeover"))
+                .json(&body)
+                .timeout(ASK_TIMEOUT)
+                .send(),
+        )
+    });
+    futures::future::join_all(asks).await;
 }
 
 /// Retained messages as one record batch (the payload is the value).

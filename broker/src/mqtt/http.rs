@@ -212,10 +212,11 @@ async fn append(
     }
 }
 
-/// `POST /api/v1/mqtt/takeover` `{"client", "username"}` (from another
-/// broker, where the client just connected): the session, detached from
-/// this broker, as a record batch; 404 if it is not here, 409 if it is
-/// another user's.
+/// `POST /api/v1/mqtt/takeover` `{"client", "username", "discard"}` (from
+/// another broker, where the client just connected): the session, detached
+/// from this broker, as a record batch (or ended, 204, with `discard`: the
+/// client started clean); 404 if it is not here, 409 if it is another
+/// user's.
 async fn takeover(
     State(st): State<AppState>,
     Json(req): Json<super::handover::TakeoverRequest>,
@@ -224,7 +225,11 @@ async fn takeover(
         return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
     };
     let now = crate::broker::now_ms();
-    match m.hub.hand_over(&req.client, req.username.as_deref(), now) {
+    match m
+        .hub
+        .hand_over(&req.client, req.username.as_deref(), req.discard, now)
+    {
+        Ok(Some(_)) if req.discard => StatusCode::NO_CONTENT.into_response(),
         Ok(Some(h)) => match super::handover::encode(&h) {
             Ok(body) => body.into_response(),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),

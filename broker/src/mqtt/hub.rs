@@ -567,10 +567,13 @@ impl Hub {
     /// §3.1.4, its will as a takeover here would send it), and the session
     /// leaves this broker with its durable records. `Err` if the session
     /// belongs to another user, who alone may resume it.
+    /// `ending`: the client started clean there, so the session ends
+    /// instead (its will is due whatever its delay).
     pub(crate) fn hand_over(
         &self,
         client: &str,
         username: Option<&str>,
+        ending: bool,
         now_ms: i64,
     ) -> Result<Option<Handover>, OtherUser> {
         let mut wills = Vec::new();
@@ -583,11 +586,16 @@ impl Hub {
         }
         if let Some(old) = s.link.take() {
             if let Some(w) = s.will.take()
-                && w.delay_secs == 0
+                && (w.delay_secs == 0 || ending)
             {
                 wills.push(w.msg);
             }
             old.wake.notify_one();
+        } else if let Some(w) = s.will.take()
+            && s.will_due_ms.is_some()
+            && ending
+        {
+            wills.push(w.msg);
         }
         // A delayed will is cancelled by the session's new connection.
         s.will = None;
@@ -915,7 +923,15 @@ impl Hub {
         let ops_before = st.op_count;
         // A retained message goes to every broker (see plan_forwards), so
         // each one keeps the cluster's whole set.
-        if msg.retain {
+        // From a peer, an older message than the one kept (two brokers set
+        // the topic at once) changes nothing, so every broker keeps the
+        // newest.
+        let stale = matches!(origin, Origin::Peer { .. })
+            && st
+                .retained
+                .get(&*msg.topic)
+                .is_some_and(|have| have.received_ms > msg.received_ms);
+        if msg.retain && !stale {
             if msg.payload.is_empty() {
                 if st.retained.remove(&*msg.topic).is_some() {
                     let op = Op::Retained {
@@ -1829,9 +1845,12 @@ mod tests {
         let sent = a.next_sends("c", first.link, 0).unwrap();
         assert_eq!(sent.len(), 1);
         // Only the user who left it may take it.
-        assert_eq!(a.hand_over("c", Some("v"), 0).unwrap_err(), OtherUser);
-        assert!(a.hand_over("nobody", None, 0).unwrap().is_none());
-        let h = a.hand_over("c", Some("u"), 5).unwrap().unwrap();
+        assert_eq!(
+            a.hand_over("c", Some("v"), false, 0).unwrap_err(),
+            OtherUser
+        );
+        assert!(a.hand_over("nobody", None, false, 0).unwrap().is_none());
+        let h = a.hand_over("c", Some("u"), false, 5).unwrap().unwrap();
         // Gone from the first broker, its connection detached, its route too.
         assert!(a.session_user("c").is_none());
         assert!(!a.is_attached("c", first.link));

@@ -54,26 +54,32 @@ enum HeldAck {
     Close,
 }
 
-/// What a read reserves in a connection's buffer once it holds part of a
-/// packet.
+/// What a read reserves in a connection's buffer at least, and at most.
 const READ_BUFFER: usize = 256;
+const READ_BUFFER_MAX: usize = 64 * 1024;
 
-/// Read into `buf`. An idle connection keeps no buffer: a read that starts
-/// with nothing pending goes through a small array in the task and
-/// allocates only for what arrived; a large packet's memory is given back
-/// once it has been handled.
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.is_empty() {
-        *buf = BytesMut::new();
+/// Read into `buf`; also says whether the read took all there was (less
+/// than the room it had), after which the caller gives back a buffer left
+/// empty. So an idle connection keeps no buffer: its next read goes
+/// through a small array in the task and allocates only for what arrived,
+/// while a busy one keeps a buffer that grows with its reads.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<(usize, bool)> {
+    if buf.capacity() == 0 {
         let mut first = [0u8; 64];
         let n = rd.read(&mut first).await?;
         buf.extend_from_slice(&first[..n]);
-        return Ok(n);
+        return Ok((n, n < first.len()));
     }
-    if buf.capacity() == buf.len() {
-        buf.reserve(READ_BUFFER);
+    let room = buf.capacity() - buf.len();
+    if room < READ_BUFFER {
+        buf.reserve(buf.capacity().clamp(READ_BUFFER, READ_BUFFER_MAX));
     }
-    rd.read_buf(buf).await
+    let room = buf.capacity() - buf.len();
+    let n = rd.read_buf(buf).await?;
+    Ok((n, n < room))
 }
 
 /// How long a write may block when the client has no keep-alive.
@@ -135,8 +141,8 @@ where
             // must count before the keep-alive deadline does.
             biased;
             r = read_some(&mut io, &mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
+                Ok((0, _)) | Err(_) => break,
+                Ok((_, drained)) => {
                     last_heard = Instant::now();
                     let now = crate::broker::now_ms();
                     loop {
@@ -168,6 +174,9 @@ where
                                 break;
                             }
                         }
+                    }
+                    if drained && buf.is_empty() {
+                        buf = BytesMut::new();
                     }
                 }
             },
@@ -239,6 +248,9 @@ where
                 }
                 // Answered where it was asked (above).
                 Action::AskPeers { .. } => {}
+                Action::DiscardElsewhere { client, username } => {
+                    tokio::spawn(handover::discard(mqtt.clone(), client, username));
+                }
                 Action::Close => {
                     closing = true;
                     break;
@@ -304,8 +316,11 @@ fn persist(
     let refused = move |qos: u8, pid: u16| refused(version, qos, pid);
     match super::persist::append(&mqtt.broker, &mqtt.remote, stream, &msg) {
         Ok(appended) => {
-            // Live delivery does not wait for durability, only for the
-            // record to have its place in the log.
+            // Live delivery does not wait for durability: here the record
+            // has its place in the log already; for a shard another broker
+            // owns it is on its way (if that broker then refuses it, the
+            // publisher is refused, and a publish sent again is delivered
+            // twice).
             let (_, mark) = mqtt.hub.publish_marked(msg, crate::broker::now_ms());
             let (qos, pid) = ack?;
             let timeout = mqtt.settings.persist_timeout;

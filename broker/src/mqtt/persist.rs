@@ -150,7 +150,10 @@ impl Appended {
                 stream,
                 shard,
                 done,
-            } => match tokio::time::timeout(timeout, done).await {
+                // The sending task answers once its request (which has
+                // `timeout` itself) ends; the record may first wait for the
+                // requests before it.
+            } => match tokio::time::timeout(timeout.saturating_mul(2), done).await {
                 Ok(Ok(true)) => Ok(()),
                 Ok(_) => Err(Error::NotLeader {
                     stream: stream.to_string(),

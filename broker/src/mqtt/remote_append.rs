@@ -31,8 +31,9 @@ pub(crate) struct RemoteRecord {
 }
 
 const QUEUE: usize = 16_384;
-/// Records per request, at most.
+/// Records per request, at most, and about how many bytes.
 const BATCH: usize = 1024;
+const BATCH_BYTES: usize = 8 << 20;
 
 pub(crate) struct RemoteAppender {
     tx: mpsc::Sender<RemoteRecord>,
@@ -75,7 +76,19 @@ pub(crate) async fn run(
             async move {
                 let mut records = records;
                 while !records.is_empty() {
-                    let rest = records.split_off(records.len().min(BATCH));
+                    let mut size = 0;
+                    let take = records
+                        .iter()
+                        .take(BATCH)
+                        .take_while(|r| {
+                            size += r.row.value.as_ref().map_or(0, |v| v.len())
+                                + r.row.key.as_ref().map_or(0, |k| k.len())
+                                + 256;
+                            size <= BATCH_BYTES
+                        })
+                        .count()
+                        .max(1);
+                    let rest = records.split_off(take);
                     let ok = send(&client, &records, timeout).await;
                     for r in records {
                         let _ = r.done.send(ok);
