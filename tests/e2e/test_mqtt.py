@@ -546,6 +546,13 @@ def test_connect_versions_and_refusals(shoal, mq, raw):
     assert body[1] == 0x8C, body.hex()
     assert r.wait_closed() == []
 
+    # v5 with a password and no user name (which MQTT 5 allows): there is no
+    # user to check it against, so 0x86 (bad user name or password), then close.
+    r = raw(port)
+    body = r.connect("pw-only", level=5, password="secret")
+    assert body[1] == 0x86, body.hex()
+    assert r.wait_closed() == []
+
     # v3.1.1, empty client id, clean session 0: return code 2, then close.
     r = raw(port)
     assert r.connect("", level=4, clean=False) == b"\x00\x02"
@@ -1263,6 +1270,40 @@ def records_of(shoal, stream: str, shards: int) -> list:
 def high_watermarks(shoal, stream: str) -> int:
     doc = shoal.stream(stream)
     return sum(sh["high_watermark"] for sh in doc["shards"]) if doc else 0
+
+
+def test_a_will_to_a_mapped_topic_is_in_the_stream(shoal, mq, raw):
+    stream = unique_name("wills")
+    rule = {"filter": "gone/#", "stream": stream, "shards": 2}
+    resp = shoal.http("/api/v1/mqtt/persist", "PUT", json.dumps(rule).encode())
+    assert resp.status == 200, resp.text
+    port = shoal.mqtt_port
+    pub = mq(port)
+    pub.connected()
+    probes = [0]
+
+    def probe_persisted():
+        probes[0] += 1
+        assert pub.publish("gone/probe", f"probe-{probes[0]}".encode(), qos=1) == 0
+        return high_watermarks(shoal, stream) > 0
+    wait_for(probe_persisted, 15, "the persistence rule to apply", interval=0.2)
+
+    watcher = mq(port)
+    watcher.connected()
+    assert watcher.subscribe([("gone/#", 1)]) == [1]
+    # The socket closes without DISCONNECT: the will goes to subscribers and,
+    # its topic being mapped, into the stream as a publish would.
+    r = raw(port)
+    assert r.connect(unique_name("dev"), will=("gone/dev-1", b"offline", 1, False)) == b"\x00\x00"
+    r.close()
+    watcher.wait_payload(b"offline")
+
+    def will_records():
+        return [m for m in records_of(shoal, stream, 2) if m.key() == b"gone/dev-1"]
+    until(will_records, "the will in the stream")
+    recs = will_records()
+    assert [m.value() for m in recs] == [b"offline"]
+    assert dict(recs[0].headers())["mqtt.qos"] == b"1"
 
 
 def test_persist_rule_mqtt_to_kafka_to_parquet_and_back(shoal, mq):

@@ -11,7 +11,7 @@ import pytest
 
 from clients import ck_consume_all
 from cluster import Cluster
-from harness import unique_name
+from harness import unique_name, wait_for
 from paho.mqtt.packettypes import PacketTypes
 
 import paho.mqtt.client as mqtt
@@ -308,3 +308,62 @@ def test_persisted_publishes_reach_their_shard_from_any_broker(mqtt_cluster):
         # Some of each broker's topics belong to shards another broker owns.
         shards = {keys[f"fleet/b{b}/t{i}".encode()][0][0] for i in range(20)}
         assert any(owners[s] != b for s in shards), (b, shards, owners)
+
+
+def test_a_persistent_session_survives_the_crash_of_its_broker(mqtt_cluster):
+    c, client = mqtt_cluster
+    cid = unique_name("crash")
+    expiry = v5_props(PacketTypes.CONNECT, SessionExpiryInterval=600)
+    first = client(1, cid)
+    assert first.connected(clean_start=False, properties=expiry).session_present is False
+    assert first.subscribe([("crash/#", 1)]) == [1]
+    first.disconnect()
+    wait_offline(c.broker(1), cid)
+    # Published on the session's broker: each PUBACK waits until the copy
+    # queued for the session is durable in the state stream.
+    pub = client(1)
+    pub.connected()
+    sent = [f"k-{i}".encode() for i in range(5)]
+    for v in sent:
+        assert pub.publish("crash/data", v, qos=1) == 0
+    c.broker(1).kill9()
+
+    # Once broker 1 is gone, the owner of the session's state shard holds
+    # it, so messages published meanwhile are queued for it.
+    def holder():
+        return next((b for b in (2, 3) if cid in mqtt_clients(c.broker(b))), None)
+    held_by = until(holder, "a live broker to take the session over", timeout=60)
+    assert mqtt_clients(c.broker(held_by))[cid]["queued"] == 5
+    pub3 = client(3)
+    pub3.connected()
+    n = 0
+
+    def routed() -> bool:
+        nonlocal n
+        n += 1
+        assert pub3.publish("crash/probe", f"p{n}".encode(), qos=1) == 0
+        return mqtt_clients(c.broker(held_by))[cid]["queued"] > 5
+    wait_for(routed, 20, "publishes on broker 3 to reach the session", interval=0.2)
+    assert pub3.publish("crash/data", b"late", qos=1) == 0
+
+    # The client comes back on broker 2. A CONNECT that cannot look the
+    # session up (a broker that may hold it does not answer) is refused with
+    # 0x88 (server unavailable), never given a new session; it is tried again.
+    resumed: list = []
+
+    def connect_on_2() -> bool:
+        m = client(2, cid)
+        ack = m.connect(clean_start=False, properties=expiry)
+        if ack.rc == 0:
+            resumed.append((m, ack))
+            return True
+        assert ack.rc == 0x88, hex(ack.rc)
+        m.close()
+        return False
+
+    wait_for(connect_on_2, 60, "broker 2 to resume the session", interval=0.5)
+    back, ack = resumed[0]
+    assert ack.session_present is True
+    until(lambda: back.payloads("crash/data") == sent + [b"late"],
+          "the queued messages, from before the crash and after it")
+    assert mqtt_clients(c.broker(2))[cid]["subscriptions"] == 1

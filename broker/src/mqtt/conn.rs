@@ -230,6 +230,16 @@ impl Protocol {
                 // MQTT §3.1: the first packet must be CONNECT.
                 return vec![Action::Close];
             }
+            // MQTT 5 allows a password without a user name (§3.1.2.9); the
+            // codec refuses it as malformed. There is no user to check it
+            // against: the client hears so instead of a closed socket.
+            if let [0, 4, b'M', b'Q', b'T', b'T', 5, flags, ..] = body[..]
+                && flags & 0x40 != 0
+                && flags & 0x80 == 0
+            {
+                self.version = 5;
+                return self.refuse(ReasonCode::BadUsernameOrPassword);
+            }
             return match Packet::decode_from_body(kind, &header, &mut body) {
                 Ok(Packet::Connect(c)) => self.connect(*c, now_ms),
                 Ok(_) | Err(_) => vec![Action::Close],
@@ -445,7 +455,7 @@ impl Protocol {
         // CONNECT is known to be acceptable, a client resuming one waits for
         // it to move here, and one starting clean ends it there.
         let mut discard_elsewhere = None;
-        if self.hub.has_peers() && assigned.is_none() && !self.peers_asked {
+        if self.hub.clustered() && assigned.is_none() && !self.peers_asked {
             if c.clean_start {
                 discard_elsewhere = Some(Action::DiscardElsewhere {
                     client: client_id.clone(),
@@ -509,13 +519,18 @@ impl Protocol {
     }
 
     /// The other brokers answered [`Action::AskPeers`]: the session moved
-    /// here if one of them had it; `other_user` if it is another user's.
-    pub(crate) fn peers_answered(&mut self, other_user: bool, now_ms: i64) -> Vec<Action> {
+    /// here if one of them had it; `refusal` if the CONNECT is refused
+    /// after all (another user's session, or none could be looked up).
+    pub(crate) fn peers_answered(
+        &mut self,
+        refusal: Option<ReasonCode>,
+        now_ms: i64,
+    ) -> Vec<Action> {
         let Phase::AskingPeers(c) = std::mem::replace(&mut self.phase, Phase::New) else {
             return vec![Action::Close];
         };
-        if other_user {
-            return self.refuse(ReasonCode::NotAuthorized);
+        if let Some(r) = refusal {
+            return self.refuse(r);
         }
         self.connect(*c, now_ms)
     }
@@ -1097,14 +1112,38 @@ mod tests {
             [Action::AskPeers { client, username: None }] if &**client == "kept"
         ));
         assert_eq!(c.proto.client_id(), None);
-        let actions = c.proto.peers_answered(false, 0);
+        let actions = c.proto.peers_answered(None, 0);
         assert!(matches!(sent(&actions, 5).as_slice(), [Packet::ConnAck(_)]));
         assert_eq!(c.proto.client_id(), Some("kept"));
         // Another user's session elsewhere: refused, as it would be here.
         let (mut c, _) = connect(&hub, 5, "theirs", false);
-        let actions = c.proto.peers_answered(true, 0);
+        let actions = c.proto.peers_answered(Some(ReasonCode::NotAuthorized), 0);
         match sent(&actions, 5).as_slice() {
             [Packet::ConnAck(a)] => assert_eq!(a.reason_code, ReasonCode::NotAuthorized),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn a_v5_password_without_user_name_gets_a_connack() {
+        let mut proto = Protocol::new(
+            hub(),
+            Arc::new(Settings::default()),
+            Arc::new(Access::open()),
+            Arc::new(Notify::new()),
+        );
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x42, 0, 60, 0];
+        body.extend_from_slice(&[0, 1, b'c', 0, 2, b'p', b'w']);
+        let actions = proto.handle(
+            Frame {
+                first_byte: 0x10,
+                body: Bytes::from(body),
+            },
+            0,
+        );
+        match sent(&actions, 5).as_slice() {
+            [Packet::ConnAck(a)] => assert_eq!(a.reason_code, ReasonCode::BadUsernameOrPassword),
             other => panic!("{other:?}"),
         }
         assert!(matches!(actions.last(), Some(Action::Close)));

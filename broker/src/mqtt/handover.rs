@@ -40,6 +40,7 @@ struct Head {
     record: SessionRecord,
     next_packet_id: u16,
     incoming_qos2: Vec<u16>,
+    next_seq: u64,
 }
 
 fn row(offset: i64, key: String, value: Option<Bytes>, headers: Vec<Header>) -> Row {
@@ -64,14 +65,16 @@ fn item_row(offset: i64, key: String, item: &Queued) -> Row {
     )
 }
 
-/// A session as one record batch: the head, then `i/{packet id}/{p|r}`
-/// for each message in flight (published, or released), then `q` for
-/// each queued one, oldest first.
+/// A session as one record batch: the head, then `i/{packet id}/{p|r}/{seq}`
+/// for each message in flight (published, or released), then `q/{seq}`
+/// for each queued one, oldest first (`seq`: its record in the state
+/// stream, 0 for none).
 pub(crate) fn encode(h: &Handover) -> crate::Result<Bytes> {
     let head = Head {
         record: h.record.clone(),
         next_packet_id: h.next_packet_id,
         incoming_qos2: h.incoming_qos2.clone(),
+        next_seq: h.next_seq,
     };
     let head = serde_json::to_vec(&head).map_err(|e| crate::Error::Internal(e.to_string()))?;
     let mut rows = vec![row(0, "s".into(), Some(Bytes::from(head)), Vec::new())];
@@ -80,14 +83,11 @@ pub(crate) fn encode(h: &Handover) -> crate::Result<Bytes> {
             OutState::Published => 'p',
             OutState::Released => 'r',
         };
-        rows.push(item_row(
-            rows.len() as i64,
-            format!("i/{pid}/{state}"),
-            &o.item,
-        ));
+        let key = format!("i/{pid}/{state}/{}", o.item.seq);
+        rows.push(item_row(rows.len() as i64, key, &o.item));
     }
     for item in &h.queue {
-        rows.push(item_row(rows.len() as i64, "q".into(), item));
+        rows.push(item_row(rows.len() as i64, format!("q/{}", item.seq), item));
     }
     crate::batch::from_rows(&rows)
 }
@@ -117,6 +117,7 @@ pub(crate) fn decode(body: Bytes) -> Option<Handover> {
     let head: Head = serde_json::from_slice(first.value.as_deref()?).ok()?;
     let mut h = Handover {
         record: head.record,
+        next_seq: head.next_seq,
         next_packet_id: head.next_packet_id,
         incoming_qos2: head.incoming_qos2,
         inflight: Vec::new(),
@@ -124,7 +125,9 @@ pub(crate) fn decode(body: Bytes) -> Option<Handover> {
     };
     for r in rows {
         let key = std::str::from_utf8(r.key.as_deref()?).ok()?;
-        let item = queued(&r)?;
+        let mut item = queued(&r)?;
+        let (key, seq) = key.rsplit_once('/')?;
+        item.seq = seq.parse().ok()?;
         if key == "q" {
             h.queue.push(item);
             continue;
@@ -142,18 +145,23 @@ pub(crate) fn decode(body: Bytes) -> Option<Handover> {
 }
 
 /// What the other brokers said about a session.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Asked {
-    /// None of them has it (or none answered in time).
+    /// None of them has it, nor has the state stream.
     Absent,
-    /// One had it; it is in this broker's hub now.
+    /// One had it (or the state stream); it is in this broker's hub now.
     Moved,
     /// It belongs to another user.
     OtherUser,
+    /// A broker that may hold it did not answer: better no session now
+    /// (the client tries again) than a new one beside the real one.
+    Unavailable,
 }
 
-/// Ask every other MQTT broker for `client`'s session; a session found
-/// is adopted by this broker's hub.
+/// Ask every other MQTT broker for `client`'s session, then, if none has
+/// it, the state stream (through the owner of the client's shard: the
+/// broker that held the session may be gone). A session found is adopted
+/// by this broker's hub.
 pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>) -> Asked {
     let routes = &mqtt.broker.mqtt_routes;
     let body = TakeoverRequest {
@@ -163,39 +171,142 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
     };
     let asks = routes.peers().into_iter().filter_map(|b| {
         let addr = routes.addr(b)?;
-        let req = mqtt
-            .peers
-            .post(format!("http://{addr}/api/v1/mqtt/takeover"))
-            .json(&body)
-            .timeout(ASK_TIMEOUT)
-            .send();
-        Some(async move {
-            let resp = req.await.ok()?;
-            match resp.status() {
-                reqwest::StatusCode::OK => resp.bytes().await.ok().map(Ok),
-                reqwest::StatusCode::CONFLICT => Some(Err(OtherUser)),
-                _ => None,
-            }
-        })
+        Some(ask(
+            mqtt,
+            format!("http://{addr}/api/v1/mqtt/takeover"),
+            &body,
+        ))
     });
     let mut outcome = Asked::Absent;
-    for answer in futures::future::join_all(asks).await.into_iter().flatten() {
-        match answer {
-            Ok(body) => match decode(body) {
-                Some(h) if outcome != Asked::Moved => {
-                    mqtt.hub.adopt(client.clone(), h, crate::broker::now_ms());
-                    outcome = Asked::Moved;
-                }
-                Some(_) => {
-                    tracing::warn!(client = %client, "two brokers held one MQTT session");
-                }
-                None => tracing::warn!(client = %client, "an MQTT session handover was unreadable"),
-            },
-            Err(OtherUser) if outcome == Asked::Absent => outcome = Asked::OtherUser,
-            Err(OtherUser) => {}
-        }
+    for answer in futures::future::join_all(asks).await {
+        outcome = merge(mqtt, client, outcome, answer);
     }
-    outcome
+    if outcome != Asked::Absent {
+        return outcome;
+    }
+    // No broker holds it: the state stream may (its broker died).
+    let Some(owner) = state_owner(mqtt, client) else {
+        return if mqtt.broker.stream(super::store::STREAM).is_some() {
+            Asked::Unavailable
+        } else {
+            Asked::Absent
+        };
+    };
+    if owner.id == mqtt.broker.config.broker_id {
+        return match stored_session(&mqtt.broker, client, username).await {
+            Ok(Some(h)) => {
+                mqtt.hub.adopt(client.clone(), h, crate::broker::now_ms());
+                Asked::Moved
+            }
+            Ok(None) => Asked::Absent,
+            Err(Some(OtherUser)) => Asked::OtherUser,
+            Err(None) => Asked::Unavailable,
+        };
+    }
+    let url = format!("http://{}/api/v1/mqtt/stored", owner.http_addr);
+    merge(mqtt, client, Asked::Absent, ask(mqtt, url, &body).await)
+}
+
+/// One broker's answer about a session.
+enum Answer {
+    Session(Bytes),
+    NotThere,
+    OtherUser,
+    Silent,
+}
+
+async fn ask(mqtt: &Mqtt, url: String, body: &TakeoverRequest) -> Answer {
+    let sent = mqtt
+        .peers
+        .post(url)
+        .json(body)
+        .timeout(ASK_TIMEOUT)
+        .send()
+        .await;
+    let Ok(resp) = sent else {
+        return Answer::Silent;
+    };
+    match resp.status() {
+        reqwest::StatusCode::OK => match resp.bytes().await {
+            Ok(b) => Answer::Session(b),
+            Err(_) => Answer::Silent,
+        },
+        reqwest::StatusCode::NOT_FOUND => Answer::NotThere,
+        reqwest::StatusCode::CONFLICT => Answer::OtherUser,
+        _ => Answer::Silent,
+    }
+}
+
+/// The outcome so far with one more answer.
+fn merge(mqtt: &Mqtt, client: &Arc<str>, outcome: Asked, answer: Answer) -> Asked {
+    match (answer, outcome) {
+        (Answer::Session(_), Asked::Moved) => {
+            // Kept by two brokers: the first one wins.
+            tracing::warn!(client = %client, "two brokers held one MQTT session");
+            Asked::Moved
+        }
+        (Answer::Session(body), _) => match decode(body) {
+            Some(h) => {
+                mqtt.hub.adopt(client.clone(), h, crate::broker::now_ms());
+                Asked::Moved
+            }
+            None => {
+                tracing::warn!(client = %client, "an MQTT session handover was unreadable");
+                Asked::Unavailable
+            }
+        },
+        (_, Asked::Moved) => Asked::Moved,
+        (Answer::OtherUser, _) | (_, Asked::OtherUser) => Asked::OtherUser,
+        (Answer::Silent, _) => Asked::Unavailable,
+        (Answer::NotThere, o) => o,
+    }
+}
+
+/// The live broker owning the state stream's shard of `client`.
+fn state_owner(mqtt: &Mqtt, client: &str) -> Option<shoal_placement::BrokerInfo> {
+    let s = mqtt.broker.stream(super::store::STREAM)?;
+    let index = super::persist::partition_for(client.as_bytes(), s.partition_count());
+    let owner = s.partition(index)?.leader?;
+    mqtt.broker
+        .live_brokers()
+        .into_iter()
+        .find(|b| b.id == owner)
+}
+
+/// `client`'s session from the state stream (this broker owns its shard).
+/// `Err(Some(OtherUser))`: another user's; `Err(None)`: not readable now.
+pub(crate) async fn stored_session(
+    broker: &Arc<crate::Broker>,
+    client: &str,
+    username: Option<&str>,
+) -> Result<Option<Handover>, Option<OtherUser>> {
+    let loaded = super::store::load_session(broker, client)
+        .await
+        .map_err(|e| {
+            tracing::warn!(client, "reading a stored MQTT session: {e}");
+            None
+        })?;
+    let Some((_, record, queue)) = loaded else {
+        return Ok(None);
+    };
+    if record.username.as_deref() != username {
+        return Err(Some(OtherUser));
+    }
+    let next_seq = queue.iter().map(|(s, _)| s + 1).max().unwrap_or(1);
+    Ok(Some(Handover {
+        record,
+        next_seq,
+        next_packet_id: 0,
+        incoming_qos2: Vec::new(),
+        inflight: Vec::new(),
+        queue: queue
+            .into_iter()
+            .map(|(seq, mut q)| {
+                q.seq = seq;
+                q
+            })
+            .collect(),
+    }))
 }
 
 /// Tell every other MQTT broker to end `client`'s session, if it has one
@@ -339,7 +450,9 @@ mod tests {
                 expiry_secs: 300,
                 disconnected_ms: Some(9),
                 username: Some("u".into()),
+                holder: None,
             },
+            next_seq: 12,
             next_packet_id: 41,
             incoming_qos2: vec![3],
             inflight: vec![
@@ -360,9 +473,14 @@ mod tests {
             ],
             queue: vec![item("a/3", 1), item("a/4", 0)],
         };
+        let mut h = h;
+        h.queue[0].seq = 11;
         let back = decode(encode(&h).unwrap()).unwrap();
         assert_eq!(back.record, h.record);
         assert_eq!((back.next_packet_id, back.incoming_qos2), (41, vec![3]));
+        assert_eq!(back.next_seq, 12);
+        let seqs: Vec<u64> = back.queue.iter().map(|q| q.seq).collect();
+        assert_eq!(seqs, vec![11, 0]);
         let inflight: Vec<(u16, OutState, &str)> = back
             .inflight
             .iter()

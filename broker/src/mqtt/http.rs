@@ -44,6 +44,7 @@ pub fn router(broker: Arc<Broker>, mqtt: Option<Arc<Mqtt>>) -> Router {
             )),
         )
         .route("/api/v1/mqtt/takeover", axum::routing::post(takeover))
+        .route("/api/v1/mqtt/stored", axum::routing::post(stored))
         .route("/api/v1/mqtt/retained", get(retained))
         .route("/api/v1/mqtt/clients", get(clients))
         .route("/api/v1/mqtt/subscriptions", get(subscriptions))
@@ -183,8 +184,9 @@ struct AppendTarget {
 }
 
 /// `POST /api/v1/mqtt/append?stream=..&shard=..` (from another broker):
-/// MQTT publishes for a shard this broker owns, as a record batch; 204 once
-/// they are durable. Only streams that persistence rules map to.
+/// MQTT publishes (or MQTT state records) for a shard this broker owns, as
+/// a record batch; 204 once they are durable. Only streams that persistence
+/// rules map to, and the state stream.
 async fn append(
     State(st): State<AppState>,
     Query(to): Query<AppendTarget>,
@@ -193,7 +195,8 @@ async fn append(
     let Some(m) = &st.mqtt else {
         return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
     };
-    if !m.hub.rule_streams().iter().any(|s| **s == *to.stream) {
+    if to.stream != super::store::STREAM && !m.hub.rule_streams().iter().any(|s| **s == *to.stream)
+    {
         return error(
             StatusCode::FORBIDDEN,
             format!("no MQTT persistence rule maps to stream {}", to.stream),
@@ -236,6 +239,42 @@ async fn takeover(
         },
         Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
         Err(_) => error(StatusCode::CONFLICT, "the session is another user's"),
+    }
+}
+
+/// `POST /api/v1/mqtt/stored` `{"client", "username"}` (from another
+/// broker, where the client connected and no broker held its session): the
+/// session as the state stream has it, from the shard of the client's id,
+/// which this broker owns; 404 if there is none, 409 if it is another
+/// user's.
+async fn stored(
+    State(st): State<AppState>,
+    Json(req): Json<super::handover::TakeoverRequest>,
+) -> Response {
+    // Taken over here in the meantime: handed over as by a takeover.
+    if st
+        .mqtt
+        .as_ref()
+        .is_some_and(|m| m.hub.session_user(&req.client).is_some())
+    {
+        return takeover(State(st), Json(req)).await;
+    }
+    match super::handover::stored_session(&st.broker, &req.client, req.username.as_deref()).await {
+        Ok(Some(h)) => match super::handover::encode(&h) {
+            Ok(body) => {
+                if let Some(m) = &st.mqtt {
+                    m.hub.released(&req.client, crate::broker::now_ms());
+                }
+                body.into_response()
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
+        Err(Some(_)) => error(StatusCode::CONFLICT, "the session is another user's"),
+        Err(None) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the state stream is not readable",
+        ),
     }
 }
 

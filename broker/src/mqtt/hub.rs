@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use super::forward::{Forward, Forwarder};
 use super::message::Message;
 use super::routes::Routes;
-use super::store::{Loaded, Op, SessionRecord, SubRecord};
+use super::store::{Loaded, LoadedSession, Op, SessionRecord, SubRecord};
 use super::trie::Trie;
 use shoal_placement::BrokerId;
 
@@ -169,6 +169,7 @@ impl Session {
             expiry_secs: self.expiry_secs,
             disconnected_ms: self.disconnected_ms,
             username: self.username.clone(),
+            holder: None,
         }
     }
 }
@@ -243,10 +244,16 @@ impl Dropped {
     }
 }
 
+/// Appends a will to the stream its topic is mapped to.
+pub(crate) type WillSink = Box<dyn Fn(&str, &Message) + std::marker::Send + Sync>;
+
 /// A session on its way from one broker to another.
 #[derive(Debug)]
 pub(crate) struct Handover {
     pub record: SessionRecord,
+    /// The sequence number after those of its stored messages, which keep
+    /// theirs.
+    pub next_seq: u64,
     pub next_packet_id: u16,
     pub incoming_qos2: Vec<u16>,
     pub inflight: Vec<(u16, Outgoing)>,
@@ -293,6 +300,9 @@ struct State {
     trie: Trie<SubKey, SubOpts>,
     groups: HashMap<GroupKey, SharedGroup>,
     retained: BTreeMap<String, Arc<Message>>,
+    /// Sessions read from the state stream for another broker lately, and
+    /// when: not taken over here meanwhile (that broker holds them).
+    released: HashMap<ClientId, i64>,
     next_link: u64,
     /// Messages dropped, by reason, since start.
     dropped: HashMap<Dropped, u64>,
@@ -342,6 +352,7 @@ pub(crate) struct Hub {
     /// This broker's and its peers' subscription routes.
     routes: Arc<Routes>,
     forwarder: std::sync::OnceLock<Forwarder>,
+    will_sink: std::sync::OnceLock<WillSink>,
     ops_ready: Notify,
     /// How many recorded changes are durable.
     durable: tokio::sync::watch::Sender<u64>,
@@ -365,6 +376,7 @@ impl Hub {
         Hub {
             routes: routes.clone(),
             forwarder: std::sync::OnceLock::new(),
+            will_sink: std::sync::OnceLock::new(),
             state: Mutex::new(State {
                 routes,
                 ..State::default()
@@ -390,9 +402,10 @@ impl Hub {
         self.ops_ready.notify_one();
     }
 
-    /// Are there other brokers serving MQTT?
-    pub(crate) fn has_peers(&self) -> bool {
-        self.routes.has_peers()
+    /// Is this broker part of a cluster, where a session may be held by
+    /// another broker or only by the state stream?
+    pub(crate) fn clustered(&self) -> bool {
+        self.routes.clustered()
     }
 
     /// The user name a session was left by, if the session exists.
@@ -447,34 +460,60 @@ impl Hub {
         for m in loaded.retained {
             st.retained.insert(m.topic.to_string(), m);
         }
-        for (client, rec, queue) in loaded.sessions {
-            let next_seq = queue.iter().map(|(s, _)| *s).max().unwrap_or(0) + 1;
-            let subs: BTreeMap<String, SubOpts> = rec
-                .subs
-                .iter()
-                .map(|r| (r.filter.clone(), r.opts()))
-                .collect();
-            for (f, o) in &subs {
-                add_subscription(&mut st, &client, f, o);
-            }
-            let mut s = Session::empty(client.clone());
-            s.subs = subs;
-            s.expiry_secs = rec.expiry_secs;
-            s.queue = queue
-                .into_iter()
-                .map(|(seq, mut q)| {
-                    q.seq = seq;
-                    q
-                })
-                .collect();
-            // Connected when the broker stopped: it ended then.
-            s.disconnected_ms = Some(rec.disconnected_ms.unwrap_or(now_ms));
-            s.username = rec.username;
-            s.next_seq = next_seq;
-            st.sessions.insert(client, s);
-        }
+        insert_loaded(&mut st, loaded.sessions, now_ms);
     }
 
+    /// Sessions a broker that is gone held, read back from the state
+    /// stream: held here from now on (and recorded so), unless a session
+    /// of that id is here already. Returns how many were taken.
+    pub(crate) fn take_over(&self, sessions: Vec<LoadedSession>, now_ms: i64) -> usize {
+        let mut st = self.state.lock();
+        let sessions: Vec<LoadedSession> = sessions
+            .into_iter()
+            .filter(|(c, ..)| !st.sessions.contains_key(c) && !st.released.contains_key(c))
+            .collect();
+        let clients: Vec<ClientId> = sessions.iter().map(|(c, ..)| c.clone()).collect();
+        insert_loaded(&mut st, sessions, now_ms);
+        for c in &clients {
+            save_session(&mut st, c);
+        }
+        drop(st);
+        self.ops_ready.notify_one();
+        clients.len()
+    }
+}
+
+/// Put sessions read back from the durable state in the hub, detached.
+fn insert_loaded(st: &mut State, sessions: Vec<LoadedSession>, now_ms: i64) {
+    for (client, rec, queue) in sessions {
+        let next_seq = queue.iter().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+        let subs: BTreeMap<String, SubOpts> = rec
+            .subs
+            .iter()
+            .map(|r| (r.filter.clone(), r.opts()))
+            .collect();
+        for (f, o) in &subs {
+            add_subscription(st, &client, f, o);
+        }
+        let mut s = Session::empty(client.clone());
+        s.subs = subs;
+        s.expiry_secs = rec.expiry_secs;
+        s.queue = queue
+            .into_iter()
+            .map(|(seq, mut q)| {
+                q.seq = seq;
+                q
+            })
+            .collect();
+        // Connected when its broker stopped: it ended then.
+        s.disconnected_ms = Some(rec.disconnected_ms.unwrap_or(now_ms));
+        s.username = rec.username;
+        s.next_seq = next_seq;
+        st.sessions.insert(client, s);
+    }
+}
+
+impl Hub {
     /// Attach a new connection to `req.client_id`'s session, creating or
     /// replacing it as Clean Start says. A connection already attached is
     /// taken over: it is woken and finds itself detached.
@@ -521,6 +560,7 @@ impl Hub {
                 present = true;
             }
         }
+        let clean_elsewhere = req.clean_start && st.routes.clustered();
         let s = st
             .sessions
             .entry(req.client_id.clone())
@@ -538,8 +578,10 @@ impl Hub {
             window: req.window.max(1),
         });
         // Its record follows it; a session no longer kept loses it (else a
-        // crash would bring back what the client gave up).
-        let op = (s.persistent() || was_persistent).then(|| Op::Session {
+        // crash would bring back what the client gave up). In a cluster the
+        // state stream may hold one from another broker, which a clean
+        // start ends too.
+        let op = (s.persistent() || was_persistent || clean_elsewhere).then(|| Op::Session {
             client: s.client_id.clone(),
             record: s.persistent().then(|| s.record()),
         });
@@ -548,11 +590,8 @@ impl Hub {
         }
         drop(st);
         self.ops_ready.notify_one();
-        for mut w in wills {
-            // A will's expiry runs from when it is published (MQTT 5
-            // §3.1.3.2.4), not from its CONNECT.
-            w.received_ms = now_ms;
-            self.publish(w, now_ms);
+        for w in wills {
+            self.publish_will(w, now_ms);
         }
         // Queued messages wait for the connection to ask for them.
         req.wake.notify_one();
@@ -603,18 +642,25 @@ impl Hub {
         let Some(gone) = st.sessions.remove(client) else {
             return Ok(None);
         };
+        // Its records stay: the new broker goes on with them (its queued
+        // messages keep their sequence numbers) and overwrites the session's.
+        // A session that ends loses its queued messages' records; its own
+        // record is the new broker's to overwrite (deleting it here could
+        // land after that).
         remove_subscriptions(&mut st, &gone);
-        forget(&mut st, &gone);
+        if ending {
+            forget_queue(&mut st, &gone);
+        }
         drop(st);
         self.ops_ready.notify_one();
-        for mut w in wills {
-            w.received_ms = now_ms;
-            self.publish(w, now_ms);
+        for w in wills {
+            self.publish_will(w, now_ms);
         }
         let mut record = gone.record();
         record.disconnected_ms = Some(record.disconnected_ms.unwrap_or(now_ms));
         Ok(Some(Handover {
             record,
+            next_seq: gone.next_seq,
             next_packet_id: gone.next_packet_id,
             incoming_qos2: gone.incoming_qos2.into_iter().collect(),
             inflight: gone.inflight.into_iter().collect(),
@@ -642,8 +688,19 @@ impl Hub {
         s.username = h.record.username;
         s.next_packet_id = h.next_packet_id;
         s.incoming_qos2 = h.incoming_qos2.into_iter().collect();
-        // Its messages get records in this broker's durable state.
+        // Messages stored already keep their records; the others get
+        // records after them.
         let keep = st.store && s.persistent();
+        s.next_seq = h
+            .inflight
+            .iter()
+            .map(|(_, o)| &o.item)
+            .chain(&h.queue)
+            .map(|q| q.seq + 1)
+            .max()
+            .unwrap_or(1)
+            .max(h.next_seq)
+            .max(1);
         let mut ops = Vec::new();
         if keep {
             ops.push(Op::Session {
@@ -652,8 +709,7 @@ impl Hub {
             });
         }
         let mut renumber = |item: &mut Queued| {
-            item.seq = 0;
-            if keep && item.qos > 0 {
+            if item.seq == 0 && keep && item.qos > 0 {
                 item.seq = s.next_seq;
                 s.next_seq += 1;
                 ops.push(Op::Queue {
@@ -681,6 +737,15 @@ impl Hub {
         }
         drop(st);
         self.ops_ready.notify_one();
+    }
+
+    /// `client`'s session, read from the state stream, went to another
+    /// broker: it is not taken over here for a while (the record naming its
+    /// new holder may not be written yet).
+    pub(crate) fn released(&self, client: &str, now_ms: i64) {
+        let mut st = self.state.lock();
+        st.released.insert(Arc::from(client), now_ms);
+        st.released.retain(|_, t| *t > now_ms - 60_000);
     }
 
     /// Every retained message (for a broker that starts beside this one).
@@ -845,9 +910,8 @@ impl Hub {
         }
         drop(st);
         self.ops_ready.notify_one();
-        if let Some(mut m) = due {
-            m.received_ms = now_ms;
-            self.publish(m, now_ms);
+        if let Some(m) = due {
+            self.publish_will(m, now_ms);
         }
     }
 
@@ -886,10 +950,29 @@ impl Hub {
         }
         drop(st);
         self.ops_ready.notify_one();
-        for mut m in due {
-            m.received_ms = now_ms;
-            self.publish(m, now_ms);
+        for m in due {
+            self.publish_will(m, now_ms);
         }
+    }
+
+    /// Publish a will: into the stream a persistence rule maps its topic
+    /// to (through the sink [`Hub::set_will_sink`] gave), then to
+    /// subscribers, as a client's publish would go.
+    fn publish_will(&self, mut w: Message, now_ms: i64) {
+        // A will's expiry runs from when it is published (MQTT 5
+        // §3.1.3.2.4), not from its CONNECT.
+        w.received_ms = now_ms;
+        if let Some(stream) = self.persist_target(&w.topic)
+            && let Some(sink) = self.will_sink.get()
+        {
+            sink(&stream, &w);
+        }
+        self.publish(w, now_ms);
+    }
+
+    /// Where wills for mapped topics are appended from now on.
+    pub(crate) fn set_will_sink(&self, sink: WillSink) {
+        let _ = self.will_sink.set(sink);
     }
 
     /// Route `msg` to every matching subscription (and store it if it is
@@ -1522,6 +1605,18 @@ fn save_session(st: &mut State, client: &ClientId) {
 
 /// A session ended: its records go from the durable state.
 fn forget(st: &mut State, gone: &Session) {
+    forget_queue(st, gone);
+    record(
+        st,
+        Op::Session {
+            client: gone.client_id.clone(),
+            record: None,
+        },
+    );
+}
+
+/// The records of a session's queued and in-flight messages go.
+fn forget_queue(st: &mut State, gone: &Session) {
     let seqs: Vec<u64> = gone
         .queue
         .iter()
@@ -1539,13 +1634,6 @@ fn forget(st: &mut State, gone: &Session) {
             },
         );
     }
-    record(
-        st,
-        Op::Session {
-            client: gone.client_id.clone(),
-            record: None,
-        },
-    );
 }
 
 /// A queued message left its session (delivered, dropped, expired).

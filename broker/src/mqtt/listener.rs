@@ -158,9 +158,15 @@ where
                                         Box::pin(handover::fetch(&mqtt, client, username.as_deref()))
                                             .await;
                                     actions.pop();
-                                    let other_user = asked == handover::Asked::OtherUser;
+                                    let refusal = match asked {
+                                        handover::Asked::OtherUser => Some(ReasonCode::NotAuthorized),
+                                        handover::Asked::Unavailable => {
+                                            Some(ReasonCode::ServerUnavailable)
+                                        }
+                                        handover::Asked::Moved | handover::Asked::Absent => None,
+                                    };
                                     actions.extend(
-                                        proto.peers_answered(other_user, crate::broker::now_ms()),
+                                        proto.peers_answered(refusal, crate::broker::now_ms()),
                                     );
                                 }
                                 if matches!(actions.last(), Some(Action::Close)) {

@@ -87,7 +87,7 @@ pub struct Mqtt {
     pub(crate) peers: reqwest::Client,
     /// Persisted publishes for shards other brokers own, and the queue
     /// [`Mqtt::run`] drains.
-    pub(crate) remote: remote_append::RemoteAppender,
+    pub(crate) remote: Arc<remote_append::RemoteAppender>,
     remote_queue:
         parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<remote_append::RemoteRecord>>>,
     /// Listener kind ("tcp", "websocket") -> address, for /health.
@@ -98,7 +98,7 @@ impl Mqtt {
     pub fn new(broker: Arc<Broker>, settings: Settings, access: Access) -> Arc<Self> {
         let (remote, remote_queue) = remote_append::RemoteAppender::new();
         Arc::new(Mqtt {
-            remote,
+            remote: Arc::new(remote),
             remote_queue: parking_lot::Mutex::new(Some(remote_queue)),
             hub: Arc::new(hub::Hub::with_routes(
                 settings.limits.clone(),
@@ -207,8 +207,19 @@ impl Mqtt {
         tokio::spawn(store::run(
             self.broker.clone(),
             self.hub.clone(),
+            self.remote.clone(),
             shutdown.clone(),
         ));
+        let me = Arc::downgrade(&self);
+        self.hub.set_will_sink(Box::new(move |stream, msg| {
+            let Some(mqtt) = me.upgrade() else {
+                return;
+            };
+            // Nothing acknowledges a will: the append is not waited for.
+            if let Err(e) = persist::append(&mqtt.broker, &mqtt.remote, stream, msg) {
+                tracing::warn!(stream, topic = %msg.topic, "a will was not persisted: {e}");
+            }
+        }));
         tokio::spawn(handover::sync_retained(self.clone(), shutdown.clone()));
         if let Some(queue) = self.remote_queue.lock().take() {
             tokio::spawn(remote_append::run(
@@ -227,12 +238,26 @@ impl Mqtt {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_rules = Vec::new();
         let mut ticks: u64 = 0;
+        let mut live: Vec<u64> = self.broker.live_brokers().iter().map(|b| b.id).collect();
+        let mut state_shards = self.state_shards();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
             self.hub.tick(crate::broker::now_ms());
+            // A broker gone, or a state shard taken on (from a broker gone):
+            // the sessions whose broker is gone, from the state shards this
+            // broker owns, are held here from now on.
+            let now_live: Vec<u64> = self.broker.live_brokers().iter().map(|b| b.id).collect();
+            let now_shards = self.state_shards();
+            if live.iter().any(|b| !now_live.contains(b))
+                || now_shards.iter().any(|s| !state_shards.contains(s))
+            {
+                tokio::spawn(self.clone().take_over_sessions());
+            }
+            live = now_live;
+            state_shards = now_shards;
             // Rules change rarely; once a second is soon enough.
             if ticks.is_multiple_of(4) {
                 match self.broker.placement.mqtt_persist_rules().await {
@@ -250,6 +275,27 @@ impl Mqtt {
                 }
             }
             ticks += 1;
+        }
+    }
+
+    /// The state stream's shards this broker owns.
+    fn state_shards(&self) -> Vec<i32> {
+        self.broker
+            .stream(store::STREAM)
+            .map(|s| s.owned().map(|l| l.shard).collect())
+            .unwrap_or_default()
+    }
+
+    /// Hold the sessions whose broker is gone and whose records are in the
+    /// state shards this broker owns.
+    async fn take_over_sessions(self: Arc<Self>) {
+        match store::load_left_behind(&self.broker).await {
+            Ok(sessions) if sessions.is_empty() => {}
+            Ok(sessions) => {
+                let n = self.hub.take_over(sessions, crate::broker::now_ms());
+                tracing::info!(sessions = n, "MQTT sessions of a broker gone taken over");
+            }
+            Err(e) => tracing::warn!("reading the MQTT sessions of a broker gone: {e}"),
         }
     }
 

@@ -42,6 +42,7 @@ pub struct Routes {
     remote: RwLock<Remote>,
     /// Round robin over the brokers of a shared group.
     turn: AtomicUsize,
+    clustered: std::sync::atomic::AtomicBool,
 }
 
 impl Routes {
@@ -78,6 +79,7 @@ impl Routes {
 
     /// The other brokers' routes, from a heartbeat reply.
     pub fn set_remote(&self, routes: &[MqttRoute], me: BrokerId) {
+        self.clustered.store(true, Ordering::Relaxed);
         let routes: Vec<MqttRoute> = routes.iter().filter(|r| r.broker != me).cloned().collect();
         if self.remote.read().routes == routes {
             return;
@@ -104,6 +106,12 @@ impl Routes {
 
     pub(crate) fn has_peers(&self) -> bool {
         !self.remote.read().routes.is_empty()
+    }
+
+    /// Part of a cluster (told the routes at least once), with or without
+    /// other MQTT brokers.
+    pub(crate) fn clustered(&self) -> bool {
+        self.clustered.load(Ordering::Relaxed)
     }
 
     /// The other brokers serving MQTT.

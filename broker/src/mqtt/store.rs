@@ -23,6 +23,7 @@ use shoal_storage::{Header, Record as Row};
 
 use super::hub::{ClientId, Hub, Queued, SubOpts};
 use super::message::{Message, MessageProps};
+use super::remote_append::{RemoteAppender, RemoteRecord};
 use crate::Broker;
 use crate::error::{Error, Result};
 use crate::shard::Read;
@@ -89,6 +90,11 @@ pub(crate) struct SessionRecord {
     /// When its connection ended; `None` while connected.
     pub disconnected_ms: Option<i64>,
     pub username: Option<String>,
+    /// The broker holding the session when this record was written (set
+    /// by the writer); in a cluster another broker's live session is not
+    /// restored at start.
+    #[serde(default)]
+    pub holder: Option<u64>,
 }
 
 /// A session read back: its id, record and queued messages by sequence.
@@ -215,13 +221,19 @@ pub(crate) fn message_from(row: &Row) -> Option<(Message, u8, bool, Vec<u32>)> {
     Some((msg, qos.min(2), retain, sub_ids))
 }
 
-fn to_row(op: &Op, now_ms: i64) -> Row {
+fn to_row(op: &Op, now_ms: i64, me: u64) -> Row {
     let (key, value, headers) = match op {
         Op::Session { client, record } => (
             format!("s/{client}"),
             record
                 .as_ref()
-                .and_then(|r| serde_json::to_vec(r).ok())
+                .and_then(|r| {
+                    serde_json::to_vec(&SessionRecord {
+                        holder: Some(me),
+                        ..r.clone()
+                    })
+                    .ok()
+                })
                 .map(Bytes::from),
             Vec::new(),
         ),
@@ -340,6 +352,18 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
             }
         }
     }
+    let me = broker.config.broker_id;
+    let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
+    Ok(fold(latest, |rec| {
+        // Held by another broker that is alive: its session, not ours.
+        rec.holder.is_none_or(|h| h == me || !live.contains(&h))
+    }))
+}
+
+/// The sessions (those `keep` accepts, with their queued messages) and
+/// retained messages of the newest record per key.
+fn fold(latest: HashMap<Bytes, Row>, keep: impl Fn(&SessionRecord) -> bool) -> Loaded {
+    let mut held_elsewhere: std::collections::HashSet<ClientId> = Default::default();
     let mut sessions: HashMap<ClientId, (SessionRecord, Vec<(u64, Queued)>)> = HashMap::new();
     let mut queued: Vec<(ClientId, u64, Queued)> = Vec::new();
     let mut retained = Vec::new();
@@ -356,7 +380,11 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
                 .as_deref()
                 .and_then(|v| serde_json::from_slice::<SessionRecord>(v).ok())
             {
-                sessions.insert(Arc::from(client), (rec, Vec::new()));
+                if keep(&rec) {
+                    sessions.insert(Arc::from(client), (rec, Vec::new()));
+                } else {
+                    held_elsewhere.insert(Arc::from(client));
+                }
             }
         } else if let Some(rest) = key.strip_prefix("q/") {
             let Some((client, seq)) = rest.rsplit_once('/') else {
@@ -390,12 +418,13 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
     for (client, seq, item) in queued {
         match sessions.get_mut(&client) {
             Some(s) => s.1.push((seq, item)),
+            None if held_elsewhere.contains(&client) => {}
             // Its session's end was recorded but not the message's: it is
             // deleted now, or a new session of that id would inherit it.
             None => orphans.push((client, seq)),
         }
     }
-    Ok(Loaded {
+    Loaded {
         sessions: sessions
             .into_iter()
             .map(|(c, (rec, mut q))| {
@@ -405,15 +434,62 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
             .collect(),
         retained,
         orphans,
+    }
+}
+
+/// The sessions whose broker is gone, as the shards this broker owns have
+/// them (it takes them over, so that their messages are queued).
+pub(crate) async fn load_left_behind(broker: &Arc<Broker>) -> Result<Vec<LoadedSession>> {
+    let Some(s) = broker.stream(STREAM) else {
+        return Ok(Vec::new());
+    };
+    let mut latest: HashMap<Bytes, Row> = HashMap::new();
+    for log in s.owned() {
+        for r in read_all(broker, log).await? {
+            if let Some(k) = r.key.clone() {
+                latest.insert(k, r);
+            }
+        }
+    }
+    let me = broker.config.broker_id;
+    let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
+    Ok(fold(latest, |rec| {
+        rec.holder.is_some_and(|h| h != me && !live.contains(&h))
     })
+    .sessions)
+}
+
+/// `client`'s session as the state stream has it, read from the shard of
+/// its id, which this broker must own (a client resuming a session whose
+/// broker is gone). Reads the whole shard: a rare path, after a crash.
+pub(crate) async fn load_session(
+    broker: &Arc<Broker>,
+    client: &str,
+) -> Result<Option<LoadedSession>> {
+    let Some(s) = broker.stream(STREAM) else {
+        return Ok(None);
+    };
+    let index = super::persist::partition_for(client.as_bytes(), s.partition_count());
+    let log = s.shard(index).ok_or_else(|| s.not_here(index))?;
+    let session_key = format!("s/{client}");
+    let queue_prefix = format!("q/{client}/");
+    let mut latest: HashMap<Bytes, Row> = HashMap::new();
+    for r in read_all(broker, log).await? {
+        if let Some(k) = r.key.clone()
+            && (k == session_key.as_bytes() || k.starts_with(queue_prefix.as_bytes()))
+        {
+            latest.insert(k, r);
+        }
+    }
+    Ok(fold(latest, |_| true).sessions.into_iter().next())
 }
 
 /// Append the hub's changes as they come and report how far they are
-/// durable. A shard this broker does not own cannot take them (a cluster
-/// broker without that lease): those changes stay in memory only.
+/// durable. Changes for a shard another broker owns go to that broker.
 pub(crate) async fn run(
     broker: Arc<Broker>,
     hub: Arc<Hub>,
+    remote: Arc<RemoteAppender>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -427,7 +503,7 @@ pub(crate) async fn run(
             continue;
         }
         loop {
-            match write(&broker, &ops).await {
+            match write(&broker, &remote, &ops).await {
                 Ok(()) => break,
                 Err(
                     e @ (Error::Backpressure { .. }
@@ -456,7 +532,7 @@ pub(crate) async fn run(
     }
 }
 
-async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
+async fn write(broker: &Arc<Broker>, remote: &RemoteAppender, ops: &[Op]) -> Result<()> {
     if !broker.lease_valid() {
         // Cut off from placement: its shards may be another's already. The
         // writer tries again; acknowledgements wait (up to their timeout).
@@ -469,22 +545,46 @@ async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
         .stream(STREAM)
         .ok_or_else(|| Error::UnknownStream(STREAM.to_string()))?;
     let now = crate::broker::now_ms();
+    let me = broker.config.broker_id;
     let mut by_shard: BTreeMap<i32, Vec<Row>> = BTreeMap::new();
     for op in ops {
         let shard = super::persist::partition_for(route_key(op), s.partition_count());
         let rows = by_shard.entry(shard).or_default();
         // Offsets relative to the batch (the shard assigns the real ones).
-        let mut row = to_row(op, now);
+        let mut row = to_row(op, now, me);
         row.offset = rows.len() as i64;
         rows.push(row);
     }
     let mut waits = Vec::new();
-    let mut elsewhere = 0;
+    let mut sent = Vec::new();
     for (index, rows) in by_shard {
-        // A shard another broker owns cannot take them (a cluster broker):
-        // those changes stay in memory only; the others are still written.
         let Some(shard) = s.shard(index) else {
-            elsewhere += rows.len();
+            // Another broker owns the shard: it appends them.
+            let owner = s
+                .partition(index)
+                .and_then(|p| p.leader)
+                .filter(|&b| b != me)
+                .and_then(|b| broker.live_brokers().into_iter().find(|i| i.id == b));
+            let Some(owner) = owner else {
+                // No owner right now (its lease is moving): try again.
+                return Err(Error::Timeout);
+            };
+            let stream: Arc<str> = Arc::from(STREAM);
+            for row in rows {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                let queued = remote.send(RemoteRecord {
+                    broker: owner.id,
+                    addr: owner.http_addr.clone(),
+                    stream: stream.clone(),
+                    shard: index,
+                    row,
+                    done,
+                });
+                if !queued {
+                    return Err(Error::Timeout);
+                }
+                sent.push(answer);
+            }
             continue;
         };
         let batch = crate::batch::from_rows(&rows)?;
@@ -499,11 +599,11 @@ async fn write(broker: &Arc<Broker>, ops: &[Op]) -> Result<()> {
     for w in waits {
         w.await?;
     }
-    if elsewhere > 0 {
-        tracing::debug!(
-            changes = elsewhere,
-            "MQTT session state for shards owned elsewhere is kept in memory only"
-        );
+    for answer in sent {
+        // The sending task answers once its request has ended.
+        if answer.await != Ok(true) {
+            return Err(Error::Timeout);
+        }
     }
     Ok(())
 }
@@ -541,10 +641,66 @@ mod tests {
                 seq: 5,
             }),
         };
-        let row = to_row(&op, 0);
+        let row = to_row(&op, 0, 1);
         assert_eq!(row.key.as_deref(), Some(&b"q/c/5"[..]));
         let (back, qos, retain, ids) = message_from(&row).unwrap();
         assert_eq!(back, msg);
         assert_eq!((qos, retain, ids), (1, false, vec![3, 4]));
+    }
+
+    #[test]
+    fn sessions_held_by_another_live_broker_are_left_with_their_messages() {
+        let session = |client: &str| Op::Session {
+            client: Arc::from(client),
+            record: Some(SessionRecord {
+                subs: Vec::new(),
+                expiry_secs: 60,
+                disconnected_ms: None,
+                username: None,
+                holder: None,
+            }),
+        };
+        let queued = |client: &str, seq: u64| Op::Queue {
+            client: Arc::from(client),
+            seq,
+            item: Some(Queued {
+                msg: Arc::new(Message {
+                    topic: Arc::from("t"),
+                    payload: Bytes::from_static(b"p"),
+                    qos: 1,
+                    retain: false,
+                    props: MessageProps::default(),
+                    received_ms: 0,
+                    origin: None,
+                }),
+                qos: 1,
+                retain: false,
+                sub_ids: Vec::new(),
+                seq,
+            }),
+        };
+        let mut latest = HashMap::new();
+        // "mine" written by broker 1, "theirs" by broker 2, and a message
+        // left by a session that ended.
+        for (op, writer) in [
+            (session("mine"), 1),
+            (queued("mine", 1), 1),
+            (session("theirs"), 2),
+            (queued("theirs", 4), 2),
+            (queued("ended", 2), 1),
+        ] {
+            let row = to_row(&op, 0, writer);
+            latest.insert(row.key.clone().unwrap(), row);
+        }
+        let loaded = fold(latest, |rec| rec.holder != Some(2));
+        let sessions: Vec<(&str, Option<u64>, usize)> = loaded
+            .sessions
+            .iter()
+            .map(|(c, r, q)| (&**c, r.holder, q.len()))
+            .collect();
+        assert_eq!(sessions, vec![("mine", Some(1), 1)]);
+        // The other broker's queued message is not an orphan to delete.
+        let orphans: Vec<(&str, u64)> = loaded.orphans.iter().map(|(c, s)| (&**c, *s)).collect();
+        assert_eq!(orphans, vec![("ended", 2)]);
     }
 }
