@@ -310,17 +310,83 @@ def test_persisted_publishes_reach_their_shard_from_any_broker(mqtt_cluster):
         assert any(owners[s] != b for s in shards), (b, shards, owners)
 
 
+def murmur2(data: bytes) -> int:
+    """Kafka's default partitioner hash (the state stream's shard of a client)."""
+    m, h = 0x5BD1E995, (0x9747B28C ^ len(data)) & 0xFFFFFFFF
+    n4 = len(data) // 4
+    for i in range(n4):
+        k = int.from_bytes(data[4 * i:4 * i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    rest = data[4 * n4:]
+    if len(rest) >= 3:
+        h ^= rest[2] << 16
+    if len(rest) >= 2:
+        h ^= rest[1] << 8
+    if rest:
+        h ^= rest[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def state_shard(client_id: str, shards: int) -> int:
+    return (murmur2(client_id.encode()) & 0x7FFFFFFF) % shards
+
+
 def test_a_persistent_session_survives_the_crash_of_its_broker(mqtt_cluster):
     c, client = mqtt_cluster
-    cid = unique_name("crash")
     expiry = v5_props(PacketTypes.CONNECT, SessionExpiryInterval=600)
-    first = client(1, cid)
-    assert first.connected(clean_start=False, properties=expiry).session_present is False
-    assert first.subscribe([("crash/#", 1)]) == [1]
-    first.disconnect()
-    wait_offline(c.broker(1), cid)
-    # Published on the session's broker: each PUBACK waits until the copy
-    # queued for the session is durable in the state stream.
+
+    def connect_persistent(broker: int, cid: str):
+        """Connect without Clean Start until accepted. A CONNECT that cannot
+        look its session up (a broker that may hold it does not answer, or a
+        state shard is not open yet) is refused with 0x88 (server
+        unavailable), never given a new session; the client tries again."""
+        resumed: list = []
+
+        def attempt() -> bool:
+            m = client(broker, cid)
+            ack = m.connect(clean_start=False, properties=expiry)
+            if ack.rc == 0:
+                resumed.append((m, ack))
+                return True
+            assert ack.rc == 0x88, hex(ack.rc)
+            m.close()
+            return False
+
+        wait_for(attempt, 60, f"broker {broker} to accept {cid}", interval=0.5)
+        return resumed[0]
+
+    # The first persistent session creates the state stream.
+    connect_persistent(1, unique_name("boot"))
+    until(lambda: len(c.owners("__mqtt_state")) == 4
+          and None not in c.owners("__mqtt_state").values(), "the state stream's 4 shards")
+    owners = c.owners("__mqtt_state")
+    # One client whose state shard broker 1 owns (it moves when broker 1
+    # dies), one whose shard broker 3 owns (it stays).
+    picked = {}
+    for i in range(10_000):
+        cid = f"{unique_name('crash')}-{i}"
+        owner = owners[state_shard(cid, 4)]
+        if owner in (1, 3) and owner not in picked:
+            picked[owner] = cid
+        if len(picked) == 2:
+            break
+    assert set(picked) == {1, 3}, owners
+    cids = [picked[1], picked[3]]
+    for cid in cids:
+        first, ack = connect_persistent(1, cid)
+        assert ack.session_present is False
+        assert first.subscribe([("crash/#", 1)]) == [1]
+        first.disconnect()
+        wait_offline(c.broker(1), cid)
+    # Published on the sessions' broker: each PUBACK waits until the copies
+    # queued for the sessions are durable in the state stream.
     pub = client(1)
     pub.connected()
     sent = [f"k-{i}".encode() for i in range(5)]
@@ -328,12 +394,17 @@ def test_a_persistent_session_survives_the_crash_of_its_broker(mqtt_cluster):
         assert pub.publish("crash/data", v, qos=1) == 0
     c.broker(1).kill9()
 
-    # Once broker 1 is gone, the owner of the session's state shard holds
-    # it, so messages published meanwhile are queued for it.
-    def holder():
-        return next((b for b in (2, 3) if cid in mqtt_clients(c.broker(b))), None)
-    held_by = until(holder, "a live broker to take the session over", timeout=60)
-    assert mqtt_clients(c.broker(held_by))[cid]["queued"] == 5
+    # Once broker 1 is gone, the owner of each session's state shard holds
+    # it (one broker only), so messages published meanwhile are queued.
+    def holders(cid: str) -> list[int]:
+        return [b for b in (2, 3) if cid in mqtt_clients(c.broker(b))]
+    for cid in cids:
+        until(lambda: holders(cid), f"a live broker to take {cid} over", timeout=60)
+    assert holders(picked[3]) == [3]
+    held = {cid: holders(cid) for cid in cids}
+    assert all(len(h) == 1 for h in held.values()), held
+    for cid in cids:
+        assert mqtt_clients(c.broker(held[cid][0]))[cid]["queued"] == 5
     pub3 = client(3)
     pub3.connected()
     n = 0
@@ -342,28 +413,15 @@ def test_a_persistent_session_survives_the_crash_of_its_broker(mqtt_cluster):
         nonlocal n
         n += 1
         assert pub3.publish("crash/probe", f"p{n}".encode(), qos=1) == 0
-        return mqtt_clients(c.broker(held_by))[cid]["queued"] > 5
-    wait_for(routed, 20, "publishes on broker 3 to reach the session", interval=0.2)
+        return all(mqtt_clients(c.broker(held[cid][0]))[cid]["queued"] > 5 for cid in cids)
+    wait_for(routed, 20, "publishes on broker 3 to reach the sessions", interval=0.2)
     assert pub3.publish("crash/data", b"late", qos=1) == 0
 
-    # The client comes back on broker 2. A CONNECT that cannot look the
-    # session up (a broker that may hold it does not answer) is refused with
-    # 0x88 (server unavailable), never given a new session; it is tried again.
-    resumed: list = []
-
-    def connect_on_2() -> bool:
-        m = client(2, cid)
-        ack = m.connect(clean_start=False, properties=expiry)
-        if ack.rc == 0:
-            resumed.append((m, ack))
-            return True
-        assert ack.rc == 0x88, hex(ack.rc)
-        m.close()
-        return False
-
-    wait_for(connect_on_2, 60, "broker 2 to resume the session", interval=0.5)
-    back, ack = resumed[0]
-    assert ack.session_present is True
-    until(lambda: back.payloads("crash/data") == sent + [b"late"],
-          "the queued messages, from before the crash and after it")
-    assert mqtt_clients(c.broker(2))[cid]["subscriptions"] == 1
+    # The clients come back on broker 2.
+    for cid in cids:
+        back, ack = connect_persistent(2, cid)
+        assert ack.session_present is True
+        until(lambda: back.payloads("crash/data") == sent + [b"late"],
+              f"{cid}'s queued messages, from before the crash and after it")
+        assert holders(cid) == [2]
+        assert mqtt_clients(c.broker(2))[cid]["subscriptions"] == 1

@@ -32,6 +32,9 @@ pub(crate) struct TakeoverRequest {
     /// End the session rather than hand it over.
     #[serde(default)]
     pub discard: bool,
+    /// The broker asking, which takes the session.
+    #[serde(default)]
+    pub asker: Option<u64>,
 }
 
 /// The first record of a handed-over session.
@@ -40,6 +43,7 @@ struct Head {
     record: SessionRecord,
     next_packet_id: u16,
     incoming_qos2: Vec<u16>,
+    #[serde(default)]
     next_seq: u64,
 }
 
@@ -168,6 +172,7 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
         client: client.to_string(),
         username: username.map(str::to_string),
         discard: false,
+        asker: Some(mqtt.broker.config.broker_id),
     };
     let asks = routes.peers().into_iter().filter_map(|b| {
         let addr = routes.addr(b)?;
@@ -192,8 +197,16 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
             Asked::Absent
         };
     };
-    if owner.id == mqtt.broker.config.broker_id {
-        return match stored_session(&mqtt.broker, client, username).await {
+    let me = mqtt.broker.config.broker_id;
+    if owner.id == me {
+        if !mqtt.hub.reserve_stored(client, me, crate::broker::now_ms()) {
+            return Asked::Unavailable;
+        }
+        let found = stored_session(&mqtt.broker, client, username).await;
+        if !matches!(found, Ok(Some(_))) {
+            mqtt.hub.unreserve_stored(client);
+        }
+        return match found {
             Ok(Some(h)) => {
                 mqtt.hub.adopt(client.clone(), h, crate::broker::now_ms());
                 Asked::Moved
@@ -317,6 +330,7 @@ pub(crate) async fn discard(mqtt: Arc<Mqtt>, client: Arc<str>, username: Option<
         client: client.to_string(),
         username,
         discard: true,
+        asker: Some(mqtt.broker.config.broker_id),
     };
     let asks = routes.peers().into_iter().filter_map(|b| {
         let addr = routes.addr(b)?;
@@ -451,6 +465,7 @@ mod tests {
                 disconnected_ms: Some(9),
                 username: Some("u".into()),
                 holder: None,
+                first_seq: 0,
             },
             next_seq: 12,
             next_packet_id: 41,

@@ -186,23 +186,29 @@ struct AppendTarget {
 /// `POST /api/v1/mqtt/append?stream=..&shard=..` (from another broker):
 /// MQTT publishes (or MQTT state records) for a shard this broker owns, as
 /// a record batch; 204 once they are durable. Only streams that persistence
-/// rules map to, and the state stream.
+/// rules map to, and the state stream (whether or not this broker serves
+/// MQTT: it may own a shard of it all the same).
 async fn append(
     State(st): State<AppState>,
     Query(to): Query<AppendTarget>,
     body: bytes::Bytes,
 ) -> Response {
-    let Some(m) = &st.mqtt else {
-        return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
-    };
-    if to.stream != super::store::STREAM && !m.hub.rule_streams().iter().any(|s| **s == *to.stream)
-    {
+    let timeout = st
+        .mqtt
+        .as_ref()
+        .map_or(super::Settings::default().persist_timeout, |m| {
+            m.settings.persist_timeout
+        });
+    let mapped = st
+        .mqtt
+        .as_ref()
+        .is_some_and(|m| m.hub.rule_streams().iter().any(|s| **s == *to.stream));
+    if to.stream != super::store::STREAM && !mapped {
         return error(
             StatusCode::FORBIDDEN,
             format!("no MQTT persistence rule maps to stream {}", to.stream),
         );
     }
-    let timeout = m.settings.persist_timeout;
     match super::persist::append_for_peer(&st.broker, &to.stream, to.shard, body, timeout).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e @ (crate::Error::NotLeader { .. } | crate::Error::UnknownShard { .. })) => {
@@ -215,11 +221,13 @@ async fn append(
     }
 }
 
-/// `POST /api/v1/mqtt/takeover` `{"client", "username", "discard"}` (from
-/// another broker, where the client just connected): the session, detached
-/// from this broker, as a record batch (or ended, 204, with `discard`: the
-/// client started clean); 404 if it is not here, 409 if it is another
-/// user's.
+/// `POST /api/v1/mqtt/takeover` `{"client", "username", "discard", "asker"}`
+/// (from another broker, where the client just connected): the session,
+/// detached from this broker, as a record batch (or ended, 204, with
+/// `discard`: the client started clean); 404 if it is not here, 409 if it
+/// is another user's. The answer waits (a while) for the record naming the
+/// asker as the session's holder, so that this broker's writes for the
+/// session are all in before the asker's.
 async fn takeover(
     State(st): State<AppState>,
     Json(req): Json<super::handover::TakeoverRequest>,
@@ -228,45 +236,70 @@ async fn takeover(
         return error(StatusCode::NOT_FOUND, "MQTT is not served by this broker");
     };
     let now = crate::broker::now_ms();
-    match m
-        .hub
-        .hand_over(&req.client, req.username.as_deref(), req.discard, now)
-    {
+    let handed = m.hub.hand_over(
+        &req.client,
+        req.username.as_deref(),
+        req.discard,
+        req.asker,
+        now,
+    );
+    match handed {
         Ok(Some(_)) if req.discard => StatusCode::NO_CONTENT.into_response(),
-        Ok(Some(h)) => match super::handover::encode(&h) {
-            Ok(body) => body.into_response(),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        },
+        Ok(Some(h)) => {
+            let mark = m.hub.op_mark();
+            let wait = std::time::Duration::from_secs(2);
+            if tokio::time::timeout(wait, m.hub.wait_durable(mark))
+                .await
+                .is_err()
+            {
+                tracing::warn!(client = %req.client, "a handed-over MQTT session's record is not durable yet");
+            }
+            match super::handover::encode(&h) {
+                Ok(body) => body.into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
         Err(_) => error(StatusCode::CONFLICT, "the session is another user's"),
     }
 }
 
-/// `POST /api/v1/mqtt/stored` `{"client", "username"}` (from another
-/// broker, where the client connected and no broker held its session): the
-/// session as the state stream has it, from the shard of the client's id,
-/// which this broker owns; 404 if there is none, 409 if it is another
-/// user's.
+/// `POST /api/v1/mqtt/stored` `{"client", "username", "asker"}` (from
+/// another broker, where the client connected and no broker held its
+/// session): the session as the state stream has it, from the shard of the
+/// client's id, which this broker owns; 404 if there is none, 409 if it is
+/// another user's, 503 if it went to another broker lately or cannot be
+/// read now.
 async fn stored(
     State(st): State<AppState>,
     Json(req): Json<super::handover::TakeoverRequest>,
 ) -> Response {
-    // Taken over here in the meantime: handed over as by a takeover.
-    if st
-        .mqtt
-        .as_ref()
-        .is_some_and(|m| m.hub.session_user(&req.client).is_some())
-    {
-        return takeover(State(st), Json(req)).await;
+    let now = crate::broker::now_ms();
+    if let Some(m) = &st.mqtt {
+        // Taken over here in the meantime: handed over as by a takeover.
+        if m.hub.session_user(&req.client).is_some() {
+            return takeover(State(st), Json(req)).await;
+        }
+        // One broker at a time gets a session from the stream.
+        if let Some(asker) = req.asker
+            && !m.hub.reserve_stored(&req.client, asker, now)
+        {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session went to another broker lately",
+            );
+        }
     }
-    match super::handover::stored_session(&st.broker, &req.client, req.username.as_deref()).await {
+    let found =
+        super::handover::stored_session(&st.broker, &req.client, req.username.as_deref()).await;
+    if !matches!(found, Ok(Some(_)))
+        && let Some(m) = &st.mqtt
+    {
+        m.hub.unreserve_stored(&req.client);
+    }
+    match found {
         Ok(Some(h)) => match super::handover::encode(&h) {
-            Ok(body) => {
-                if let Some(m) = &st.mqtt {
-                    m.hub.released(&req.client, crate::broker::now_ms());
-                }
-                body.into_response()
-            }
+            Ok(body) => body.into_response(),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),

@@ -129,6 +129,9 @@ struct Session {
     connected_ms: i64,
     /// The next queued message's sequence number in the durable state.
     next_seq: u64,
+    /// The sequence number this session started at (see
+    /// [`SessionRecord::first_seq`]).
+    first_seq: u64,
 }
 
 impl Session {
@@ -151,6 +154,7 @@ impl Session {
             username: None,
             connected_ms: 0,
             next_seq: 1,
+            first_seq: 1,
         })
     }
 
@@ -170,6 +174,7 @@ impl Session {
             disconnected_ms: self.disconnected_ms,
             username: self.username.clone(),
             holder: None,
+            first_seq: self.first_seq,
         }
     }
 }
@@ -244,6 +249,9 @@ impl Dropped {
     }
 }
 
+/// How long a session read from the state stream for a broker is its own.
+const RELEASE_MS: i64 = 60_000;
+
 /// Appends a will to the stream its topic is mapped to.
 pub(crate) type WillSink = Box<dyn Fn(&str, &Message) + std::marker::Send + Sync>;
 
@@ -300,9 +308,11 @@ struct State {
     trie: Trie<SubKey, SubOpts>,
     groups: HashMap<GroupKey, SharedGroup>,
     retained: BTreeMap<String, Arc<Message>>,
-    /// Sessions read from the state stream for another broker lately, and
-    /// when: not taken over here meanwhile (that broker holds them).
-    released: HashMap<ClientId, i64>,
+    /// Sessions read from the state stream for another broker lately: to
+    /// whom, and when. Not given to a third broker, nor taken over here,
+    /// for a while (the record naming the new holder may not be written
+    /// yet).
+    released: HashMap<ClientId, (u64, i64)>,
     next_link: u64,
     /// Messages dropped, by reason, since start.
     dropped: HashMap<Dropped, u64>,
@@ -439,7 +449,6 @@ impl Hub {
 
     /// The mark of every change recorded so far; an acknowledgement that
     /// depends on them waits for [`Hub::wait_durable`] of it.
-    #[cfg(test)]
     pub(crate) fn op_mark(&self) -> u64 {
         self.state.lock().op_count
     }
@@ -470,7 +479,13 @@ impl Hub {
         let mut st = self.state.lock();
         let sessions: Vec<LoadedSession> = sessions
             .into_iter()
-            .filter(|(c, ..)| !st.sessions.contains_key(c) && !st.released.contains_key(c))
+            .filter(|(c, ..)| {
+                !st.sessions.contains_key(c)
+                    && st
+                        .released
+                        .get(c)
+                        .is_none_or(|(_, t)| *t <= now_ms - RELEASE_MS)
+            })
             .collect();
         let clients: Vec<ClientId> = sessions.iter().map(|(c, ..)| c.clone()).collect();
         insert_loaded(&mut st, sessions, now_ms);
@@ -486,7 +501,7 @@ impl Hub {
 /// Put sessions read back from the durable state in the hub, detached.
 fn insert_loaded(st: &mut State, sessions: Vec<LoadedSession>, now_ms: i64) {
     for (client, rec, queue) in sessions {
-        let next_seq = queue.iter().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+        let next_seq = (queue.iter().map(|(s, _)| *s).max().unwrap_or(0) + 1).max(rec.first_seq);
         let subs: BTreeMap<String, SubOpts> = rec
             .subs
             .iter()
@@ -509,6 +524,7 @@ fn insert_loaded(st: &mut State, sessions: Vec<LoadedSession>, now_ms: i64) {
         s.disconnected_ms = Some(rec.disconnected_ms.unwrap_or(now_ms));
         s.username = rec.username;
         s.next_seq = next_seq;
+        s.first_seq = rec.first_seq;
         st.sessions.insert(client, s);
     }
 }
@@ -561,10 +577,17 @@ impl Hub {
             }
         }
         let clean_elsewhere = req.clean_start && st.routes.clustered();
-        let s = st
-            .sessions
-            .entry(req.client_id.clone())
-            .or_insert_with(|| Session::empty(req.client_id.clone()));
+        let s = st.sessions.entry(req.client_id.clone()).or_insert_with(|| {
+            let mut s = Session::empty(req.client_id.clone());
+            // Above the records a session of this id replaced may have
+            // left (another broker's, not deleted yet).
+            s.first_seq = u64::try_from(now_ms)
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .max(1);
+            s.next_seq = s.first_seq;
+            s
+        });
         let was_persistent = s.persistent();
         s.expiry_secs = req.expiry_secs;
         s.will = req.will.map(Box::new);
@@ -608,11 +631,15 @@ impl Hub {
     /// belongs to another user, who alone may resume it.
     /// `ending`: the client started clean there, so the session ends
     /// instead (its will is due whatever its delay).
+    /// `new_holder`: the broker taking it, which its record names from now
+    /// on (the caller waits for that record before answering, so that this
+    /// broker's writes for the session come before the new one's).
     pub(crate) fn hand_over(
         &self,
         client: &str,
         username: Option<&str>,
         ending: bool,
+        new_holder: Option<u64>,
         now_ms: i64,
     ) -> Result<Option<Handover>, OtherUser> {
         let mut wills = Vec::new();
@@ -650,6 +677,15 @@ impl Hub {
         remove_subscriptions(&mut st, &gone);
         if ending {
             forget_queue(&mut st, &gone);
+        } else if gone.persistent() {
+            let op = Op::Session {
+                client: gone.client_id.clone(),
+                record: Some(SessionRecord {
+                    holder: new_holder,
+                    ..gone.record()
+                }),
+            };
+            record(&mut st, op);
         }
         drop(st);
         self.ops_ready.notify_one();
@@ -684,6 +720,7 @@ impl Hub {
             add_subscription(&mut st, &client, f, o);
         }
         s.expiry_secs = h.record.expiry_secs;
+        s.first_seq = h.record.first_seq;
         s.disconnected_ms = Some(h.record.disconnected_ms.unwrap_or(now_ms));
         s.username = h.record.username;
         s.next_packet_id = h.next_packet_id;
@@ -700,6 +737,7 @@ impl Hub {
             .max()
             .unwrap_or(1)
             .max(h.next_seq)
+            .max(h.record.first_seq)
             .max(1);
         let mut ops = Vec::new();
         if keep {
@@ -739,13 +777,24 @@ impl Hub {
         self.ops_ready.notify_one();
     }
 
-    /// `client`'s session, read from the state stream, went to another
-    /// broker: it is not taken over here for a while (the record naming its
-    /// new holder may not be written yet).
-    pub(crate) fn released(&self, client: &str, now_ms: i64) {
+    /// Reserve `client`'s session, about to be read from the state stream,
+    /// for broker `to`; false if it went to another broker lately.
+    pub(crate) fn reserve_stored(&self, client: &str, to: u64, now_ms: i64) -> bool {
         let mut st = self.state.lock();
-        st.released.insert(Arc::from(client), now_ms);
-        st.released.retain(|_, t| *t > now_ms - 60_000);
+        st.released.retain(|_, (_, t)| *t > now_ms - RELEASE_MS);
+        match st.released.get(client) {
+            Some((other, _)) if *other != to => false,
+            _ => {
+                st.released.insert(Arc::from(client), (to, now_ms));
+                true
+            }
+        }
+    }
+
+    /// The session reserved by [`Hub::reserve_stored`] was not given out
+    /// after all.
+    pub(crate) fn unreserve_stored(&self, client: &str) {
+        self.state.lock().released.remove(client);
     }
 
     /// Every retained message (for a broker that starts beside this one).
@@ -1934,11 +1983,18 @@ mod tests {
         assert_eq!(sent.len(), 1);
         // Only the user who left it may take it.
         assert_eq!(
-            a.hand_over("c", Some("v"), false, 0).unwrap_err(),
+            a.hand_over("c", Some("v"), false, None, 0).unwrap_err(),
             OtherUser
         );
-        assert!(a.hand_over("nobody", None, false, 0).unwrap().is_none());
-        let h = a.hand_over("c", Some("u"), false, 5).unwrap().unwrap();
+        assert!(
+            a.hand_over("nobody", None, false, None, 0)
+                .unwrap()
+                .is_none()
+        );
+        let h = a
+            .hand_over("c", Some("u"), false, Some(2), 5)
+            .unwrap()
+            .unwrap();
         // Gone from the first broker, its connection detached, its route too.
         assert!(a.session_user("c").is_none());
         assert!(!a.is_attached("c", first.link));

@@ -240,6 +240,10 @@ impl Mqtt {
         let mut ticks: u64 = 0;
         let mut live: Vec<u64> = self.broker.live_brokers().iter().map(|b| b.id).collect();
         let mut state_shards = self.state_shards();
+        // Brokers may have gone while this one started.
+        if self.broker.config.cluster {
+            tokio::spawn(self.clone().take_over_sessions());
+        }
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

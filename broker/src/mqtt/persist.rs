@@ -19,7 +19,7 @@ use shoal_storage::{Header, Record as Row};
 
 use super::hub::Hub;
 use super::message::{Message, MessageProps};
-use super::remote_append::{RemoteAppender, RemoteRecord};
+use super::remote_append::{Delivery, RemoteAppender, RemoteRecord};
 use crate::Broker;
 use crate::error::{Error, Result};
 use crate::shard::{Read, ShardLog};
@@ -132,7 +132,7 @@ pub(crate) enum Appended {
     Owner {
         stream: Arc<str>,
         shard: i32,
-        done: tokio::sync::oneshot::Receiver<bool>,
+        done: tokio::sync::oneshot::Receiver<Delivery>,
     },
 }
 
@@ -154,7 +154,7 @@ impl Appended {
                 // `timeout` itself) ends; the record may first wait for the
                 // requests before it.
             } => match tokio::time::timeout(timeout.saturating_mul(2), done).await {
-                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(Delivery::Stored)) => Ok(()),
                 Ok(_) => Err(Error::NotLeader {
                     stream: stream.to_string(),
                     shard,

@@ -26,8 +26,21 @@ pub(crate) struct RemoteRecord {
     pub stream: Arc<str>,
     pub shard: i32,
     pub row: Row,
-    /// Told whether the owner made it durable.
-    pub done: oneshot::Sender<bool>,
+    /// Told what became of it.
+    pub done: oneshot::Sender<Delivery>,
+}
+
+/// What became of records sent to their shard's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Durable there.
+    Stored,
+    /// Refused for good (the request itself is wrong there): sending it
+    /// again would not help.
+    Refused,
+    /// Not answered, or refused for now (the shard is moving): worth
+    /// another try.
+    Failed,
 }
 
 const QUEUE: usize = 16_384;
@@ -48,6 +61,11 @@ impl RemoteAppender {
     /// Queue `r`; false if the queue is full (the publish is refused).
     pub(crate) fn send(&self, r: RemoteRecord) -> bool {
         self.tx.try_send(r).is_ok()
+    }
+
+    /// Queue `r`, waiting for room; false if the sending task has stopped.
+    pub(crate) async fn send_waiting(&self, r: RemoteRecord) -> bool {
+        self.tx.send(r).await.is_ok()
     }
 }
 
@@ -89,9 +107,9 @@ pub(crate) async fn run(
                         .count()
                         .max(1);
                     let rest = records.split_off(take);
-                    let ok = send(&client, &records, timeout).await;
+                    let outcome = send(&client, &records, timeout).await;
                     for r in records {
-                        let _ = r.done.send(ok);
+                        let _ = r.done.send(outcome);
                     }
                     records = rest;
                 }
@@ -101,9 +119,9 @@ pub(crate) async fn run(
     }
 }
 
-async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Duration) -> bool {
+async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Duration) -> Delivery {
     let Some(first) = records.first() else {
-        return true;
+        return Delivery::Stored;
     };
     let rows: Vec<Row> = records
         .iter()
@@ -114,7 +132,7 @@ async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Durat
         })
         .collect();
     let Ok(body) = crate::batch::from_rows(&rows) else {
-        return false;
+        return Delivery::Refused;
     };
     let sent = client
         .post(format!("http://{}/api/v1/mqtt/append", first.addr))
@@ -128,16 +146,27 @@ async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Durat
         .send()
         .await;
     match sent {
-        Ok(r) if r.status().is_success() => true,
+        Ok(r) if r.status().is_success() => Delivery::Stored,
         Ok(r) => {
+            let status = r.status();
             tracing::warn!(
                 broker = first.broker,
                 stream = %first.stream,
                 shard = first.shard,
-                status = %r.status(),
+                %status,
                 "the owner refused MQTT records"
             );
-            false
+            // Not the owner (any more), busy, or not ready: the shard moves
+            // or the owner recovers. Anything else is this request's fault.
+            let for_now = status.is_server_error()
+                || status == reqwest::StatusCode::MISDIRECTED_REQUEST
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            if for_now {
+                Delivery::Failed
+            } else {
+                Delivery::Refused
+            }
         }
         Err(e) => {
             tracing::warn!(
@@ -146,7 +175,7 @@ async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Durat
                 shard = first.shard,
                 "MQTT records not sent to their shard's owner: {e}"
             );
-            false
+            Delivery::Failed
         }
     }
 }

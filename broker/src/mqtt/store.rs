@@ -23,7 +23,7 @@ use shoal_storage::{Header, Record as Row};
 
 use super::hub::{ClientId, Hub, Queued, SubOpts};
 use super::message::{Message, MessageProps};
-use super::remote_append::{RemoteAppender, RemoteRecord};
+use super::remote_append::{Delivery, RemoteAppender, RemoteRecord};
 use crate::Broker;
 use crate::error::{Error, Result};
 use crate::shard::Read;
@@ -95,6 +95,10 @@ pub(crate) struct SessionRecord {
     /// restored at start.
     #[serde(default)]
     pub holder: Option<u64>,
+    /// The sequence number of the session's first queued message: records
+    /// of a session this one replaced (Clean Start) have lower ones.
+    #[serde(default)]
+    pub first_seq: u64,
 }
 
 /// A session read back: its id, record and queued messages by sequence.
@@ -229,7 +233,7 @@ fn to_row(op: &Op, now_ms: i64, me: u64) -> Row {
                 .as_ref()
                 .and_then(|r| {
                     serde_json::to_vec(&SessionRecord {
-                        holder: Some(me),
+                        holder: r.holder.or(Some(me)),
                         ..r.clone()
                     })
                     .ok()
@@ -417,6 +421,8 @@ fn fold(latest: HashMap<Bytes, Row>, keep: impl Fn(&SessionRecord) -> bool) -> L
     let mut orphans = Vec::new();
     for (client, seq, item) in queued {
         match sessions.get_mut(&client) {
+            // Left by a session this one replaced: an orphan.
+            Some(s) if seq < s.0.first_seq => orphans.push((client, seq)),
             Some(s) => s.1.push((seq, item)),
             None if held_elsewhere.contains(&client) => {}
             // Its session's end was recorded but not the message's: it is
@@ -572,14 +578,16 @@ async fn write(broker: &Arc<Broker>, remote: &RemoteAppender, ops: &[Op]) -> Res
             let stream: Arc<str> = Arc::from(STREAM);
             for row in rows {
                 let (done, answer) = tokio::sync::oneshot::channel();
-                let queued = remote.send(RemoteRecord {
-                    broker: owner.id,
-                    addr: owner.http_addr.clone(),
-                    stream: stream.clone(),
-                    shard: index,
-                    row,
-                    done,
-                });
+                let queued = remote
+                    .send_waiting(RemoteRecord {
+                        broker: owner.id,
+                        addr: owner.http_addr.clone(),
+                        stream: stream.clone(),
+                        shard: index,
+                        row,
+                        done,
+                    })
+                    .await;
                 if !queued {
                     return Err(Error::Timeout);
                 }
@@ -599,11 +607,22 @@ async fn write(broker: &Arc<Broker>, remote: &RemoteAppender, ops: &[Op]) -> Res
     for w in waits {
         w.await?;
     }
+    let mut refused = 0;
     for answer in sent {
         // The sending task answers once its request has ended.
-        if answer.await != Ok(true) {
-            return Err(Error::Timeout);
+        match answer.await {
+            Ok(Delivery::Stored) => {}
+            // Sending them again would not help: like a change for a shard
+            // no one can take, it stays in memory only.
+            Ok(Delivery::Refused) => refused += 1,
+            Ok(Delivery::Failed) | Err(_) => return Err(Error::Timeout),
         }
+    }
+    if refused > 0 {
+        tracing::warn!(
+            changes = refused,
+            "MQTT session state refused by its shard's owner: kept in memory only"
+        );
     }
     Ok(())
 }
@@ -658,6 +677,7 @@ mod tests {
                 disconnected_ms: None,
                 username: None,
                 holder: None,
+                first_seq: 0,
             }),
         };
         let queued = |client: &str, seq: u64| Op::Queue {
@@ -692,15 +712,32 @@ mod tests {
             let row = to_row(&op, 0, writer);
             latest.insert(row.key.clone().unwrap(), row);
         }
+        // A session that replaced another of its id (Clean Start) starts
+        // above the records the other left.
+        let mut fresh = session("fresh");
+        if let Op::Session {
+            record: Some(r), ..
+        } = &mut fresh
+        {
+            r.first_seq = 100;
+        }
+        for op in [fresh, queued("fresh", 5), queued("fresh", 100)] {
+            let row = to_row(&op, 0, 1);
+            latest.insert(row.key.clone().unwrap(), row);
+        }
         let loaded = fold(latest, |rec| rec.holder != Some(2));
         let sessions: Vec<(&str, Option<u64>, usize)> = loaded
             .sessions
             .iter()
             .map(|(c, r, q)| (&**c, r.holder, q.len()))
             .collect();
-        assert_eq!(sessions, vec![("mine", Some(1), 1)]);
+        let mut sessions = sessions;
+        sessions.sort();
+        assert_eq!(sessions, vec![("fresh", Some(1), 1), ("mine", Some(1), 1)]);
         // The other broker's queued message is not an orphan to delete.
-        let orphans: Vec<(&str, u64)> = loaded.orphans.iter().map(|(c, s)| (&**c, *s)).collect();
-        assert_eq!(orphans, vec![("ended", 2)]);
+        let mut orphans: Vec<(&str, u64)> =
+            loaded.orphans.iter().map(|(c, s)| (&**c, *s)).collect();
+        orphans.sort();
+        assert_eq!(orphans, vec![("ended", 2), ("fresh", 5)]);
     }
 }
