@@ -202,7 +202,7 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
         if !mqtt.hub.reserve_stored(client, me, crate::broker::now_ms()) {
             return Asked::Unavailable;
         }
-        let found = stored_session(&mqtt.broker, client, username).await;
+        let found = stored_session(&mqtt.broker, Some(&mqtt.state_index), client, username).await;
         if !matches!(found, Ok(Some(_))) {
             mqtt.hub.unreserve_stored(client);
         }
@@ -290,10 +290,11 @@ fn state_owner(mqtt: &Mqtt, client: &str) -> Option<shoal_placement::BrokerInfo>
 /// `Err(Some(OtherUser))`: another user's; `Err(None)`: not readable now.
 pub(crate) async fn stored_session(
     broker: &Arc<crate::Broker>,
+    index: Option<&super::store::StateIndex>,
     client: &str,
     username: Option<&str>,
 ) -> Result<Option<Handover>, Option<OtherUser>> {
-    let loaded = super::store::load_session(broker, client)
+    let loaded = super::store::load_session(broker, index, client)
         .await
         .map_err(|e| {
             tracing::warn!(client, "reading a stored MQTT session: {e}");

@@ -209,6 +209,20 @@ async fn append(
             format!("no MQTT persistence rule maps to stream {}", to.stream),
         );
     }
+    if to.stream == super::store::STREAM
+        && let Some(m) = &st.mqtt
+    {
+        // Noted first: the index may name a client too many, never miss one.
+        let rows = crate::batch::split(body.clone())
+            .map(|bs| {
+                bs.iter()
+                    .filter_map(|b| crate::batch::to_rows(b).ok())
+                    .flatten()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        m.state_index.note(to.shard, &rows);
+    }
     match super::persist::append_for_peer(&st.broker, &to.stream, to.shard, body, timeout).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e @ (crate::Error::NotLeader { .. } | crate::Error::UnknownShard { .. })) => {
@@ -290,8 +304,10 @@ async fn stored(
             );
         }
     }
+    let index = st.mqtt.as_ref().map(|m| &*m.state_index);
     let found =
-        super::handover::stored_session(&st.broker, &req.client, req.username.as_deref()).await;
+        super::handover::stored_session(&st.broker, index, &req.client, req.username.as_deref())
+            .await;
     if !matches!(found, Ok(Some(_)))
         && let Some(m) = &st.mqtt
     {

@@ -85,6 +85,8 @@ pub struct Mqtt {
     pub(crate) broker: Arc<Broker>,
     /// For asking the other brokers (sessions, retained messages).
     pub(crate) peers: reqwest::Client,
+    /// Which clients have records in the state shards this broker owns.
+    pub(crate) state_index: Arc<store::StateIndex>,
     /// Persisted publishes for shards other brokers own, and the queue
     /// [`Mqtt::run`] drains.
     pub(crate) remote: Arc<remote_append::RemoteAppender>,
@@ -98,6 +100,7 @@ impl Mqtt {
     pub fn new(broker: Arc<Broker>, settings: Settings, access: Access) -> Arc<Self> {
         let (remote, remote_queue) = remote_append::RemoteAppender::new();
         Arc::new(Mqtt {
+            state_index: Arc::default(),
             remote: Arc::new(remote),
             remote_queue: parking_lot::Mutex::new(Some(remote_queue)),
             hub: Arc::new(hub::Hub::with_routes(
@@ -208,6 +211,7 @@ impl Mqtt {
             self.broker.clone(),
             self.hub.clone(),
             self.remote.clone(),
+            self.state_index.clone(),
             shutdown.clone(),
         ));
         let me = Arc::downgrade(&self);
@@ -260,6 +264,9 @@ impl Mqtt {
             {
                 tokio::spawn(self.clone().take_over_sessions());
             }
+            if now_shards != state_shards {
+                self.state_index.retain_owned(&now_shards);
+            }
             live = now_live;
             state_shards = now_shards;
             // Rules change rarely; once a second is soon enough.
@@ -293,7 +300,7 @@ impl Mqtt {
     /// Hold the sessions whose broker is gone and whose records are in the
     /// state shards this broker owns.
     async fn take_over_sessions(self: Arc<Self>) {
-        match store::load_left_behind(&self.broker).await {
+        match store::load_left_behind(&self.broker, &self.state_index).await {
             Ok(sessions) if sessions.is_empty() => {}
             Ok(sessions) => {
                 let n = self.hub.take_over(sessions, crate::broker::now_ms());
@@ -306,7 +313,7 @@ impl Mqtt {
     /// Read persistent sessions and retained messages back from the log,
     /// and keep them there from now on. Before any client connects.
     pub async fn open_state(&self) -> crate::Result<()> {
-        let loaded = store::load(&self.broker).await?;
+        let loaded = store::load(&self.broker, &self.state_index).await?;
         tracing::info!(
             sessions = loaded.sessions.len(),
             retained = loaded.retained.len(),

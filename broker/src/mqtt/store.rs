@@ -113,6 +113,100 @@ pub(crate) struct Loaded {
     pub orphans: Vec<(ClientId, u64)>,
 }
 
+/// Which clients have a session record in the state shards this broker
+/// owns, so that looking up a client without one does not read a whole
+/// shard. A shard is covered from the moment it starts being read (changes
+/// appended meanwhile are noted) and answers once the read is merged; it
+/// may name a client whose record is gone (then the shard is read), never
+/// miss one.
+#[derive(Default)]
+pub(crate) struct StateIndex {
+    /// Shard -> (read merged, clients with a record).
+    shards: parking_lot::Mutex<HashMap<i32, (bool, std::collections::HashSet<ClientId>)>>,
+}
+
+impl StateIndex {
+    /// These shards are about to be read in full; others are dropped (not
+    /// owned any more: their changes are not seen here).
+    pub(crate) fn begin(&self, owned: &[i32]) {
+        let mut shards = self.shards.lock();
+        shards.retain(|s, _| owned.contains(s));
+        for s in owned {
+            shards.entry(*s).or_default();
+        }
+    }
+
+    /// Only these shards are owned now: the others' entries go (a shard
+    /// owned again is read again before it answers).
+    pub(crate) fn retain_owned(&self, owned: &[i32]) {
+        self.shards.lock().retain(|s, _| owned.contains(s));
+    }
+
+    /// Records appended to `shard`.
+    pub(crate) fn note(&self, shard: i32, rows: &[Row]) {
+        let mut shards = self.shards.lock();
+        let Some((_, clients)) = shards.get_mut(&shard) else {
+            return;
+        };
+        for r in rows {
+            let Some(client) = r
+                .key
+                .as_deref()
+                .and_then(|k| k.strip_prefix(b"s/"))
+                .and_then(|c| std::str::from_utf8(c).ok())
+            else {
+                continue;
+            };
+            if r.value.is_some() {
+                clients.insert(Arc::from(client));
+            } else {
+                clients.remove(client);
+            }
+        }
+    }
+
+    /// A full read of the owned shards found these clients' records.
+    pub(crate) fn merge(&self, partitions: i32, found: &[ClientId]) {
+        let mut shards = self.shards.lock();
+        for c in found {
+            let shard = super::persist::partition_for(c.as_bytes(), partitions);
+            if let Some((_, clients)) = shards.get_mut(&shard) {
+                clients.insert(c.clone());
+            }
+        }
+        for (read, _) in shards.values_mut() {
+            *read = true;
+        }
+    }
+
+    /// Might `shard` hold a record of `client`'s session?
+    pub(crate) fn may_have(&self, shard: i32, client: &str) -> bool {
+        match self.shards.lock().get(&shard) {
+            Some((true, clients)) => clients.contains(client),
+            _ => true,
+        }
+    }
+}
+
+/// The clients with a session record among the newest records.
+fn stored_clients(latest: &HashMap<Bytes, Row>) -> Vec<ClientId> {
+    latest
+        .iter()
+        .filter(|(_, r)| r.value.is_some())
+        .filter_map(|(k, _)| k.strip_prefix(b"s/"))
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .map(Arc::from)
+        .collect()
+}
+
+/// The state shards this broker owns.
+pub(crate) fn owned_shards(broker: &Broker) -> Vec<i32> {
+    broker
+        .stream(STREAM)
+        .map(|s| s.owned().map(|l| l.shard).collect())
+        .unwrap_or_default()
+}
+
 fn route_key(op: &Op) -> &[u8] {
     match op {
         Op::Session { client, .. } | Op::Queue { client, .. } => client.as_bytes(),
@@ -343,10 +437,11 @@ async fn read_all(broker: &Broker, log: &crate::shard::ShardLog) -> Result<Vec<R
 }
 
 /// Read the durable state back (the shards this broker owns).
-pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
+pub(crate) async fn load(broker: &Arc<Broker>, index: &StateIndex) -> Result<Loaded> {
     let Some(s) = broker.stream(STREAM) else {
         return Ok(Loaded::default());
     };
+    index.begin(&owned_shards(broker));
     // Newest value per key; a null value deletes.
     let mut latest: HashMap<Bytes, Row> = HashMap::new();
     for log in s.owned() {
@@ -356,6 +451,7 @@ pub(crate) async fn load(broker: &Arc<Broker>) -> Result<Loaded> {
             }
         }
     }
+    index.merge(s.partition_count(), &stored_clients(&latest));
     let me = broker.config.broker_id;
     let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
     Ok(fold(latest, |rec| {
@@ -445,10 +541,14 @@ fn fold(latest: HashMap<Bytes, Row>, keep: impl Fn(&SessionRecord) -> bool) -> L
 
 /// The sessions whose broker is gone, as the shards this broker owns have
 /// them (it takes them over, so that their messages are queued).
-pub(crate) async fn load_left_behind(broker: &Arc<Broker>) -> Result<Vec<LoadedSession>> {
+pub(crate) async fn load_left_behind(
+    broker: &Arc<Broker>,
+    index: &StateIndex,
+) -> Result<Vec<LoadedSession>> {
     let Some(s) = broker.stream(STREAM) else {
         return Ok(Vec::new());
     };
+    index.begin(&owned_shards(broker));
     let mut latest: HashMap<Bytes, Row> = HashMap::new();
     for log in s.owned() {
         for r in read_all(broker, log).await? {
@@ -457,6 +557,7 @@ pub(crate) async fn load_left_behind(broker: &Arc<Broker>) -> Result<Vec<LoadedS
             }
         }
     }
+    index.merge(s.partition_count(), &stored_clients(&latest));
     let me = broker.config.broker_id;
     let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
     Ok(fold(latest, |rec| {
@@ -470,6 +571,7 @@ pub(crate) async fn load_left_behind(broker: &Arc<Broker>) -> Result<Vec<LoadedS
 /// broker is gone). Reads the whole shard: a rare path, after a crash.
 pub(crate) async fn load_session(
     broker: &Arc<Broker>,
+    state_index: Option<&StateIndex>,
     client: &str,
 ) -> Result<Option<LoadedSession>> {
     let Some(s) = broker.stream(STREAM) else {
@@ -477,6 +579,9 @@ pub(crate) async fn load_session(
     };
     let index = super::persist::partition_for(client.as_bytes(), s.partition_count());
     let log = s.shard(index).ok_or_else(|| s.not_here(index))?;
+    if state_index.is_some_and(|i| !i.may_have(index, client)) {
+        return Ok(None);
+    }
     let session_key = format!("s/{client}");
     let queue_prefix = format!("q/{client}/");
     let mut latest: HashMap<Bytes, Row> = HashMap::new();
@@ -496,6 +601,7 @@ pub(crate) async fn run(
     broker: Arc<Broker>,
     hub: Arc<Hub>,
     remote: Arc<RemoteAppender>,
+    index: Arc<StateIndex>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -509,7 +615,7 @@ pub(crate) async fn run(
             continue;
         }
         loop {
-            match write(&broker, &remote, &ops).await {
+            match write(&broker, &remote, &index, &ops).await {
                 Ok(()) => break,
                 Err(
                     e @ (Error::Backpressure { .. }
@@ -538,7 +644,12 @@ pub(crate) async fn run(
     }
 }
 
-async fn write(broker: &Arc<Broker>, remote: &RemoteAppender, ops: &[Op]) -> Result<()> {
+async fn write(
+    broker: &Arc<Broker>,
+    remote: &RemoteAppender,
+    state_index: &StateIndex,
+    ops: &[Op],
+) -> Result<()> {
     if !broker.lease_valid() {
         // Cut off from placement: its shards may be another's already. The
         // writer tries again; acknowledgements wait (up to their timeout).
@@ -595,6 +706,8 @@ async fn write(broker: &Arc<Broker>, remote: &RemoteAppender, ops: &[Op]) -> Res
             }
             continue;
         };
+        // Noted first: the index may name a client too many, never miss one.
+        state_index.note(shard.shard, &rows);
         let batch = crate::batch::from_rows(&rows)?;
         let accepted = crate::log::append(broker, shard, batch, true)?;
         waits.push(crate::log::wait(
@@ -739,5 +852,38 @@ mod tests {
             loaded.orphans.iter().map(|(c, s)| (&**c, *s)).collect();
         orphans.sort();
         assert_eq!(orphans, vec![("ended", 2), ("fresh", 5)]);
+    }
+
+    #[test]
+    fn the_state_index_never_misses_a_stored_session() {
+        let idx = StateIndex::default();
+        let shard = |c: &str| super::super::persist::partition_for(c.as_bytes(), 4);
+        let row = |c: &str, live: bool| Row {
+            offset: 0,
+            timestamp_ms: 0,
+            key: Some(Bytes::from(format!("s/{c}"))),
+            value: live.then(|| Bytes::from_static(b"{}")),
+            headers: Vec::new(),
+            producer_id: None,
+            producer_epoch: None,
+            sequence: None,
+        };
+        let all = [0, 1, 2, 3];
+        // Not read yet: every lookup has to read the shard.
+        assert!(idx.may_have(shard("a"), "a"));
+        idx.begin(&all);
+        assert!(idx.may_have(shard("a"), "a"));
+        // Appended while the read runs, then the read merged.
+        idx.note(shard("b"), &[row("b", true)]);
+        idx.merge(4, &[Arc::from("a")]);
+        assert!(idx.may_have(shard("a"), "a"));
+        assert!(idx.may_have(shard("b"), "b"));
+        assert!(!idx.may_have(shard("c"), "c"));
+        idx.note(shard("a"), &[row("a", false)]);
+        assert!(!idx.may_have(shard("a"), "a"));
+        // A shard no longer owned forgets, and is read again if it returns.
+        let others: Vec<i32> = all.iter().copied().filter(|&s| s != shard("b")).collect();
+        idx.retain_owned(&others);
+        assert!(idx.may_have(shard("b"), "zzz"));
     }
 }
