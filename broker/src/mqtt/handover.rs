@@ -22,7 +22,11 @@ use super::message::Message;
 use super::store::{SessionRecord, message_from, message_headers};
 
 /// How long a connecting client waits for the other brokers' answers.
-const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a broker handing a session over waits for the record naming
+/// the new holder (well within [`ASK_TIMEOUT`]).
+pub(crate) const HANDOVER_DURABLE: Duration = Duration::from_secs(2);
 
 /// The body of a takeover request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -199,12 +203,16 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
     };
     let me = mqtt.broker.config.broker_id;
     if owner.id == me {
-        if !mqtt.hub.reserve_stored(client, me, crate::broker::now_ms()) {
+        let live: Vec<u64> = mqtt.broker.live_brokers().iter().map(|b| b.id).collect();
+        if !mqtt
+            .hub
+            .reserve_stored(client, me, &live, crate::broker::now_ms())
+        {
             return Asked::Unavailable;
         }
         let found = stored_session(&mqtt.broker, Some(&mqtt.state_index), client, username).await;
         if !matches!(found, Ok(Some(_))) {
-            mqtt.hub.unreserve_stored(client);
+            mqtt.hub.unreserve_stored(client, me);
         }
         return match found {
             Ok(Some(h)) => {

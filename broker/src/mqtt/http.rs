@@ -221,7 +221,13 @@ async fn append(
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        m.state_index.note(to.shard, &rows);
+        let epoch = st
+            .broker
+            .stream(super::store::STREAM)
+            .and_then(|s| s.shard(to.shard).map(|l| l.epoch()));
+        if let Some(epoch) = epoch {
+            m.state_index.note(to.shard, epoch, &rows);
+        }
     }
     match super::persist::append_for_peer(&st.broker, &to.stream, to.shard, body, timeout).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -261,16 +267,27 @@ async fn takeover(
         Ok(Some(_)) if req.discard => StatusCode::NO_CONTENT.into_response(),
         Ok(Some(h)) => {
             let mark = m.hub.op_mark();
-            let wait = std::time::Duration::from_secs(2);
-            if tokio::time::timeout(wait, m.hub.wait_durable(mark))
-                .await
-                .is_err()
-            {
-                tracing::warn!(client = %req.client, "a handed-over MQTT session's record is not durable yet");
-            }
-            match super::handover::encode(&h) {
-                Ok(body) => body.into_response(),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            let durable =
+                tokio::time::timeout(super::handover::HANDOVER_DURABLE, m.hub.wait_durable(mark))
+                    .await
+                    .is_ok();
+            let body = if durable {
+                super::handover::encode(&h).ok()
+            } else {
+                None
+            };
+            match body {
+                Some(body) => body.into_response(),
+                None => {
+                    // Its writes might land after the new holder's: the
+                    // session stays here, and the client tries again.
+                    tracing::warn!(client = %req.client, "an MQTT session handover was called off: its state is not durable yet");
+                    m.hub.take_back(&req.client, h, crate::broker::now_ms());
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the session's state is not durable yet",
+                    )
+                }
             }
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such session"),
@@ -295,8 +312,9 @@ async fn stored(
             return takeover(State(st), Json(req)).await;
         }
         // One broker at a time gets a session from the stream.
+        let live: Vec<u64> = st.broker.live_brokers().iter().map(|b| b.id).collect();
         if let Some(asker) = req.asker
-            && !m.hub.reserve_stored(&req.client, asker, now)
+            && !m.hub.reserve_stored(&req.client, asker, &live, now)
         {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -310,8 +328,9 @@ async fn stored(
             .await;
     if !matches!(found, Ok(Some(_)))
         && let Some(m) = &st.mqtt
+        && let Some(asker) = req.asker
     {
-        m.hub.unreserve_stored(&req.client);
+        m.hub.unreserve_stored(&req.client, asker);
     }
     match found {
         Ok(Some(h)) => match super::handover::encode(&h) {

@@ -250,7 +250,7 @@ impl Dropped {
 }
 
 /// How long a session read from the state stream for a broker is its own.
-const RELEASE_MS: i64 = 60_000;
+const RELEASE_MS: i64 = 10_000;
 
 /// Appends a will to the stream its topic is mapped to.
 pub(crate) type WillSink = Box<dyn Fn(&str, &Message) + std::marker::Send + Sync>;
@@ -677,7 +677,7 @@ impl Hub {
         remove_subscriptions(&mut st, &gone);
         if ending {
             forget_queue(&mut st, &gone);
-        } else if gone.persistent() {
+        } else if gone.persistent() && new_holder.is_some() {
             let op = Op::Session {
                 client: gone.client_id.clone(),
                 record: Some(SessionRecord {
@@ -778,12 +778,16 @@ impl Hub {
     }
 
     /// Reserve `client`'s session, about to be read from the state stream,
-    /// for broker `to`; false if it went to another broker lately.
-    pub(crate) fn reserve_stored(&self, client: &str, to: u64, now_ms: i64) -> bool {
+    /// for broker `to`; false if it went to another broker (one of `live`)
+    /// lately.
+    pub(crate) fn reserve_stored(&self, client: &str, to: u64, live: &[u64], now_ms: i64) -> bool {
         let mut st = self.state.lock();
-        st.released.retain(|_, (_, t)| *t > now_ms - RELEASE_MS);
         match st.released.get(client) {
-            Some((other, _)) if *other != to => false,
+            Some((other, t))
+                if *other != to && *t > now_ms - RELEASE_MS && live.contains(other) =>
+            {
+                false
+            }
             _ => {
                 st.released.insert(Arc::from(client), (to, now_ms));
                 true
@@ -793,8 +797,17 @@ impl Hub {
 
     /// The session reserved by [`Hub::reserve_stored`] was not given out
     /// after all.
-    pub(crate) fn unreserve_stored(&self, client: &str) {
-        self.state.lock().released.remove(client);
+    pub(crate) fn unreserve_stored(&self, client: &str, to: u64) {
+        let mut st = self.state.lock();
+        if st.released.get(client).is_some_and(|(b, _)| *b == to) {
+            st.released.remove(client);
+        }
+    }
+
+    /// Take back a session handed over whose new broker could not be told
+    /// in time (see [`Hub::hand_over`]).
+    pub(crate) fn take_back(&self, client: &str, h: Handover, now_ms: i64) {
+        self.adopt(Arc::from(client), h, now_ms);
     }
 
     /// Every retained message (for a broker that starts beside this one).
@@ -968,6 +981,7 @@ impl Hub {
     pub(crate) fn tick(&self, now_ms: i64) {
         let mut due = Vec::new();
         let mut st = self.state.lock();
+        st.released.retain(|_, (_, t)| *t > now_ms - RELEASE_MS);
         let mut expired = Vec::new();
         for s in st.sessions.values_mut() {
             if s.link.is_some() {

@@ -264,9 +264,6 @@ impl Mqtt {
             {
                 tokio::spawn(self.clone().take_over_sessions());
             }
-            if now_shards != state_shards {
-                self.state_index.retain_owned(&now_shards);
-            }
             live = now_live;
             state_shards = now_shards;
             // Rules change rarely; once a second is soon enough.
@@ -289,12 +286,10 @@ impl Mqtt {
         }
     }
 
-    /// The state stream's shards this broker owns.
-    fn state_shards(&self) -> Vec<i32> {
-        self.broker
-            .stream(store::STREAM)
-            .map(|s| s.owned().map(|l| l.shard).collect())
-            .unwrap_or_default()
+    /// The state stream's shards this broker owns, with their epochs (a
+    /// shard lost and owned again between two looks counts as new).
+    fn state_shards(&self) -> Vec<(i32, u64)> {
+        store::owned_shards(&self.broker)
     }
 
     /// Hold the sessions whose broker is gone and whose records are in the

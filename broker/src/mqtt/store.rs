@@ -115,39 +115,52 @@ pub(crate) struct Loaded {
 
 /// Which clients have a session record in the state shards this broker
 /// owns, so that looking up a client without one does not read a whole
-/// shard. A shard is covered from the moment it starts being read (changes
-/// appended meanwhile are noted) and answers once the read is merged; it
-/// may name a client whose record is gone (then the shard is read), never
-/// miss one.
+/// shard. Each entry belongs to one lease of its shard (its epoch): it
+/// answers only for that lease, once a full read made under it is merged,
+/// and notes the records appended meanwhile. It may name a client whose
+/// record is gone (then the shard is read), never miss one.
 #[derive(Default)]
 pub(crate) struct StateIndex {
-    /// Shard -> (read merged, clients with a record).
-    shards: parking_lot::Mutex<HashMap<i32, (bool, std::collections::HashSet<ClientId>)>>,
+    shards: parking_lot::Mutex<HashMap<i32, IndexEntry>>,
 }
 
+#[derive(Default)]
+struct IndexEntry {
+    epoch: u64,
+    /// A full read under this epoch was merged.
+    read: bool,
+    clients: std::collections::HashSet<ClientId>,
+}
+
+/// The shards (and their epochs) one full read covers.
+pub(crate) type ReadToken = Vec<(i32, u64)>;
+
 impl StateIndex {
-    /// These shards are about to be read in full; others are dropped (not
-    /// owned any more: their changes are not seen here).
-    pub(crate) fn begin(&self, owned: &[i32]) {
+    /// These shard leases are about to be read in full: entries of other
+    /// shards or older leases go.
+    pub(crate) fn begin(&self, owned: &[(i32, u64)]) -> ReadToken {
         let mut shards = self.shards.lock();
-        shards.retain(|s, _| owned.contains(s));
-        for s in owned {
-            shards.entry(*s).or_default();
+        shards.retain(|s, e| owned.contains(&(*s, e.epoch)));
+        for &(s, epoch) in owned {
+            shards.entry(s).or_insert_with(|| IndexEntry {
+                epoch,
+                ..IndexEntry::default()
+            });
         }
+        owned.to_vec()
     }
 
-    /// Only these shards are owned now: the others' entries go (a shard
-    /// owned again is read again before it answers).
-    pub(crate) fn retain_owned(&self, owned: &[i32]) {
-        self.shards.lock().retain(|s, _| owned.contains(s));
-    }
-
-    /// Records appended to `shard`.
-    pub(crate) fn note(&self, shard: i32, rows: &[Row]) {
+    /// Records appended to `shard` under lease `epoch`.
+    pub(crate) fn note(&self, shard: i32, epoch: u64, rows: &[Row]) {
         let mut shards = self.shards.lock();
-        let Some((_, clients)) = shards.get_mut(&shard) else {
-            return;
-        };
+        let e = shards.entry(shard).or_default();
+        if e.epoch != epoch {
+            // A new lease: what was known goes with the old one.
+            *e = IndexEntry {
+                epoch,
+                ..IndexEntry::default()
+            };
+        }
         for r in rows {
             let Some(client) = r
                 .key
@@ -158,31 +171,38 @@ impl StateIndex {
                 continue;
             };
             if r.value.is_some() {
-                clients.insert(Arc::from(client));
+                e.clients.insert(Arc::from(client));
             } else {
-                clients.remove(client);
+                e.clients.remove(client);
             }
         }
     }
 
-    /// A full read of the owned shards found these clients' records.
-    pub(crate) fn merge(&self, partitions: i32, found: &[ClientId]) {
+    /// The read begun with `token` found these clients' records.
+    pub(crate) fn merge(&self, token: &ReadToken, partitions: i32, found: &[ClientId]) {
         let mut shards = self.shards.lock();
         for c in found {
             let shard = super::persist::partition_for(c.as_bytes(), partitions);
-            if let Some((_, clients)) = shards.get_mut(&shard) {
-                clients.insert(c.clone());
+            if let Some(e) = shards.get_mut(&shard)
+                && token.contains(&(shard, e.epoch))
+            {
+                e.clients.insert(c.clone());
             }
         }
-        for (read, _) in shards.values_mut() {
-            *read = true;
+        for (s, epoch) in token {
+            if let Some(e) = shards.get_mut(s)
+                && e.epoch == *epoch
+            {
+                e.read = true;
+            }
         }
     }
 
-    /// Might `shard` hold a record of `client`'s session?
-    pub(crate) fn may_have(&self, shard: i32, client: &str) -> bool {
+    /// Might `shard`, under lease `epoch`, hold a record of `client`'s
+    /// session?
+    pub(crate) fn may_have(&self, shard: i32, epoch: u64, client: &str) -> bool {
         match self.shards.lock().get(&shard) {
-            Some((true, clients)) => clients.contains(client),
+            Some(e) if e.read && e.epoch == epoch => e.clients.contains(client),
             _ => true,
         }
     }
@@ -199,12 +219,37 @@ fn stored_clients(latest: &HashMap<Bytes, Row>) -> Vec<ClientId> {
         .collect()
 }
 
-/// The state shards this broker owns.
-pub(crate) fn owned_shards(broker: &Broker) -> Vec<i32> {
+/// The state shards this broker owns, with their lease epochs.
+pub(crate) fn owned_shards(broker: &Broker) -> Vec<(i32, u64)> {
     broker
         .stream(STREAM)
-        .map(|s| s.owned().map(|l| l.shard).collect())
+        .map(|s| s.owned().map(|l| (l.shard, l.epoch())).collect())
         .unwrap_or_default()
+}
+
+/// The newest record per key of the state shards this broker owns, read
+/// in full (and merged into the index).
+async fn read_owned(broker: &Arc<Broker>, index: &StateIndex) -> Result<HashMap<Bytes, Row>> {
+    let mut latest: HashMap<Bytes, Row> = HashMap::new();
+    let Some(s) = broker.stream(STREAM) else {
+        return Ok(latest);
+    };
+    let logs: Vec<_> = s.owned().cloned().collect();
+    let token = index.begin(
+        &logs
+            .iter()
+            .map(|l| (l.shard, l.epoch()))
+            .collect::<Vec<_>>(),
+    );
+    for log in &logs {
+        for r in read_all(broker, log).await? {
+            if let Some(k) = r.key.clone() {
+                latest.insert(k, r);
+            }
+        }
+    }
+    index.merge(&token, s.partition_count(), &stored_clients(&latest));
+    Ok(latest)
 }
 
 fn route_key(op: &Op) -> &[u8] {
@@ -438,20 +483,8 @@ async fn read_all(broker: &Broker, log: &crate::shard::ShardLog) -> Result<Vec<R
 
 /// Read the durable state back (the shards this broker owns).
 pub(crate) async fn load(broker: &Arc<Broker>, index: &StateIndex) -> Result<Loaded> {
-    let Some(s) = broker.stream(STREAM) else {
-        return Ok(Loaded::default());
-    };
-    index.begin(&owned_shards(broker));
     // Newest value per key; a null value deletes.
-    let mut latest: HashMap<Bytes, Row> = HashMap::new();
-    for log in s.owned() {
-        for r in read_all(broker, log).await? {
-            if let Some(k) = r.key.clone() {
-                latest.insert(k, r);
-            }
-        }
-    }
-    index.merge(s.partition_count(), &stored_clients(&latest));
+    let latest = read_owned(broker, index).await?;
     let me = broker.config.broker_id;
     let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
     Ok(fold(latest, |rec| {
@@ -545,19 +578,7 @@ pub(crate) async fn load_left_behind(
     broker: &Arc<Broker>,
     index: &StateIndex,
 ) -> Result<Vec<LoadedSession>> {
-    let Some(s) = broker.stream(STREAM) else {
-        return Ok(Vec::new());
-    };
-    index.begin(&owned_shards(broker));
-    let mut latest: HashMap<Bytes, Row> = HashMap::new();
-    for log in s.owned() {
-        for r in read_all(broker, log).await? {
-            if let Some(k) = r.key.clone() {
-                latest.insert(k, r);
-            }
-        }
-    }
-    index.merge(s.partition_count(), &stored_clients(&latest));
+    let latest = read_owned(broker, index).await?;
     let me = broker.config.broker_id;
     let live: Vec<u64> = broker.live_brokers().iter().map(|b| b.id).collect();
     Ok(fold(latest, |rec| {
@@ -579,7 +600,7 @@ pub(crate) async fn load_session(
     };
     let index = super::persist::partition_for(client.as_bytes(), s.partition_count());
     let log = s.shard(index).ok_or_else(|| s.not_here(index))?;
-    if state_index.is_some_and(|i| !i.may_have(index, client)) {
+    if state_index.is_some_and(|i| !i.may_have(index, log.epoch(), client)) {
         return Ok(None);
     }
     let session_key = format!("s/{client}");
@@ -707,7 +728,7 @@ async fn write(
             continue;
         };
         // Noted first: the index may name a client too many, never miss one.
-        state_index.note(shard.shard, &rows);
+        state_index.note(shard.shard, shard.epoch(), &rows);
         let batch = crate::batch::from_rows(&rows)?;
         let accepted = crate::log::append(broker, shard, batch, true)?;
         waits.push(crate::log::wait(
@@ -868,22 +889,30 @@ mod tests {
             producer_epoch: None,
             sequence: None,
         };
-        let all = [0, 1, 2, 3];
+        let (a, b) = (shard("a"), shard("b"));
+        let all: Vec<(i32, u64)> = (0..4).map(|s| (s, 1)).collect();
         // Not read yet: every lookup has to read the shard.
-        assert!(idx.may_have(shard("a"), "a"));
-        idx.begin(&all);
-        assert!(idx.may_have(shard("a"), "a"));
+        assert!(idx.may_have(a, 1, "a"));
+        let token = idx.begin(&all);
+        assert!(idx.may_have(a, 1, "a"));
         // Appended while the read runs, then the read merged.
-        idx.note(shard("b"), &[row("b", true)]);
-        idx.merge(4, &[Arc::from("a")]);
-        assert!(idx.may_have(shard("a"), "a"));
-        assert!(idx.may_have(shard("b"), "b"));
-        assert!(!idx.may_have(shard("c"), "c"));
-        idx.note(shard("a"), &[row("a", false)]);
-        assert!(!idx.may_have(shard("a"), "a"));
-        // A shard no longer owned forgets, and is read again if it returns.
-        let others: Vec<i32> = all.iter().copied().filter(|&s| s != shard("b")).collect();
-        idx.retain_owned(&others);
-        assert!(idx.may_have(shard("b"), "zzz"));
+        idx.note(b, 1, &[row("b", true)]);
+        idx.merge(&token, 4, &[Arc::from("a")]);
+        assert!(idx.may_have(a, 1, "a") && idx.may_have(b, 1, "b"));
+        assert!(idx.may_have(a, 1, "b") == (a == b));
+        idx.note(a, 1, &[row("a", false)]);
+        assert!(!idx.may_have(a, 1, "a"));
+        // Another lease of the shard: unknown until read under it, and a
+        // read begun under the old lease does not make it known.
+        let old = idx.begin(&all);
+        idx.note(a, 2, &[row("x", true)]);
+        assert!(idx.may_have(a, 2, "zzz"));
+        idx.merge(&old, 4, &[]);
+        assert!(idx.may_have(a, 2, "zzz"));
+        let mut now = all.clone();
+        now[usize::try_from(a).unwrap()].1 = 2;
+        let token = idx.begin(&now);
+        idx.merge(&token, 4, &[]);
+        assert!(idx.may_have(a, 2, "x") && !idx.may_have(a, 2, "zzz"));
     }
 }
