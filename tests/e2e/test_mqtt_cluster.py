@@ -45,17 +45,25 @@ def mqtt_cluster(tmp_path, request):
         c.cleanup()
 
 
-def probe_until_received(pub: Mq, sub: Mq, topic: str, what: str, timeout: float = 20.0) -> None:
-    """Publish QoS 0 probes until `sub` gets one: the routes have arrived."""
+def probe_until(pub: Mq, topic: str, done, what: str, qos: int = 0,
+                timeout: float = 20.0) -> int:
+    """Publish numbered probes to `topic` until `done()`: the routes have
+    arrived. Returns how many were sent."""
     n = 0
 
-    def got() -> bool:
+    def sent_and_done() -> bool:
         nonlocal n
         n += 1
-        pub.publish(topic, f"probe-{n}".encode(), qos=0)
-        return bool(sub.received(topic))
+        assert pub.publish(topic, f"probe-{n}".encode(), qos=qos) == 0
+        return bool(done())
 
-    until(got, what, timeout=timeout)
+    wait_for(sent_and_done, timeout, what, interval=0.05 if qos == 0 else 0.2)
+    return n
+
+
+def probe_until_received(pub: Mq, sub: Mq, topic: str, what: str, timeout: float = 20.0) -> None:
+    """Publish QoS 0 probes until `sub` gets one."""
+    probe_until(pub, topic, lambda: sub.received(topic), what, timeout=timeout)
 
 
 def test_a_subscriber_on_one_broker_gets_a_publish_on_another(mqtt_cluster):
@@ -96,15 +104,9 @@ def test_shared_subscription_balances_across_brokers_and_survives_a_kill(mqtt_cl
     pub.connected()
 
     # Both members' routes known on broker 3: each has received a probe.
-    n = 0
-
-    def both_reached() -> bool:
-        nonlocal n
-        n += 1
-        pub.publish("sh/probe", f"p{n}".encode(), qos=0)
-        return bool(m1.received("sh/probe")) and bool(m2.received("sh/probe"))
-
-    until(both_reached, "both group members to get probes", timeout=20)
+    n = probe_until(pub, "sh/probe",
+                    lambda: m1.received("sh/probe") and m2.received("sh/probe"),
+                    "both group members to get probes")
     probes = len(m1.received("sh/probe")) + len(m2.received("sh/probe"))
     assert probes <= n  # never one probe to both members
 
@@ -407,14 +409,10 @@ def test_a_persistent_session_survives_the_crash_of_its_broker(mqtt_cluster):
         assert mqtt_clients(c.broker(held[cid][0]))[cid]["queued"] == 5
     pub3 = client(3)
     pub3.connected()
-    n = 0
-
-    def routed() -> bool:
-        nonlocal n
-        n += 1
-        assert pub3.publish("crash/probe", f"p{n}".encode(), qos=1) == 0
-        return all(mqtt_clients(c.broker(held[cid][0]))[cid]["queued"] > 5 for cid in cids)
-    wait_for(routed, 20, "publishes on broker 3 to reach the sessions", interval=0.2)
+    probe_until(pub3, "crash/probe",
+                lambda: all(mqtt_clients(c.broker(held[cid][0]))[cid]["queued"] > 5
+                            for cid in cids),
+                "publishes on broker 3 to reach the sessions", qos=1)
     assert pub3.publish("crash/data", b"late", qos=1) == 0
 
     # The clients come back on broker 2.

@@ -19,7 +19,7 @@ use shoal_storage::{Header, Record as Row};
 use super::Mqtt;
 use super::hub::{Handover, OtherUser, OutState, Outgoing, Queued};
 use super::message::Message;
-use super::store::{SessionRecord, message_from, message_headers};
+use super::store::{SessionRecord, keyed_row, message_from, message_headers};
 
 /// How long a connecting client waits for the other brokers' answers.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,13 +54,7 @@ struct Head {
 fn row(offset: i64, key: String, value: Option<Bytes>, headers: Vec<Header>) -> Row {
     Row {
         offset,
-        timestamp_ms: 0,
-        key: Some(Bytes::from(key)),
-        value,
-        headers,
-        producer_id: None,
-        producer_epoch: None,
-        sequence: None,
+        ..keyed_row(key, value, headers, 0)
     }
 }
 

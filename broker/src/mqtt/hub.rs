@@ -158,6 +158,26 @@ impl Session {
         })
     }
 
+    /// A new connection takes the session (MQTT 5 §3.1.4): one still
+    /// attached is woken to find itself detached. Returns the will due now:
+    /// the old connection's, unless a delay is still running and the session
+    /// lives on (`ending` false), in which case the new connection cancels
+    /// it; or a delayed will whose session ends now.
+    fn taken_over(&mut self, ending: bool) -> Option<Message> {
+        let due = match self.link.take() {
+            Some(old) => {
+                old.wake.notify_one();
+                self.will.take().filter(|w| w.delay_secs == 0 || ending)
+            }
+            None => {
+                let running = self.will_due_ms.is_some();
+                self.will.take().filter(|_| running && ending)
+            }
+        };
+        self.will_due_ms = None;
+        due.map(|w| w.msg)
+    }
+
     /// Kept in the durable state: it outlives its connection.
     fn persistent(&self) -> bool {
         self.expiry_secs > 0
@@ -548,24 +568,7 @@ impl Hub {
                 .get(&req.client_id)
                 .is_some_and(|s| s.username != req.username);
         if let Some(s) = st.sessions.get_mut(&req.client_id) {
-            if let Some(old) = s.link.take() {
-                // Taken over (MQTT 5 §3.1.4): the old connection's will is
-                // published unless a delay is still running and the session
-                // lives on, in which case the new connection cancels it.
-                if let Some(w) = s.will.take()
-                    && (w.delay_secs == 0 || clean_start)
-                {
-                    wills.push(w.msg);
-                }
-                old.wake.notify_one();
-            } else if let Some(w) = s.will.take()
-                && s.will_due_ms.is_some()
-                && clean_start
-            {
-                // A delayed will whose session ends now is due now.
-                wills.push(w.msg);
-            }
-            s.will_due_ms = None;
+            wills.extend(s.taken_over(clean_start));
             if clean_start {
                 let gone = st.sessions.remove(&req.client_id);
                 if let Some(gone) = gone {
@@ -650,22 +653,7 @@ impl Hub {
         if s.username.as_deref() != username {
             return Err(OtherUser);
         }
-        if let Some(old) = s.link.take() {
-            if let Some(w) = s.will.take()
-                && (w.delay_secs == 0 || ending)
-            {
-                wills.push(w.msg);
-            }
-            old.wake.notify_one();
-        } else if let Some(w) = s.will.take()
-            && s.will_due_ms.is_some()
-            && ending
-        {
-            wills.push(w.msg);
-        }
-        // A delayed will is cancelled by the session's new connection.
-        s.will = None;
-        s.will_due_ms = None;
+        wills.extend(s.taken_over(ending));
         let Some(gone) = st.sessions.remove(client) else {
             return Ok(None);
         };

@@ -395,9 +395,19 @@ fn to_row(op: &Op, now_ms: i64, me: u64) -> Row {
                 .unwrap_or_default(),
         ),
     };
+    keyed_row(key, value, headers, now_ms)
+}
+
+/// A record of MQTT state: a key, a value (none deletes), headers.
+pub(crate) fn keyed_row(
+    key: String,
+    value: Option<Bytes>,
+    headers: Vec<Header>,
+    timestamp_ms: i64,
+) -> Row {
     Row {
         offset: 0,
-        timestamp_ms: now_ms,
+        timestamp_ms,
         key: Some(Bytes::from(key)),
         value,
         headers,
