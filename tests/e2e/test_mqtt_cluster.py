@@ -268,8 +268,11 @@ def test_persisted_publishes_reach_their_shard_from_any_broker(mqtt_cluster):
     rule = {"filter": "fleet/#", "stream": stream, "shards": 6}
     resp = c.broker(1).http("/api/v1/mqtt/persist", "PUT", json.dumps(rule).encode())
     assert resp.status == 200, resp.text
-    until(lambda: len({o for o in c.owners(stream).values() if o is not None}) == 3,
-          "the 6 shards to be spread over the 3 brokers", timeout=30)
+    # Placement spreads the shards over the brokers it sees live (at least
+    # two); a broker owning none sends all of its publishes to the owners.
+    until(lambda: None not in c.owners(stream).values() and len(c.owners(stream)) == 6
+          and len(set(c.owners(stream).values())) >= 2,
+          "the 6 shards to be owned by at least 2 brokers", timeout=30)
     owners = c.owners(stream)
 
     def keys_in_stream() -> dict[bytes, list]:
