@@ -21,6 +21,7 @@ def producer_proc(args, rate, q):
     from confluent_kafka import Producer
 
     p = Producer({
+        **args.client_config,
         "bootstrap.servers": args.bootstrap,
         "acks": "all",
         "linger.ms": args.linger_ms,
@@ -101,11 +102,14 @@ def main():
     ap.add_argument("--rate", type=float, default=0, help="total records/s, 0 = as fast as possible")
     ap.add_argument("--linger-ms", type=float, default=1)
     ap.add_argument("--metrics-url", default=None)
+    ap.add_argument("-X", dest="client_config", action="append", default=[],
+                    help="librdkafka property KEY=VALUE for every client (security.protocol, ...)")
     args = ap.parse_args()
+    args.client_config = dict(kv.split("=", 1) for kv in args.client_config)
     args.topic = args.topic or f"bench-{args.partitions}p-{int(time.time())}"
 
     from confluent_kafka.admin import AdminClient, NewTopic
-    admin = AdminClient({"bootstrap.servers": args.bootstrap})
+    admin = AdminClient({**args.client_config, "bootstrap.servers": args.bootstrap})
     for f in admin.create_topics([NewTopic(args.topic, num_partitions=args.partitions, replication_factor=1)]).values():
         f.result()
 

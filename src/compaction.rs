@@ -158,6 +158,14 @@ pub struct CompactorArgs {
     /// One run, then exit.
     #[arg(long)]
     pub once: bool,
+    /// The cluster secret (or SHOAL_CLUSTER_SECRET); without one, the
+    /// operator's token in SHOAL_TOKEN, if any.
+    #[arg(long, env = "SHOAL_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+    /// Call placement over HTTPS (nodes with --http-tls), trusting this PEM
+    /// CA besides the system's roots.
+    #[arg(long, env = "SHOAL_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub compaction: CompactionArgs,
 }
@@ -179,8 +187,18 @@ pub async fn compactor(args: CompactorArgs) -> Result<(), String> {
     }
     let store = ObjectStorage::from_url(&args.object_store)
         .map_err(|e| format!("object store {}: {e}", args.object_store))?;
+    let auth = match crate::auth::cluster_secret(args.cluster_secret_file.clone())
+        .map_err(|e| e.to_string())?
+    {
+        Some(secret) => shoal_security::ClientAuth::bearer(secret),
+        None => shoal_security::ClientAuth::from_token_env().map_err(|e| e.to_string())?,
+    };
+    let auth = match &args.tls_ca {
+        Some(ca) => auth.with_https(Some(ca)).map_err(|e| e.to_string())?,
+        None => auth,
+    };
     let compactor = Compactor::new(
-        PlacementClient::remote(addrs),
+        PlacementClient::remote(addrs, &auth),
         store.clone(),
         settings.compactor_config(shoal_compactor::holder_name("compactor")),
     );

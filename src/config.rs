@@ -65,6 +65,13 @@ pub struct StandaloneArgs {
     /// -1 keeps everything). Unset: placement's current value (7d at first).
     #[arg(long, env = "SHOAL_DEFAULT_RETENTION")]
     pub default_retention: Option<String>,
+    /// Listen beyond loopback even where no one is authenticated.
+    #[arg(long, env = "SHOAL_INSECURE")]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+    #[command(flatten)]
+    pub security: crate::listeners::SecurityArgs,
     #[command(flatten)]
     pub compaction_settings: crate::compaction::CompactionArgs,
     #[command(flatten)]
@@ -115,8 +122,25 @@ struct FileConfig {
     orphan_grace: Option<String>,
     #[serde(alias = "compaction_target_size")]
     compaction_target_size: Option<toml::Value>,
+    cluster_secret_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    insecure: Option<bool>,
+    http_tls: Option<bool>,
+    kafka_listeners: Option<String>,
+    advertised_kafka_listeners: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    sasl_mechanisms: Option<String>,
+    connections_max_reauth: Option<String>,
+    authorizer: Option<bool>,
+    super_users: Option<String>,
+    allow_everyone_if_no_acl_found: Option<bool>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     mqtt_addr: Option<String>,
     mqtt_ws_addr: Option<String>,
+    mqtt_listeners: Option<String>,
     mqtt_password_file: Option<PathBuf>,
     mqtt_acl_file: Option<PathBuf>,
     mqtt_allow_anonymous: Option<bool>,
@@ -133,9 +157,7 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Standalone {
     pub data_dir: PathBuf,
-    pub kafka_addr: SocketAddr,
-    pub advertised_host: String,
-    pub advertised_port: i32,
+    pub kafka: crate::listeners::KafkaSetup,
     pub http_addr: SocketAddr,
     pub object_store: String,
     pub flush_interval: Duration,
@@ -151,6 +173,7 @@ pub struct Standalone {
     pub compaction: crate::compaction::Compaction,
     pub default_retention_ms: Option<i64>,
     pub mqtt: crate::mqtt::MqttConfig,
+    pub auth: crate::auth::Auth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +201,35 @@ pub fn parse_bytes(s: &str) -> Result<u64, ConfigError> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| err(format!("byte size {s:?} too large")))
+}
+
+/// A `SCHEME://HOST:PORT,...` listener list (`--kafka-listeners`,
+/// `--mqtt-listeners`) into (scheme, "HOST:PORT") pairs, each scheme at
+/// most once. `scheme` reads a scheme; `expected` names the valid ones.
+pub(crate) fn scheme_list<'a, T: PartialEq + Copy>(
+    flag: &str,
+    list: &'a str,
+    scheme: impl Fn(&str) -> Option<T>,
+    expected: &str,
+) -> Result<Vec<(T, &'a str)>, ConfigError> {
+    let mut out: Vec<(T, &str)> = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, addr) = part.split_once("://").ok_or_else(|| {
+            err(format!(
+                "invalid {flag} entry {part:?}: expected SCHEME://HOST:PORT"
+            ))
+        })?;
+        let s = scheme(name).ok_or_else(|| {
+            err(format!(
+                "invalid {flag} entry {part:?}: the scheme must be {expected}"
+            ))
+        })?;
+        if out.iter().any(|(p, _)| *p == s) {
+            return Err(err(format!("{flag}: {name} appears twice")));
+        }
+        out.push((s, addr));
+    }
+    Ok(out)
 }
 
 pub(crate) fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -229,7 +281,6 @@ impl StandaloneArgs {
             .kafka_addr
             .or(file.kafka_addr)
             .unwrap_or_else(|| "127.0.0.1:9092".into());
-        let kafka_addr = parse_addr("--kafka-addr", &kafka_addr_s)?;
         let http_addr = parse_addr(
             "--http-addr",
             &self
@@ -237,11 +288,25 @@ impl StandaloneArgs {
                 .or(file.http_addr)
                 .unwrap_or_else(|| "127.0.0.1:8080".into()),
         )?;
-        let (advertised_host, advertised_port) = advertised(
+        let kafka = self.security.resolve(
+            crate::listeners::SecurityFile {
+                kafka_listeners: file.kafka_listeners,
+                advertised_kafka_listeners: file.advertised_kafka_listeners,
+                tls_cert: file.tls_cert,
+                tls_key: file.tls_key,
+                tls_client_ca: file.tls_client_ca,
+                sasl_mechanisms: file.sasl_mechanisms,
+                connections_max_reauth: file.connections_max_reauth,
+                authorizer: file.authorizer,
+                super_users: file.super_users,
+                allow_everyone_if_no_acl_found: file.allow_everyone_if_no_acl_found,
+                max_connections: file.max_connections,
+                max_connections_per_ip: file.max_connections_per_ip,
+            },
+            &kafka_addr_s,
             self.advertised_kafka_addr
                 .or(file.advertised_kafka_addr)
                 .as_deref(),
-            kafka_addr,
         )?;
         let object_store = match self.object_store.or(file.object_store) {
             Some(u) => u,
@@ -322,6 +387,7 @@ impl StandaloneArgs {
             crate::mqtt::MqttFlatFile {
                 mqtt_addr: file.mqtt_addr,
                 mqtt_ws_addr: file.mqtt_ws_addr,
+                mqtt_listeners: file.mqtt_listeners,
                 mqtt_password_file: file.mqtt_password_file,
                 mqtt_acl_file: file.mqtt_acl_file,
                 mqtt_allow_anonymous: file.mqtt_allow_anonymous,
@@ -334,7 +400,32 @@ impl StandaloneArgs {
             file.mqtt.map(|m| m.persist).unwrap_or_default(),
             Some("127.0.0.1:1883"),
         )?;
+        let auth = self
+            .auth
+            .resolve(file.cluster_secret_file, file.admin_token_file)?
+            .with_http_tls(
+                self.auth.http_tls.or(file.http_tls).unwrap_or(false),
+                kafka.tls.as_ref(),
+            )?;
+        let mut exposed = kafka.exposures();
+        exposed.push(crate::auth::Exposure {
+            what: "HTTP",
+            addr: http_addr,
+            authenticated: auth.server.is_on(),
+        });
+        for addr in [mqtt.tcp, mqtt.ws, mqtt.tls, mqtt.wss]
+            .into_iter()
+            .flatten()
+        {
+            exposed.push(crate::auth::Exposure {
+                what: "MQTT",
+                addr,
+                authenticated: !mqtt.allow_anonymous,
+            });
+        }
+        crate::auth::check_exposure(&exposed, self.insecure || file.insecure.unwrap_or(false))?;
         Ok(Standalone {
+            auth,
             mqtt,
             compaction_enabled,
             compaction,
@@ -344,9 +435,7 @@ impl StandaloneArgs {
             placement_in_bucket,
             bucket_lease_ttl,
             data_dir,
-            kafka_addr,
-            advertised_host,
-            advertised_port,
+            kafka,
             http_addr,
             object_store,
             flush_interval,

@@ -1,10 +1,14 @@
 //! The `shoal` binary: CLI, configuration and wiring of the crates.
 
+mod auth;
 mod compaction;
 mod config;
+mod listeners;
 mod mqtt;
 mod roles;
 mod serving;
+mod tokens;
+mod users;
 
 use std::process::ExitCode;
 
@@ -43,15 +47,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: mqtt::MqttCmd,
     },
+    /// SCRAM users (Kafka SASL, MQTT passwords).
+    Users {
+        #[command(subcommand)]
+        cmd: users::UsersCmd,
+    },
+    /// Operators' bearer tokens for the HTTP APIs.
+    Tokens {
+        #[command(subcommand)]
+        cmd: tokens::TokensCmd,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The admin tools print their own results; the services log.
+    let default_level = match cli.command {
+        Cmd::Users { .. } | Cmd::Tokens { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -73,6 +92,8 @@ fn main() -> ExitCode {
         Cmd::Broker(args) => runtime.block_on(roles::broker(args)),
         Cmd::Compactor(args) => runtime.block_on(compaction::compactor(args)),
         Cmd::Mqtt { cmd } => mqtt::command(cmd),
+        Cmd::Tokens { cmd } => tokens::command(cmd),
+        Cmd::Users { cmd } => runtime.block_on(users::command(cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,6 +111,24 @@ pub(crate) async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpLi
     })
 }
 
+/// Bind every Kafka listener (a port in use fails before state opens).
+pub(crate) async fn bind_kafka(
+    setup: &listeners::KafkaSetup,
+) -> Result<
+    Vec<(
+        TcpListener,
+        std::sync::Arc<shoal_broker::kafka::KafkaListener>,
+    )>,
+    String,
+> {
+    let mut out = Vec::new();
+    for l in &setup.listeners {
+        let what = format!("Kafka {}", l.security.name());
+        out.push((bind(&what, l.addr).await?, l.security.clone()));
+    }
+    Ok(out)
+}
+
 async fn standalone(cfg: Standalone) -> Result<(), String> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", cfg.data_dir.display()))?;
@@ -99,14 +138,15 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         .map_err(|e| format!("data dir {} is not writable: {e}", cfg.data_dir.display()))?;
 
     // Bind first: a port in use should fail fast, before any state is opened.
-    let kafka_listener = bind("Kafka", cfg.kafka_addr).await?;
+    let kafka_listeners = bind_kafka(&cfg.kafka).await?;
     let http_listener = bind("HTTP", cfg.http_addr).await?;
-    let (mqtt_tcp, mqtt_ws) = mqtt::bind(&cfg.mqtt).await?;
+    let mqtt_listeners = mqtt::bind(&cfg.mqtt).await?;
 
     let store = ObjectStorage::from_url(&cfg.object_store)
         .map_err(|e| format!("object store {}: {e}", cfg.object_store))?;
     let mut node_cfg =
         NodeConfig::standalone(1, cfg.data_dir.join("placement"), cfg.http_addr.to_string());
+    node_cfg.peer_auth = cfg.auth.peers.clone();
     let identity = node_identity(&cfg.data_dir)?;
     if cfg.placement_in_bucket {
         let mut b = BucketConfig::new(store.clone(), identity.clone());
@@ -120,8 +160,10 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
 
     let mut bc = BrokerConfig::new(&cfg.data_dir);
     bc.broker_id = 1;
-    bc.advertised_host = cfg.advertised_host.clone();
-    bc.advertised_port = cfg.advertised_port;
+    bc.advertised_host = cfg.kafka.advertised_host.clone();
+    bc.advertised_port = cfg.kafka.advertised_port;
+    bc.advertised_listeners = cfg.kafka.advertised.clone();
+    bc.authorizer = cfg.kafka.authorizer.clone();
     bc.flush_interval = cfg.flush_interval;
     bc.flush_bytes = cfg.flush_bytes;
     bc.max_unflushed_bytes = cfg.max_unflushed_bytes;
@@ -130,6 +172,7 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.http_addr = cfg.http_addr.to_string();
     bc.wal_dir = cfg.wal_dir.clone();
     bc.producer_expiration = cfg.producer_id_expiration;
+    bc.peer_auth = cfg.auth.peers.clone();
     let placement = PlacementClient::local(node.clone());
     if let Some(ms) = cfg.default_retention_ms {
         compaction::set_default_retention(&placement, ms).await;
@@ -138,16 +181,25 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
         .await
         .map_err(|e| format!("broker: {e}"))?;
 
-    let mqtt_serving = mqtt::start(&broker, &cfg.mqtt, mqtt_tcp, mqtt_ws).await?;
+    let mqtt_serving = mqtt::start(
+        &broker,
+        &cfg.mqtt,
+        mqtt_listeners,
+        cfg.kafka.tls.clone(),
+        cfg.kafka.limits,
+    )
+    .await?;
     let serving = serving::serve(
         broker,
-        kafka_listener,
+        kafka_listeners,
+        cfg.kafka.tls.clone(),
         http_listener,
         shoal_placement::router(node.clone()),
         mqtt_serving,
+        cfg.auth.clone(),
     );
     tracing::info!(
-        kafka = %cfg.kafka_addr,
+        kafka = ?cfg.kafka.advertised,
         mqtt = ?cfg.mqtt.tcp,
         http = %cfg.http_addr,
         objects = %cfg.object_store,
@@ -201,9 +253,11 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
 fn contact_url(cfg: &Standalone) -> String {
     let addr = cfg.http_addr;
     if addr.ip().is_unspecified() {
-        format!("http://{}:{}", cfg.advertised_host, addr.port())
+        cfg.auth
+            .peers
+            .url(&format!("{}:{}", cfg.kafka.advertised_host, addr.port()))
     } else {
-        format!("http://{addr}")
+        cfg.auth.peers.url(&addr.to_string())
     }
 }
 

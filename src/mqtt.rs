@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 use shoal_broker::Broker;
 use shoal_broker::mqtt::{Access, DropPolicy, Limits, Mqtt, Settings};
+use shoal_security::limits::LimitSettings;
+use shoal_security::tls::TlsServer;
 use tokio::net::TcpListener;
 
 use crate::config::{ConfigError, err, parse_addr, parse_bytes};
@@ -22,6 +24,11 @@ pub struct MqttArgs {
     /// MQTT over WebSocket listener address (path /mqtt), or `off` (default).
     #[arg(long, env = "SHOAL_MQTT_WS_ADDR")]
     pub mqtt_ws_addr: Option<String>,
+    /// MQTT listeners by scheme, replacing --mqtt-addr and --mqtt-ws-addr:
+    /// 'mqtt://127.0.0.1:1883,mqtts://0.0.0.0:8883,ws://..,wss://..' (the
+    /// TLS ones use --tls-cert and --tls-key).
+    #[arg(long, env = "SHOAL_MQTT_LISTENERS")]
+    pub mqtt_listeners: Option<String>,
     /// File of `user:argon2-hash` lines (see `shoal mqtt passwd`).
     #[arg(long, env = "SHOAL_MQTT_PASSWORD_FILE")]
     pub mqtt_password_file: Option<PathBuf>,
@@ -77,6 +84,7 @@ fn one() -> i32 {
 pub struct MqttFlatFile {
     pub mqtt_addr: Option<String>,
     pub mqtt_ws_addr: Option<String>,
+    pub mqtt_listeners: Option<String>,
     pub mqtt_password_file: Option<PathBuf>,
     pub mqtt_acl_file: Option<PathBuf>,
     pub mqtt_allow_anonymous: Option<bool>,
@@ -92,6 +100,9 @@ pub struct MqttFlatFile {
 pub struct MqttConfig {
     pub tcp: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
+    /// MQTT over TLS, and over WebSocket over TLS.
+    pub tls: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub password_file: Option<PathBuf>,
     pub acl_file: Option<PathBuf>,
     pub allow_anonymous: bool,
@@ -114,13 +125,20 @@ impl MqttArgs {
         persist: Vec<PersistRuleFile>,
         default_addr: Option<&str>,
     ) -> Result<MqttConfig, ConfigError> {
-        let tcp = listen_addr(
-            "--mqtt-addr",
-            self.mqtt_addr
-                .or(file.mqtt_addr)
-                .or(default_addr.map(str::to_string)),
-        )?;
-        let ws = listen_addr("--mqtt-ws-addr", self.mqtt_ws_addr.or(file.mqtt_ws_addr))?;
+        let (tcp, ws, tls, wss) = match self.mqtt_listeners.or(file.mqtt_listeners) {
+            Some(list) => parse_listeners(&list)?,
+            None => (
+                listen_addr(
+                    "--mqtt-addr",
+                    self.mqtt_addr
+                        .or(file.mqtt_addr)
+                        .or(default_addr.map(str::to_string)),
+                )?,
+                listen_addr("--mqtt-ws-addr", self.mqtt_ws_addr.or(file.mqtt_ws_addr))?,
+                None,
+                None,
+            ),
+        };
         let mut settings = Settings::default();
         match (self.mqtt_max_packet_size, file.mqtt_max_packet_size) {
             (Some(s), _) => settings.max_packet_size = size(&s)?,
@@ -173,6 +191,8 @@ impl MqttArgs {
         Ok(MqttConfig {
             tcp,
             ws,
+            tls,
+            wss,
             password_file: self.mqtt_password_file.or(file.mqtt_password_file),
             acl_file: self.mqtt_acl_file.or(file.mqtt_acl_file),
             allow_anonymous: self
@@ -185,6 +205,44 @@ impl MqttArgs {
     }
 }
 
+type Listeners = (
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+);
+
+/// `mqtt://a,mqtts://b,ws://c,wss://d` into (tcp, ws, tls, wss); each at
+/// most once.
+fn parse_listeners(list: &str) -> Result<Listeners, ConfigError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Scheme {
+        Tcp,
+        Ws,
+        Tls,
+        Wss,
+    }
+    let scheme = |s: &str| match s.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => Some(Scheme::Tcp),
+        "ws" => Some(Scheme::Ws),
+        "mqtts" | "ssl" => Some(Scheme::Tls),
+        "wss" => Some(Scheme::Wss),
+        _ => None,
+    };
+    let flag = "--mqtt-listeners";
+    let mut out: Listeners = (None, None, None, None);
+    for (s, addr) in crate::config::scheme_list(flag, list, scheme, "mqtt, mqtts, ws or wss")? {
+        let addr = Some(parse_addr("--mqtt-listeners address", addr)?);
+        match s {
+            Scheme::Tcp => out.0 = addr,
+            Scheme::Ws => out.1 = addr,
+            Scheme::Tls => out.2 = addr,
+            Scheme::Wss => out.3 = addr,
+        }
+    }
+    Ok(out)
+}
+
 fn size(s: &str) -> Result<usize, ConfigError> {
     usize::try_from(parse_bytes(s)?).map_err(|_| err(format!("size {s:?} too large")))
 }
@@ -192,21 +250,42 @@ fn size(s: &str) -> Result<usize, ConfigError> {
 /// The MQTT service and its bound listeners, ready to serve.
 pub struct MqttServing {
     pub mqtt: Arc<Mqtt>,
+    pub listeners: MqttListeners,
+    /// The TLS configuration of the `mqtts` and `wss` listeners.
+    pub tls: Option<Arc<TlsServer>>,
+    /// Each listener's connection limits.
+    pub limits: LimitSettings,
+}
+
+/// The bound MQTT listeners.
+#[derive(Default)]
+pub struct MqttListeners {
     pub tcp: Option<TcpListener>,
     pub ws: Option<TcpListener>,
+    pub tls: Option<TcpListener>,
+    pub wss: Option<TcpListener>,
+}
+
+impl MqttListeners {
+    fn is_empty(&self) -> bool {
+        self.tcp.is_none() && self.ws.is_none() && self.tls.is_none() && self.wss.is_none()
+    }
 }
 
 /// Bind the listeners (so a port in use fails fast, before state opens).
-pub async fn bind(cfg: &MqttConfig) -> Result<(Option<TcpListener>, Option<TcpListener>), String> {
-    let tcp = match cfg.tcp {
-        Some(a) => Some(crate::bind("MQTT", a).await?),
-        None => None,
-    };
-    let ws = match cfg.ws {
-        Some(a) => Some(crate::bind("MQTT WebSocket", a).await?),
-        None => None,
-    };
-    Ok((tcp, ws))
+pub async fn bind(cfg: &MqttConfig) -> Result<MqttListeners, String> {
+    async fn one(what: &str, a: Option<SocketAddr>) -> Result<Option<TcpListener>, String> {
+        match a {
+            Some(a) => Ok(Some(crate::bind(what, a).await?)),
+            None => Ok(None),
+        }
+    }
+    Ok(MqttListeners {
+        tcp: one("MQTT", cfg.tcp).await?,
+        ws: one("MQTT WebSocket", cfg.ws).await?,
+        tls: one("MQTT TLS", cfg.tls).await?,
+        wss: one("MQTT WebSocket TLS", cfg.wss).await?,
+    })
 }
 
 /// Start the service for `broker` with the bound listeners; `None` when
@@ -214,16 +293,20 @@ pub async fn bind(cfg: &MqttConfig) -> Result<(Option<TcpListener>, Option<TcpLi
 pub async fn start(
     broker: &Arc<Broker>,
     cfg: &MqttConfig,
-    tcp: Option<TcpListener>,
-    ws: Option<TcpListener>,
+    listeners: MqttListeners,
+    tls: Option<Arc<TlsServer>>,
+    limits: LimitSettings,
 ) -> Result<Option<MqttServing>, String> {
     for r in &cfg.persist {
         shoal_broker::mqtt::http::put(broker, r.filter.clone(), r.stream.clone(), r.shards)
             .await
             .map_err(|(_, e)| format!("[[mqtt.persist]] {}: {e}", r.filter))?;
     }
-    if tcp.is_none() && ws.is_none() {
+    if listeners.is_empty() {
         return Ok(None);
+    }
+    if (listeners.tls.is_some() || listeners.wss.is_some()) && tls.is_none() {
+        return Err("the mqtts and wss listeners need --tls-cert and --tls-key".into());
     }
     let access = Access::load(
         cfg.password_file.as_deref(),
@@ -238,13 +321,24 @@ pub async fn start(
     if let Err(e) = mqtt.load_rules().await {
         tracing::warn!("MQTT persistence rules not loaded yet: {e}");
     }
-    if let Some(l) = &tcp {
+    if let Some(l) = &listeners.tcp {
         mqtt.add_listener("tcp", addr_of(l));
     }
-    if let Some(l) = &ws {
+    if let Some(l) = &listeners.ws {
         mqtt.add_listener("websocket", format!("{}/mqtt", addr_of(l)));
     }
-    Ok(Some(MqttServing { mqtt, tcp, ws }))
+    if let Some(l) = &listeners.tls {
+        mqtt.add_listener("tls", addr_of(l));
+    }
+    if let Some(l) = &listeners.wss {
+        mqtt.add_listener("websocket-tls", format!("{}/mqtt", addr_of(l)));
+    }
+    Ok(Some(MqttServing {
+        mqtt,
+        listeners,
+        tls,
+        limits,
+    }))
 }
 
 fn addr_of(l: &TcpListener) -> String {

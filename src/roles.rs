@@ -18,7 +18,7 @@ use shoal_broker::{Broker, BrokerConfig, Durability};
 use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
 use shoal_storage::ObjectStorage;
 
-use crate::config::{ConfigError, advertised, err, parse_addr, parse_bytes};
+use crate::config::{ConfigError, err, parse_addr, parse_bytes};
 use crate::{bind, wait_for_signal};
 
 #[derive(Debug, Args)]
@@ -43,6 +43,11 @@ pub struct PlacementArgs {
     /// -1 keeps everything). Unset: the cluster's current value (7d at first).
     #[arg(long, env = "SHOAL_DEFAULT_RETENTION")]
     pub default_retention: Option<String>,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+    /// The certificate for --http-tls.
+    #[command(flatten)]
+    pub tls: crate::listeners::TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +92,10 @@ pub struct BrokerArgs {
     pub producer_id_expiration: String,
     #[command(flatten)]
     pub mqtt: crate::mqtt::MqttArgs,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+    #[command(flatten)]
+    pub security: crate::listeners::SecurityArgs,
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -133,31 +142,42 @@ pub async fn placement(args: PlacementArgs) -> Result<(), String> {
         .map(crate::compaction::parse_retention)
         .transpose()
         .map_err(|e| e.to_string())?;
+    let tls = args.tls.load(None, None, None).map_err(|e| e.to_string())?;
+    let auth = args
+        .auth
+        .resolve_for_cluster()
+        .and_then(|a| a.with_http_tls(args.auth.http_tls.unwrap_or(false), tls.as_ref()))
+        .map_err(|e| e.to_string())?;
     let peer_addrs: Vec<String> = peers.values().cloned().collect();
     let listener = bind("placement", listen).await?;
     let mut cfg = NodeConfig::cluster(args.node_id, &args.data_dir, args.addr.clone(), peers);
     cfg.session_timeout = session_timeout;
+    cfg.peer_auth = auth.peers.clone();
     let node = PlacementNode::start(cfg)
         .await
         .map_err(|e| format!("placement: {e}"))?;
-    let app = shoal_placement::router(node.clone()).merge(
-        Router::new()
-            .route("/health", get(placement_health))
-            .route("/metrics", get(placement_metrics))
-            .with_state(node.clone()),
+    let app = auth.server.protect(
+        shoal_placement::router(node.clone()).merge(
+            Router::new()
+                .route("/health", get(placement_health))
+                .route("/metrics", get(placement_metrics))
+                .with_state(node.clone()),
+        ),
     );
-    let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.changed().await;
-            })
-            .await
-    });
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    if let Some(tls) = &auth.http_tls {
+        tokio::spawn(tls.clone().watch(shutdown_rx.clone()));
+    }
+    let http = tokio::spawn(crate::serving::serve_http(
+        listener,
+        auth.http_tls.clone(),
+        app,
+        shutdown_rx,
+    ));
     let controller = tokio::spawn(shoal_placement::controller::run(node.clone()));
     if let Some(ms) = default_retention {
         tokio::spawn(async move {
-            let client = PlacementClient::remote(peer_addrs);
+            let client = PlacementClient::remote(peer_addrs, &auth.peers);
             crate::compaction::set_default_retention(&client, ms).await;
         });
     }
@@ -252,20 +272,26 @@ async fn placement_metrics(State(node): State<Arc<PlacementNode>>) -> Response {
 }
 
 struct BrokerSettings {
-    kafka_addr: SocketAddr,
+    kafka: crate::listeners::KafkaSetup,
     http_addr: SocketAddr,
     config: BrokerConfig,
 }
 
 fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
-    let kafka_addr = parse_addr("--kafka-addr", &args.kafka_addr)?;
+    let kafka = args.security.resolve(
+        Default::default(),
+        &args.kafka_addr,
+        args.advertised_kafka_addr.as_deref(),
+    )?;
     let http_addr = parse_addr("--http-addr", &args.http_addr)?;
     let mut c = BrokerConfig::new(&args.data_dir);
     c.broker_id = args.node_id;
     c.cluster = true;
-    let (host, port) = advertised(args.advertised_kafka_addr.as_deref(), kafka_addr)?;
+    let host = kafka.advertised_host.clone();
     c.advertised_host = host.clone();
-    c.advertised_port = port;
+    c.advertised_port = kafka.advertised_port;
+    c.advertised_listeners = kafka.advertised.clone();
+    c.authorizer = kafka.authorizer.clone();
     c.http_addr = if http_addr.ip().is_unspecified() {
         format!("{host}:{}", http_addr.port())
     } else {
@@ -290,14 +316,20 @@ fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
     c.wal_dir = args.wal_dir.clone();
     c.producer_expiration = crate::config::producer_expiration(Some(&args.producer_id_expiration))?;
     Ok(BrokerSettings {
-        kafka_addr,
+        kafka,
         http_addr,
         config: c,
     })
 }
 
 pub async fn broker(args: BrokerArgs) -> Result<(), String> {
-    let s = broker_settings(&args).map_err(|e| e.to_string())?;
+    let mut s = broker_settings(&args).map_err(|e| e.to_string())?;
+    let auth = args
+        .auth
+        .resolve_for_cluster()
+        .and_then(|a| a.with_http_tls(args.auth.http_tls.unwrap_or(false), s.kafka.tls.as_ref()))
+        .map_err(|e| e.to_string())?;
+    s.config.peer_auth = auth.peers.clone();
     let mqtt_cfg = args
         .mqtt
         .resolve(Default::default(), Vec::new(), None)
@@ -313,25 +345,35 @@ pub async fn broker(args: BrokerArgs) -> Result<(), String> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", args.data_dir.display()))?;
-    let kafka_listener = bind("Kafka", s.kafka_addr).await?;
+    let kafka_listeners = crate::bind_kafka(&s.kafka).await?;
     let http_listener = bind("HTTP", s.http_addr).await?;
-    let (mqtt_tcp, mqtt_ws) = crate::mqtt::bind(&mqtt_cfg).await?;
+    let mqtt_listeners = crate::mqtt::bind(&mqtt_cfg).await?;
     let store = ObjectStorage::from_url(&args.object_store)
         .map_err(|e| format!("object store {}: {e}", args.object_store))?;
-    let broker = Broker::start(s.config, PlacementClient::remote(placement_addrs), store)
+    let placement = PlacementClient::remote(placement_addrs, &auth.peers);
+    let broker = Broker::start(s.config, placement, store)
         .await
         .map_err(|e| format!("broker: {e}"))?;
-    let mqtt_serving = crate::mqtt::start(&broker, &mqtt_cfg, mqtt_tcp, mqtt_ws).await?;
+    let mqtt_serving = crate::mqtt::start(
+        &broker,
+        &mqtt_cfg,
+        mqtt_listeners,
+        s.kafka.tls.clone(),
+        s.kafka.limits,
+    )
+    .await?;
     let serving = crate::serving::serve(
         broker,
-        kafka_listener,
+        kafka_listeners,
+        s.kafka.tls.clone(),
         http_listener,
         Router::new(),
         mqtt_serving,
+        auth,
     );
     tracing::info!(
         node = args.node_id,
-        kafka = %s.kafka_addr,
+        kafka = ?s.kafka.advertised,
         http = %s.http_addr,
         mqtt = ?mqtt_cfg.tcp,
         objects = %args.object_store,

@@ -23,13 +23,16 @@ pub struct Serving {
 }
 
 /// Start serving `broker`; `extra` routes join its HTTP API (the placement
-/// API of a standalone node). `/health` answers 200 once this returns.
+/// API of a standalone node); `auth` guards all of it but `/health` and
+/// `/metrics`. `/health` answers 200 once this returns.
 pub fn serve(
     broker: Arc<Broker>,
-    kafka_listener: TcpListener,
+    kafka_listeners: Vec<(TcpListener, Arc<shoal_broker::kafka::KafkaListener>)>,
+    tls: Option<Arc<shoal_security::tls::TlsServer>>,
     http_listener: TcpListener,
     extra: Router,
     mqtt: Option<crate::mqtt::MqttServing>,
+    auth: crate::auth::Auth,
 ) -> Serving {
     let (shutdown, rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
@@ -39,17 +42,8 @@ pub fn serve(
         mqtt.as_ref().map(|m| m.mqtt.clone()),
     )
     .merge(extra);
-    let mut http_shutdown = rx.clone();
-    let http = tokio::spawn(async move {
-        let served = axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("HTTP server: {e}");
-        }
-    });
+    let app = auth.server.protect(app);
+    let http = tokio::spawn(serve_http(http_listener, auth.http_tls, app, rx.clone()));
     if broker.cluster.is_some() {
         tokio::spawn(shoal_broker::cluster::run(broker.clone(), rx.clone()));
     }
@@ -57,28 +51,60 @@ pub fn serve(
     tokio::spawn(shoal_broker::broker::watch_wal(broker.clone(), rx.clone()));
     tokio::spawn(shoal_broker::run_group_ticker(broker.clone(), rx.clone()));
     tokio::spawn(shoal_broker::index::follow(broker.clone(), rx.clone()));
-    let kafka = tokio::spawn({
-        let (broker, rx) = (broker.clone(), rx.clone());
-        async move {
-            shoal_broker::kafka::serve(kafka_listener, broker, rx).await;
-        }
-    });
-    let mut tasks = vec![kafka];
+    tokio::spawn(shoal_broker::security::follow(broker.clone(), rx.clone()));
+    if let Some(tls) = tls {
+        tokio::spawn(tls.watch(rx.clone()));
+    }
+    let mut tasks: Vec<JoinHandle<()>> = kafka_listeners
+        .into_iter()
+        .map(|(listener, security)| {
+            tokio::spawn(shoal_broker::kafka::serve(
+                listener,
+                security,
+                broker.clone(),
+                rx.clone(),
+            ))
+        })
+        .collect();
     if let Some(m) = mqtt {
         tokio::spawn(m.mqtt.clone().run(rx.clone()));
-        if let Some(l) = m.tcp {
-            tasks.push(tokio::spawn(shoal_broker::mqtt::listener::serve(
+        use shoal_broker::mqtt::listener as mqtt_listener;
+        let l = m.listeners;
+        if let Some(l) = l.tcp {
+            tasks.push(tokio::spawn(mqtt_listener::serve(
+                l,
+                m.limits.listener(),
+                m.mqtt.clone(),
+                rx.clone(),
+            )));
+        }
+        if let Some(l) = l.ws {
+            let l = shoal_security::limits::LimitedListener::new(l, m.limits.listener());
+            tasks.push(tokio::spawn(mqtt_listener::serve_ws(
                 l,
                 m.mqtt.clone(),
                 rx.clone(),
             )));
         }
-        if let Some(l) = m.ws {
-            tasks.push(tokio::spawn(shoal_broker::mqtt::listener::serve_ws(
+        if let (Some(l), Some(tls)) = (l.tls, m.tls.clone()) {
+            tasks.push(tokio::spawn(mqtt_listener::serve_tls(
                 l,
+                tls,
+                m.limits.listener(),
                 m.mqtt.clone(),
                 rx.clone(),
             )));
+        }
+        if let (Some(l), Some(tls)) = (l.wss, m.tls) {
+            let limits = Some(m.limits.listener());
+            match shoal_security::tls::TlsListener::with_limits(l, tls, limits) {
+                Ok(l) => tasks.push(tokio::spawn(mqtt_listener::serve_ws(
+                    l,
+                    m.mqtt.clone(),
+                    rx.clone(),
+                ))),
+                Err(e) => tracing::error!("MQTT WebSocket TLS listener: {e}"),
+            }
         }
     }
     tasks.extend([flusher, http]);
@@ -88,6 +114,32 @@ pub fn serve(
         shutdown,
         ready,
         tasks,
+    }
+}
+
+/// The HTTP API until `shutdown`, over TLS when `tls` is given.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    tls: Option<Arc<shoal_security::tls::TlsServer>>,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(tls) => match shoal_security::tls::TlsListener::new(listener, tls) {
+            Ok(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
+        tracing::error!("HTTP server: {e}");
     }
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command (CI runs it through .ci/run).
 #
-#   1. installs what the tests need on a fresh Debian 12 machine (kcat, the
-#      Python packages of tests/requirements.txt);
+#   1. installs what the tests need on a fresh Debian 12 machine (kcat,
+#      mosquitto-clients, openssl, the Python packages of
+#      tests/requirements.txt);
 #   2. builds every binary of the workspace;
 #   3. starts a moto S3 server on a free loopback port, so that the storage
 #      scenario suite in `cargo test` runs against s3:// as well as file://
@@ -52,6 +53,16 @@ apt_install() {
 if ! command -v kcat >/dev/null 2>&1; then
     log "installing kcat"
     apt_install kcat
+fi
+
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1; then
+    log "installing mosquitto-clients (mosquitto_pub, mosquitto_sub)"
+    apt_install mosquitto-clients
+fi
+
+if ! command -v openssl >/dev/null 2>&1; then
+    log "installing openssl (test certificates)"
+    apt_install openssl
 fi
 
 if ! command -v ip >/dev/null 2>&1; then

@@ -98,6 +98,9 @@ pub struct Broker {
     pub(crate) flush_failing: parking_lot::Mutex<Option<(Instant, String)>>,
     /// Segment ranges being read ahead, so one is fetched once.
     prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Placement's users, followed (SASL and MQTT passwords check them).
+    pub(crate) users: Arc<crate::security::Users>,
+    pub(crate) sasl: shoal_security::sasl::SaslServer,
     /// Set in a cluster: the live brokers and this broker's lease.
     pub cluster: Option<crate::cluster::ClusterState>,
     pub(crate) encoder: crate::encoder::Encoder,
@@ -152,19 +155,12 @@ impl Broker {
         if !config.cluster {
             placement
                 .write(Command::RegisterBroker {
-                    info: BrokerInfo {
-                        id: config.broker_id,
-                        kafka_addr: format!(
-                            "{}:{}",
-                            config.advertised_host, config.advertised_port
-                        ),
-                        http_addr: config.http_addr.clone(),
-                        registered_ms: now_ms(),
-                    },
+                    info: config.broker_info(now_ms()),
                 })
                 .await?;
         }
         let cluster = config.cluster.then(crate::cluster::ClusterState::default);
+        let users = Arc::new(crate::security::Users::default());
         let broker = Arc::new(Broker {
             encoder: crate::encoder::Encoder::start()?,
             default_retention_ms: std::sync::atomic::AtomicI64::new(
@@ -186,6 +182,8 @@ impl Broker {
             flush_now: Notify::new(),
             flush_failing: parking_lot::Mutex::new(None),
             prefetching: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            sasl: crate::security::sasl_server(users.clone()),
+            users,
         });
         if broker.cluster.is_some() {
             // The first heartbeat takes back, with new epochs, the shards
@@ -194,6 +192,10 @@ impl Broker {
             loop {
                 match crate::cluster::heartbeat(&broker, true).await {
                     Ok(()) => break,
+                    // Another try carries the same credentials.
+                    Err(e @ Error::Placement(shoal_placement::Error::Unauthorized { .. })) => {
+                        return Err(e);
+                    }
                     Err(e) if tokio::time::Instant::now() < deadline => {
                         tracing::warn!("first heartbeat to placement: {e}; retrying");
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -207,6 +209,7 @@ impl Broker {
             }
         }
         broker.replay().await?;
+        crate::security::refresh(&broker).await;
         Ok(broker)
     }
 
@@ -247,15 +250,7 @@ impl Broker {
     pub fn live_brokers(&self) -> Vec<BrokerInfo> {
         match &self.cluster {
             Some(c) => c.live(),
-            None => vec![BrokerInfo {
-                id: self.config.broker_id,
-                kafka_addr: format!(
-                    "{}:{}",
-                    self.config.advertised_host, self.config.advertised_port
-                ),
-                http_addr: self.config.http_addr.clone(),
-                registered_ms: 0,
-            }],
+            None => vec![self.config.broker_info(0)],
         }
     }
 

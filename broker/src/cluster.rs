@@ -55,13 +55,7 @@ impl ClusterState {
 }
 
 fn info(broker: &Broker) -> BrokerInfo {
-    let c = &broker.config;
-    BrokerInfo {
-        id: c.broker_id,
-        kafka_addr: format!("{}:{}", c.advertised_host, c.advertised_port),
-        http_addr: c.http_addr.clone(),
-        registered_ms: now_ms(),
-    }
+    broker.config.broker_info(now_ms())
 }
 
 /// How recent a view [`refresh`] accepts without asking placement again.
@@ -500,6 +494,7 @@ mod tests {
             kafka_addr: String::new(),
             http_addr: String::new(),
             registered_ms: 0,
+            kafka_listeners: Default::default(),
         }
     }
 

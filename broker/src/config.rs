@@ -66,6 +66,14 @@ pub struct BrokerConfig {
     pub cluster: bool,
     /// host:port of this broker's HTTP API, published to placement.
     pub http_addr: String,
+    /// What this broker presents to the other brokers' HTTP APIs (the
+    /// cluster secret when one is configured).
+    pub peer_auth: shoal_security::ClientAuth,
+    /// Listener name -> advertised host:port, when there are several
+    /// (`advertised_host:advertised_port` is the first).
+    pub advertised_listeners: std::collections::BTreeMap<String, String>,
+    /// Kafka ACLs are enforced when set (`--authorizer true`).
+    pub authorizer: Option<shoal_security::acl::AuthorizerConfig>,
 }
 
 impl BrokerConfig {
@@ -97,6 +105,20 @@ impl BrokerConfig {
             max_unflushed_bytes: 1 << 30,
             cluster: false,
             http_addr: String::new(),
+            peer_auth: shoal_security::ClientAuth::none(),
+            advertised_listeners: Default::default(),
+            authorizer: None,
+        }
+    }
+
+    /// How this broker is registered in placement.
+    pub fn broker_info(&self, registered_ms: i64) -> shoal_placement::BrokerInfo {
+        shoal_placement::BrokerInfo {
+            id: self.broker_id,
+            kafka_addr: format!("{}:{}", self.advertised_host, self.advertised_port),
+            http_addr: self.http_addr.clone(),
+            registered_ms,
+            kafka_listeners: self.advertised_listeners.clone(),
         }
     }
 }

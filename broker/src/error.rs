@@ -102,6 +102,7 @@ impl Error {
                 | R::StaleCompaction { .. }
                 | R::IndexChanged { .. } => ResponseError::UnknownServerError,
                 R::Invalid { .. } => ResponseError::InvalidRequest,
+                R::UnknownCredential { .. } => ResponseError::ResourceNotFound,
             },
             Error::Storage(_) | Error::Placement(_) | Error::Internal(_) => {
                 ResponseError::UnknownServerError

@@ -22,6 +22,8 @@ pub mod decompress;
 mod encoder;
 pub mod error;
 pub mod flusher;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod group;
 pub mod http;
 pub mod index;
@@ -31,6 +33,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod producer;
 mod quarantine;
+pub mod security;
 pub mod shard;
 pub mod topic_config;
 

@@ -18,6 +18,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<ApiLabel, Counter>,
     pub produce_requests: Counter,
+    /// Kafka connections turned away by a listener's connection limits.
+    pub connections_refused: Counter,
     pub produce_bytes: Counter,
     pub produce_records: Counter,
     pub produce_latency: Histogram,
@@ -62,6 +64,11 @@ impl Metrics {
         Metrics {
             requests,
             produce_requests: counter(&mut r, "produce_requests", "Produced partition batches"),
+            connections_refused: counter(
+                &mut r,
+                "kafka_connections_refused",
+                "Kafka connections refused by the listener's connection limits",
+            ),
             produce_bytes: counter(&mut r, "produce_bytes", "Bytes of record batches produced"),
             produce_records: counter(&mut r, "produce_records", "Records produced"),
             produce_latency: histogram(

@@ -49,7 +49,12 @@ async fn start(tail_keep_bytes: usize) -> Harness {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(shoal_broker::kafka::serve(listener, broker.clone(), rx));
+    tokio::spawn(shoal_broker::kafka::serve(
+        listener,
+        std::sync::Arc::new(shoal_broker::kafka::KafkaListener::plaintext()),
+        broker.clone(),
+        rx,
+    ));
     Harness {
         broker,
         addr,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use shoal_security::ClientAuth;
 use shoal_storage::ObjectStorage;
 
 use crate::command::Command;
@@ -88,6 +89,7 @@ impl Bucket {
         ttl: Duration,
         holder: &str,
         contact: Option<&str>,
+        auth: &ClientAuth,
     ) -> Result<Bucket> {
         let holder = holder.to_string();
         let contact = contact.map(str::to_string);
@@ -118,7 +120,7 @@ impl Bucket {
                 }
                 if current.holder != holder
                     && let Some(url) = &current.contact
-                    && holder_answers(url, &current.holder).await
+                    && holder_answers(url, &current.holder, auth).await
                 {
                     return Err(Error::Fenced(format!(
                         "the bucket is in use by placement node {}, which is idle but \
@@ -347,18 +349,21 @@ impl Bucket {
 
 /// Does the node at `url` answer, within a short time, that it is `holder`?
 /// A stopped, frozen or unreachable node does not; a different node that
-/// now listens there names another holder.
-async fn holder_answers(url: &str, holder: &str) -> bool {
-    let Ok(client) = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-    else {
+/// now listens there names another holder. A node that refuses our
+/// credentials (401) runs: it counts as answering, so the bucket is not
+/// taken from under it.
+async fn holder_answers(url: &str, holder: &str, auth: &ClientAuth) -> bool {
+    let Ok(client) = auth.http_client().timeout(Duration::from_secs(2)).build() else {
         return false;
     };
     let url = format!("{}{HOLDER_PATH}", url.trim_end_matches('/'));
     let Ok(mut r) = client.get(&url).send().await else {
         return false;
     };
+    if r.status() == reqwest::StatusCode::UNAUTHORIZED {
+        tracing::warn!(%url, "the bucket's holder refused this node's credentials; taking it as alive");
+        return true;
+    }
     if !r.status().is_success() {
         return false;
     }
@@ -414,31 +419,62 @@ mod tests {
     #[tokio::test]
     async fn second_holder_is_fenced_until_the_lease_expires() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let a = Bucket::acquire(store.clone(), Duration::from_millis(300), "a", None)
-            .await
-            .unwrap();
+        let a = Bucket::acquire(
+            store.clone(),
+            Duration::from_millis(300),
+            "a",
+            None,
+            &ClientAuth::none(),
+        )
+        .await
+        .unwrap();
         assert!(matches!(
-            Bucket::acquire(store.clone(), Duration::from_millis(300), "b", None).await,
+            Bucket::acquire(
+                store.clone(),
+                Duration::from_millis(300),
+                "b",
+                None,
+                &ClientAuth::none()
+            )
+            .await,
             Err(Error::Fenced(_))
         ));
         a.renew().await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "b", None)
-            .await
-            .unwrap();
+        let b = Bucket::acquire(
+            store.clone(),
+            Duration::from_secs(5),
+            "b",
+            None,
+            &ClientAuth::none(),
+        )
+        .await
+        .unwrap();
         // The old holder finds out at its next renewal.
         assert!(matches!(a.renew().await, Err(Error::Fenced(_))));
         // The same holder restarting (a crash) takes its own lease back.
-        let b2 = Bucket::acquire(store.clone(), Duration::from_secs(5), "b", None)
-            .await
-            .unwrap();
+        let b2 = Bucket::acquire(
+            store.clone(),
+            Duration::from_secs(5),
+            "b",
+            None,
+            &ClientAuth::none(),
+        )
+        .await
+        .unwrap();
         // Same holder name, same node: its older handle may renew too.
         b.renew().await.unwrap();
         b2.renew().await.unwrap();
         b2.release().await;
-        Bucket::acquire(store, Duration::from_secs(5), "c", None)
-            .await
-            .unwrap();
+        Bucket::acquire(
+            store,
+            Duration::from_secs(5),
+            "c",
+            None,
+            &ClientAuth::none(),
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
@@ -449,13 +485,13 @@ mod tests {
         let app = axum::Router::new().route(HOLDER_PATH, axum::routing::get(|| async { "a" }));
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let ttl = Duration::from_millis(200);
-        let a = Bucket::acquire(store.clone(), ttl, "a", Some(&url))
+        let a = Bucket::acquire(store.clone(), ttl, "a", Some(&url), &ClientAuth::none())
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!a.active() && !a.lease_valid());
         // Lapsed, but its holder answers: refused.
-        let refused = Bucket::acquire(store.clone(), ttl, "b", None).await;
+        let refused = Bucket::acquire(store.clone(), ttl, "b", None, &ClientAuth::none()).await;
         assert!(matches!(refused, Err(Error::Fenced(why)) if why.contains("answers")));
         a.check().await.unwrap();
         // It renews before writing again, and keeps the bucket.
@@ -465,7 +501,7 @@ mod tests {
         server.abort();
         let _ = server.await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        Bucket::acquire(store.clone(), ttl, "b", None)
+        Bucket::acquire(store.clone(), ttl, "b", None, &ClientAuth::none())
             .await
             .unwrap();
         assert!(matches!(a.check().await, Err(Error::Fenced(_))));
@@ -475,9 +511,15 @@ mod tests {
     #[tokio::test]
     async fn snapshot_plus_log_rebuilds_the_state() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let b = Bucket::acquire(store.clone(), Duration::from_secs(5), "a", None)
-            .await
-            .unwrap();
+        let b = Bucket::acquire(
+            store.clone(),
+            Duration::from_secs(5),
+            "a",
+            None,
+            &ClientAuth::none(),
+        )
+        .await
+        .unwrap();
         assert!(b.load().await.unwrap().is_none());
         let mut expected = State::default();
         let mut log = Vec::new();

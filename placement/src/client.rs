@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shoal_security::ClientAuth;
 
 use crate::command::{Command, Query, QueryReply, Reply};
 use crate::controller::{Heartbeat, HeartbeatReply};
@@ -54,10 +55,12 @@ impl PlacementClient {
         }
     }
 
-    /// Over HTTP to any of these host:port addresses; follows NotLeader
+    /// Over HTTP to any of these host:port addresses, presenting `auth`
+    /// (the cluster secret, or an operator's token); follows NotLeader
     /// hints, tries the others and retries with backoff for up to ~10 s.
-    pub fn remote(addrs: Vec<String>) -> Self {
-        let http = reqwest::Client::builder()
+    pub fn remote(addrs: Vec<String>, auth: &ClientAuth) -> Self {
+        let http = auth
+            .http_client()
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
             .build()
@@ -67,6 +70,7 @@ impl PlacementClient {
         Self {
             inner: Inner::Remote(Arc::new(Remote {
                 http,
+                auth: auth.clone(),
                 addrs,
                 leader: Mutex::new(None),
             })),
@@ -201,6 +205,8 @@ where
 
 struct Remote {
     http: reqwest::Client,
+    /// For the URLs: `http` or `https`.
+    auth: ClientAuth,
     addrs: Vec<String>,
     /// The last address that answered; tried first.
     leader: Mutex<Option<String>>,
@@ -217,6 +223,10 @@ enum Attempt {
 }
 
 impl Remote {
+    fn base(&self, addr: &str) -> String {
+        self.auth.url(addr)
+    }
+
     fn remembered(&self) -> Option<String> {
         self.leader
             .lock()
@@ -272,6 +282,8 @@ impl Remote {
                     self.remember(None);
                     e
                 }
+                // Retrying with the same credential cannot help.
+                Err(Attempt::Failed(e @ Error::Unauthorized { .. })) => return Err(e),
                 Err(Attempt::Failed(e)) if idempotent => e,
                 Err(Attempt::Failed(e)) => return Err(e),
             };
@@ -290,7 +302,7 @@ impl Remote {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let url = format!("http://{addr}{path}");
+        let url = format!("{}{path}", self.base(addr));
         let res = self
             .http
             .post(&url)
@@ -316,6 +328,9 @@ impl Remote {
         let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
         if status == reqwest::StatusCode::MISDIRECTED_REQUEST {
             return Err(Attempt::NotLeader(body.and_then(|b| b.leader)));
+        }
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(Attempt::Failed(Error::Unauthorized { addr: addr.into() }));
         }
         let message = match body {
             Some(b) => b.error,

@@ -162,6 +162,22 @@ pub enum Command {
     RecordCompactionRun {
         run: CompactionRun,
     },
+    /// Add or replace `user`'s SCRAM credential for `mechanism`.
+    PutScramCredential {
+        user: String,
+        mechanism: shoal_security::scram::ScramMechanism,
+        credential: shoal_security::scram::ScramCredential,
+    },
+    DeleteScramCredential {
+        user: String,
+        mechanism: shoal_security::scram::ScramMechanism,
+    },
+    CreateAcls {
+        bindings: Vec<shoal_security::acl::AclBinding>,
+    },
+    DeleteAcls {
+        filters: Vec<shoal_security::acl::AclFilter>,
+    },
     /// Replace the whole state with one recovered from the bucket.
     Restore {
         state: Box<crate::state::State>,
@@ -320,6 +336,10 @@ pub enum Reply {
     Rejected {
         rejection: Rejection,
     },
+    /// Per DeleteAcls filter, the bindings it removed.
+    AclsDeleted {
+        deleted: Vec<Vec<shoal_security::acl::AclBinding>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +396,8 @@ pub enum Rejection {
     IndexChanged { stream: String, shard: i32 },
     #[error("invalid request: {reason}")]
     Invalid { reason: String },
+    #[error("user {user} has no such credential")]
+    UnknownCredential { user: String },
 }
 
 /// A read of the state machine.
@@ -400,6 +422,10 @@ pub enum Query {
     Lifecycle,
     /// The MQTT persistence rules, in the order they are tried.
     MqttPersist,
+    /// Users and their credentials, unless `known` is the current version.
+    Security {
+        known: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -438,5 +464,8 @@ pub enum QueryReply {
     },
     MqttPersist {
         rules: Vec<crate::model::MqttPersistRule>,
+    },
+    Security {
+        security: Option<crate::security::Security>,
     },
 }

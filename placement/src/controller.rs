@@ -488,6 +488,7 @@ mod tests {
                     kafka_addr: String::new(),
                     http_addr: String::new(),
                     registered_ms: 0,
+                    kafka_listeners: Default::default(),
                 },
             });
         }

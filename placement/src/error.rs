@@ -28,6 +28,12 @@ pub enum Error {
     /// Reading or writing placement's copy in the bucket failed.
     #[error("bucket: {0}")]
     Bucket(String),
+    /// A placement node refused this process's credentials (no cluster
+    /// secret, or a different one).
+    #[error(
+        "placement at {addr} refused this node's credentials (401): check --cluster-secret-file"
+    )]
+    Unauthorized { addr: String },
     /// The node configuration is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -28,6 +28,7 @@ mod mirror;
 pub mod model;
 pub mod node;
 mod raft;
+pub mod security;
 pub mod server;
 pub mod state;
 
@@ -44,5 +45,6 @@ pub use model::{
     Shard, ShardStop, Stream,
 };
 pub use node::{BrokerView, BucketConfig, ClusterView, NodeConfig, NodeStatus, PlacementNode};
+pub use security::Security;
 pub use server::router;
 pub use state::State;

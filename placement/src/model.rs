@@ -130,9 +130,26 @@ pub struct GroupOffset {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerInfo {
     pub id: BrokerId,
+    /// host:port of the broker's first Kafka listener.
     pub kafka_addr: String,
     pub http_addr: String,
     pub registered_ms: i64,
+    /// Listener name (its security protocol) -> advertised host:port, when
+    /// the broker has several; clients are told the one they connected to.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kafka_listeners: BTreeMap<String, String>,
+}
+
+impl BrokerInfo {
+    /// Where clients of `listener` reach this broker; `None` when it has
+    /// listeners but not that one (a client must not be sent to another
+    /// listener, e.g. a plaintext one).
+    pub fn kafka_addr_for(&self, listener: &str) -> Option<&str> {
+        if self.kafka_listeners.is_empty() {
+            return Some(&self.kafka_addr);
+        }
+        self.kafka_listeners.get(listener).map(String::as_str)
+    }
 }
 
 /// Serde for 128-bit ids as decimal strings: most JSON tools read numbers as

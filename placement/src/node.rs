@@ -10,6 +10,7 @@ use fjall::{Database, PersistMode};
 use openraft::error::{ForwardToLeader, InitializeError, RaftError};
 use openraft::{BasicNode, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
+use shoal_security::ClientAuth;
 use tokio::sync::watch;
 
 use tokio::sync::mpsc;
@@ -48,6 +49,9 @@ pub struct NodeConfig {
     pub bucket: Option<BucketConfig>,
     /// A broker that has not heartbeated for this long loses its shards.
     pub session_timeout: Duration,
+    /// What this node presents to its peers (and to a bucket holder it
+    /// checks on): the cluster secret when one is configured.
+    pub peer_auth: ClientAuth,
 }
 
 /// Where and how a standalone node mirrors its state into the bucket.
@@ -95,6 +99,7 @@ impl NodeConfig {
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
             bucket: None,
             session_timeout: crate::controller::DEFAULT_SESSION_TIMEOUT,
+            peer_auth: ClientAuth::none(),
         }
     }
 
@@ -113,6 +118,7 @@ impl NodeConfig {
             snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
             bucket: None,
             session_timeout: crate::controller::DEFAULT_SESSION_TIMEOUT,
+            peer_auth: ClientAuth::none(),
         }
     }
 
@@ -247,6 +253,7 @@ impl PlacementNode {
                     b.lease_ttl,
                     &b.holder,
                     b.contact.as_deref(),
+                    &cfg.peer_auth,
                 )
                 .await?,
             )),
@@ -267,7 +274,7 @@ impl PlacementNode {
         let sm = StateMachineStore::open(&db)?;
         let state = sm.shared();
         let version = sm.subscribe_version();
-        let network = Network::new().map_err(|e| Error::Http(e.to_string()))?;
+        let network = Network::new(&cfg.peer_auth).map_err(|e| Error::Http(e.to_string()))?;
 
         // Raft::new re-applies the committed entries after the snapshot.
         let raft = Raft::new(cfg.node_id, config, network, log_store, sm)
@@ -724,7 +731,7 @@ mod tests {
         let raft = Raft::new(
             1,
             Arc::new(config.validate().unwrap()),
-            Network::new().unwrap(),
+            Network::new(&shoal_security::ClientAuth::none()).unwrap(),
             log_store,
             sm,
         )

@@ -33,6 +33,9 @@ pub struct State {
     /// MQTT persistence rules, in the order they are tried.
     #[serde(default)]
     pub mqtt_persist: Vec<crate::model::MqttPersistRule>,
+    /// Users' credentials.
+    #[serde(default)]
+    pub security: crate::security::Security,
     /// The layout this state was written in ([`STATE_FORMAT`]); states
     /// from before the field existed read as 0 and load unchanged.
     #[serde(default)]
@@ -197,6 +200,16 @@ impl State {
                 self.group_offsets.remove(&group);
                 Reply::Done
             }
+            Command::PutScramCredential {
+                user,
+                mechanism,
+                credential,
+            } => self.security.put_credential(user, mechanism, credential),
+            Command::DeleteScramCredential { user, mechanism } => {
+                self.security.delete_credential(&user, mechanism)
+            }
+            Command::CreateAcls { bindings } => self.security.create_acls(bindings),
+            Command::DeleteAcls { filters } => self.security.delete_acls(&filters),
             Command::Restore { state } => {
                 *self = *state;
                 Reply::Done
@@ -309,6 +322,9 @@ impl State {
             },
             Query::MqttPersist => QueryReply::MqttPersist {
                 rules: self.mqtt_persist.clone(),
+            },
+            Query::Security { known } => QueryReply::Security {
+                security: (*known != Some(self.security.version)).then(|| self.security.clone()),
             },
             Query::Lifecycle => QueryReply::Lifecycle {
                 lifecycle: self.lifecycle.clone(),

@@ -49,6 +49,7 @@ fn heartbeat(id: u64) -> Heartbeat {
             kafka_addr: format!("b{id}:9092"),
             http_addr: format!("b{id}:8080"),
             registered_ms: 0,
+            kafka_listeners: Default::default(),
         },
         mqtt_filters: None,
     }
@@ -121,7 +122,10 @@ async fn three_nodes_replicate_and_fail_over() {
     }
 
     let leader = agreed_leader(&members).await;
-    let client = PlacementClient::remote(peers.values().cloned().collect());
+    let client = PlacementClient::remote(
+        peers.values().cloned().collect(),
+        &shoal_security::ClientAuth::none(),
+    );
     assert!(matches!(
         client.write(create("first")).await.unwrap(),
         Reply::Stream { .. }

@@ -238,7 +238,7 @@ async fn http_api_and_remote_client() {
         .unwrap();
     let server = tokio::spawn(axum::serve(listener, router(node.clone())).into_future());
 
-    let client = PlacementClient::remote(vec![addr.clone()]);
+    let client = PlacementClient::remote(vec![addr.clone()], &shoal_security::ClientAuth::none());
     let Reply::Stream { stream } = client.write(create("t", 2)).await.unwrap() else {
         panic!("stream not created");
     };

@@ -63,7 +63,8 @@ class BrokerNode(Shoal):
 
 
 class Cluster:
-    def __init__(self, root: Path, placements: int = 3, brokers: int = 3):
+    def __init__(self, root: Path, placements: int = 3, brokers: int = 3,
+                 secret: Optional[str] = None):
         self.root = root
         ports = {i: free_port() for i in range(1, placements + 1)}
         self.placements = [PlacementNode(root / f"p{i}", node_id=i, peers=ports)
@@ -80,6 +81,11 @@ class Cluster:
         self.brokers = [BrokerNode(root / f"b{i}", node_id=i, placement=placement,
                                    object_store=store)
                         for i in range(1, brokers + 1)]
+        if secret is not None:
+            # Every node presents it; the harness' own calls too.
+            for p in self.processes:
+                p.env["SHOAL_CLUSTER_SECRET"] = secret
+                p.token = secret
 
     @property
     def processes(self) -> list[Shoal]:

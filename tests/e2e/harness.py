@@ -62,28 +62,64 @@ def _can_bind(port: int) -> bool:
     return True
 
 
+#: Ports this process has handed out: a test that asks for several ports
+#: before starting anything must not get the same one twice.
+_HANDED_OUT: set[int] = set()
+
+
+def _worker_slice(lo: int, hi: int) -> tuple[int, int]:
+    """This pytest-xdist worker's own part of [lo, hi): workers draw from
+    disjoint slices, so two of them never pick the same free port in the
+    window before its server binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if not worker.startswith("gw") or count <= 1:
+        return lo, hi
+    try:
+        index = int(worker[2:])
+    except ValueError:
+        return lo, hi
+    width = (hi - lo) // count
+    return lo + index * width, lo + (index + 1) * width
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now.
 
     Ports are drawn below the kernel's ephemeral range, so that the outgoing
     connections of the test clients (which take ephemeral ports) cannot grab a
-    broker's port while it restarts. Falls back to binding port 0.
+    broker's port while it restarts, and from this xdist worker's own slice
+    of that range. Falls back to binding port 0.
     """
     lo, _ = _ephemeral_range()
     low_bound = 20000
     if lo - low_bound > 1000:
+        start, end = _worker_slice(low_bound, lo)
         rng = random.Random()
         for _ in range(200):
-            port = rng.randrange(low_bound, lo)
-            if _can_bind(port):
+            port = rng.randrange(start, end)
+            if port not in _HANDED_OUT and _can_bind(port):
+                _HANDED_OUT.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 # --------------------------------------------------------------------------
 # polling
+
+
+def distinct_ports(n: int) -> list[int]:
+    """`n` free ports, all different."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
 
 
 def wait_for(
@@ -141,10 +177,12 @@ class HttpResponse:
 
 
 def http_request(url: str, method: str = "GET", body: Optional[bytes] = None,
-                 timeout: float = 10.0) -> HttpResponse:
+                 timeout: float = 10.0, token: Optional[str] = None) -> HttpResponse:
     req = urllib.request.Request(url, data=body, method=method)
     if body is not None:
         req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return HttpResponse(resp.status, _lower(resp.headers), resp.read())
@@ -235,6 +273,8 @@ class Shoal:
         self.config_file = config_file
         self.env = dict(env or {})
         self.extra_args = list(extra_args)
+        #: Bearer token the harness' own HTTP calls present (auth tests).
+        self.token: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
         self._log_file = None
         self.starts = 0
@@ -431,7 +471,8 @@ class Shoal:
              timeout: float = 10.0) -> HttpResponse:
         if not path.startswith("/"):
             path = "/" + path
-        return http_request(self.http_base + path, method=method, body=body, timeout=timeout)
+        return http_request(self.http_base + path, method=method, body=body, timeout=timeout,
+                            token=self.token)
 
     def health_status(self) -> int:
         return self.http("/health", timeout=5.0).status

@@ -512,3 +512,57 @@ def test_a_short_deadline_stops_early_and_leaves_consistent_state(broker, compac
     work.assert_all_readable()
     broker.restart()
     work.assert_all_readable()
+
+
+# --------------------------------------------------------------------------
+# the cluster secret from Secrets Manager
+
+
+def test_the_cluster_secret_comes_from_secrets_manager(shoal_factory, tmp_path, request):
+    """SHOAL_CLUSTER_SECRET_ARN: the function reads the cluster secret from
+    Secrets Manager (the S3 emulator serves that API too) and presents it
+    to a placement that requires it; with an ARN that names no secret it
+    exits at start (Lambda reports that as an init failure), saying why."""
+    import boto3
+
+    secret = "lambda-" + uuid.uuid4().hex
+    secret_file = tmp_path / "cluster.secret"
+    secret_file.write_text(secret + "\n")
+    url = urllib.parse.urlparse(S3_URL)
+    prefix = f"{url.path.strip('/')}/e2e-{unique_name('lambda-sm')}".strip("/")
+    broker = shoal_factory(object_store=f"s3://{url.netloc}/{prefix}",
+                           extra_args=["--compaction", "false",
+                                       "--cluster-secret-file", str(secret_file)],
+                           flush_interval="100ms")
+    broker.token = secret
+    broker.start()
+    Workload(broker).produce_rounds(2)
+
+    sm = boto3.client("secretsmanager", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                      region_name=REGION)
+    arn = sm.create_secret(Name=unique_name("shoal-cluster-secret"), SecretString=secret)["ARN"]
+
+    def function(name: str, secret_arn: str) -> CompactorLambda:
+        fn = CompactorLambda(tmp_path / name, placement=broker.http_addr,
+                             object_store=broker.object_store,
+                             extra_env={"SHOAL_CLUSTER_SECRET_ARN": secret_arn,
+                                        "SHOAL_COMPACTION_DELAY": "0s"})
+        request.node._shoal_instances.append(fn)
+        return fn.start()
+
+    fn = function("lambda", arn)
+    try:
+        _inv, answer = fn.invoke(timeout_s=300)
+        run = assert_clean_run(answer, unfinished=False)
+        assert run["objects_in"] > 0, run
+        assert secret not in fn.log_text()
+    finally:
+        fn.cleanup()
+
+    missing = function("lambda-missing", arn.rsplit(":", 1)[0] + ":no-such-secret-AbCdEf")
+    try:
+        wait_for(lambda: not missing.is_running(), 60, "the function to exit")
+        assert missing.proc.returncode != 0
+        assert "ResourceNotFoundException" in missing.log_text(), missing.log_tail()
+    finally:
+        missing.cleanup()

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use super::auth::{After, ConnAuth, KafkaListener};
 use super::versions::is_supported;
-use super::{Pending, admin, fetch, groups, metadata, produce, records};
+use super::{Pending, acls, admin, fetch, groups, metadata, produce, records, users};
 use crate::broker::Broker;
 use crate::metrics::ApiLabel;
 
@@ -20,6 +21,16 @@ use crate::metrics::ApiLabel;
 /// producer keeps hundreds in flight; what they hold is small (the records
 /// already went to the WAL and the tail).
 const MAX_IN_FLIGHT: usize = 1024;
+/// A connection with no request for this long is closed (Kafka's default
+/// `connections.max.idle.ms`).
+const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+/// The largest request read before a SASL client has authenticated.
+const MAX_UNAUTHENTICATED_REQUEST: usize = 512 * 1024;
+/// Once a request's first byte arrived, the rest must within this.
+const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a connection whose authentication failed stays open (Kafka's
+/// default `connection.failed.authentication.delay.ms`).
+const FAILED_AUTHENTICATION_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Per-connection context handed to handlers.
 pub struct Ctx {
@@ -29,10 +40,68 @@ pub struct Ctx {
     /// Idempotent batches refused on this connection before they were
     /// written (see `produce::Gaps`).
     pub(crate) gaps: super::produce::Gaps,
+    /// Who the client is (`User:...`), once authenticated.
+    pub(crate) principal: String,
+    pub(crate) listener: Arc<KafkaListener>,
 }
 
+impl Ctx {
+    /// May this connection's principal do `op` on the resource? Always,
+    /// without an authorizer.
+    pub(crate) fn allowed(
+        &self,
+        op: shoal_security::acl::Operation,
+        resource_type: shoal_security::acl::ResourceType,
+        name: &str,
+    ) -> bool {
+        // No Decider here: a request checks many resources, and building
+        // one clones the authorizer's settings each time.
+        let Some(config) = &self.broker.config.authorizer else {
+            return true;
+        };
+        shoal_security::acl::authorize(
+            &self.broker.users.snapshot().acls,
+            config,
+            &self.principal,
+            &self.peer.ip().to_string(),
+            op,
+            resource_type,
+            name,
+        )
+    }
+
+    /// This connection's rights against the current ACLs, to take along
+    /// into a response future; `None` without an authorizer.
+    pub(crate) fn decider(&self) -> Option<super::authz::Decider> {
+        Some(super::authz::Decider {
+            config: self.broker.config.authorizer.clone()?,
+            security: self.broker.users.snapshot(),
+            principal: self.principal.clone(),
+            host: self.peer.ip().to_string(),
+        })
+    }
+
+    pub(crate) fn allowed_topic(&self, op: shoal_security::acl::Operation, topic: &str) -> bool {
+        self.allowed(op, shoal_security::acl::ResourceType::Topic, topic)
+    }
+
+    pub(crate) fn allowed_group(&self, op: shoal_security::acl::Operation, group: &str) -> bool {
+        self.allowed(op, shoal_security::acl::ResourceType::Group, group)
+    }
+
+    pub(crate) fn allowed_cluster(&self, op: shoal_security::acl::Operation) -> bool {
+        self.allowed(
+            op,
+            shoal_security::acl::ResourceType::Cluster,
+            shoal_security::acl::CLUSTER,
+        )
+    }
+}
+
+/// Serve Kafka clients on `listener` with `security`'s protocol.
 pub async fn serve(
     listener: TcpListener,
+    security: Arc<KafkaListener>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -40,12 +109,22 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let permit = match security.limits.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            tracing::warn!(%peer, ?why, "connection refused: too many connections");
+                            broker.metrics.connections_refused.inc();
+                            continue;
+                        }
+                    };
                     let broker = broker.clone();
+                    let security = security.clone();
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, peer, broker).await {
+                        if let Err(e) = accept(stream, peer, security, broker).await {
                             tracing::debug!(%peer, "connection ended: {e}");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -58,7 +137,7 @@ pub async fn serve(
     }
 }
 
-struct Frame {
+pub(crate) struct Frame {
     api_key: ApiKey,
     version: i16,
     header: RequestHeader,
@@ -67,7 +146,7 @@ struct Frame {
 
 /// Why a frame cannot be served; the connection is closed after logging.
 #[derive(Debug, thiserror::Error)]
-enum FrameError {
+pub(crate) enum FrameError {
     #[error("frame of {0} bytes is shorter than a request header")]
     Short(usize),
     #[error("unknown API key {0}")]
@@ -79,7 +158,7 @@ enum FrameError {
 }
 
 /// Sans-io: decode one frame body into a request.
-fn decode_frame(mut body: Bytes) -> Result<Frame, (FrameError, Option<i32>)> {
+pub(crate) fn decode_frame(mut body: Bytes) -> Result<Frame, (FrameError, Option<i32>)> {
     if body.len() < 8 {
         return Err((FrameError::Short(body.len()), None));
     }
@@ -126,12 +205,51 @@ fn encode_response(
     Ok(buf.freeze())
 }
 
-async fn connection(
+/// The TLS handshake where the listener has one, then the connection.
+async fn accept(
     stream: TcpStream,
     peer: SocketAddr,
+    security: Arc<KafkaListener>,
     broker: Arc<Broker>,
 ) -> std::io::Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+    let Some(tls) = security.tls.clone() else {
+        let (rd, wr) = stream.into_split();
+        let auth = ConnAuth::new(security, None);
+        return connection(rd, wr, peer, auth, broker).await;
+    };
+    let tls_stream = match tokio::time::timeout(
+        shoal_security::tls::HANDSHAKE_TIMEOUT,
+        tls.acceptor().accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return Ok(());
+        }
+    };
+    let certificate = shoal_security::tls::certificate_principal(tls_stream.get_ref().1);
+    let auth = ConnAuth::new(security, certificate);
+    let (rd, wr) = tokio::io::split(tls_stream);
+    connection(rd, wr, peer, auth, broker).await
+}
+
+async fn connection<R, W>(
+    mut rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    mut auth: ConnAuth,
+    broker: Arc<Broker>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<(ApiKey, i16, i32, Pending)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some((key, version, correlation_id, pending)) = rx.recv().await {
@@ -154,22 +272,53 @@ async fn connection(
         peer,
         client_id: String::new(),
         gaps: Default::default(),
+        principal: auth.principal().to_string(),
+        listener: auth.listener().clone(),
     };
     loop {
         let mut len = [0u8; 4];
-        match rd.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
+        // Idle until a request starts (Kafka's connections.max.idle.ms) ...
+        match tokio::time::timeout(MAX_IDLE, rd.read_exact(&mut len[..1])).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::debug!(%peer, "closing an idle connection");
+                break;
+            }
         }
-        let len = i32::from_be_bytes(len);
-        let Some(len) = usize::try_from(len).ok().filter(|l| *l <= max) else {
-            tracing::warn!(%peer, len, "closing connection: invalid request size");
-            break;
+        // ... then the whole request within a deadline: a client that never
+        // finishes a frame (slowloris) is closed.
+        // Before authentication only small requests (SASL, ApiVersions)
+        // are read: Kafka's sasl.server.max.receive.size.
+        let limit = if auth.authenticated() {
+            max
+        } else {
+            MAX_UNAUTHENTICATED_REQUEST
         };
-        // Bounded by max_request_bytes above.
-        let mut body = vec![0u8; len];
-        rd.read_exact(&mut body).await?;
+        let read = async {
+            rd.read_exact(&mut len[1..]).await?;
+            let len = i32::from_be_bytes(len);
+            let Some(len) = usize::try_from(len).ok().filter(|l| *l <= limit) else {
+                return Ok(None);
+            };
+            // Bounded by max_request_bytes above.
+            let mut body = vec![0u8; len];
+            rd.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>(Some(body))
+        };
+        let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
+            Ok(Ok(Some(body))) => body,
+            Ok(Ok(None)) => {
+                tracing::warn!(%peer, "closing connection: invalid request size");
+                break;
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::warn!(%peer, "closing connection: a request did not arrive in time");
+                break;
+            }
+        };
         let frame = match decode_frame(Bytes::from(body)) {
             Ok(f) => f,
             Err((FrameError::Unsupported(ApiKey::ApiVersions, v), Some(cid))) => {
@@ -188,7 +337,12 @@ async fn connection(
                 continue;
             }
             Err((e, _)) => {
-                tracing::warn!(%peer, "closing connection: {e}");
+                // Unauthenticated garbage is not worth a warning each.
+                if auth.authenticated() {
+                    tracing::warn!(%peer, "closing connection: {e}");
+                } else {
+                    tracing::debug!(%peer, "closing connection: {e}");
+                }
                 break;
             }
         };
@@ -204,17 +358,57 @@ async fn connection(
                 api: format!("{:?}", frame.api_key),
             })
             .inc();
-        let pending = dispatch(&ctx, &frame.header, frame.version, frame.request).await;
-        if tx
+        let now = std::time::Instant::now();
+        if let Err(why) = auth.admits(frame.api_key, now) {
+            tracing::warn!(%peer, api = ?frame.api_key, "closing connection: {why}");
+            break;
+        }
+        let mut close = false;
+        let pending = match frame.request {
+            RequestKind::SaslHandshake(r) if frame.version == 0 => {
+                tracing::warn!(%peer, "closing connection: SaslHandshake v0 is not supported");
+                close = true;
+                let resp = auth
+                    .handshake(&r)
+                    .with_error_code(kafka_protocol::ResponseError::UnsupportedVersion.code());
+                super::ready(ResponseKind::SaslHandshake(resp))
+            }
+            RequestKind::SaslHandshake(r) => {
+                super::ready(ResponseKind::SaslHandshake(auth.handshake(&r)))
+            }
+            RequestKind::SaslAuthenticate(r) => {
+                // PLAIN hashes the password (PBKDF2): off the async workers.
+                let (resp, after) =
+                    crate::security::hashing(|| auth.authenticate(&ctx.broker.sasl, &r, now));
+                if after == After::Close {
+                    tracing::warn!(
+                        %peer,
+                        reason = resp.error_message.as_deref().unwrap_or(""),
+                        "SASL authentication failed"
+                    );
+                    close = true;
+                }
+                ctx.principal = auth.principal().to_string();
+                super::ready(ResponseKind::SaslAuthenticate(resp))
+            }
+            request => super::authz::dispatch(&ctx, &frame.header, frame.version, request).await,
+        };
+        let sent = tx
             .send((
                 frame.api_key,
                 frame.version,
                 frame.header.correlation_id,
                 pending,
             ))
-            .await
-            .is_err()
-        {
+            .await;
+        if sent.is_err() {
+            break;
+        }
+        if close {
+            // Kafka's connection.failed.authentication.delay.ms: the answer
+            // reaches the client before the close, and a password guesser
+            // gets one try per connection and delay.
+            tokio::time::sleep(FAILED_AUTHENTICATION_DELAY).await;
             break;
         }
     }
@@ -225,7 +419,12 @@ async fn connection(
     }
 }
 
-async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestKind) -> Pending {
+pub(super) async fn dispatch(
+    ctx: &Ctx,
+    header: &RequestHeader,
+    version: i16,
+    req: RequestKind,
+) -> Pending {
     use RequestKind as R;
     let _ = header;
     match req {
@@ -254,6 +453,11 @@ async fn dispatch(ctx: &Ctx, header: &RequestHeader, version: i16, req: RequestK
         R::ListGroups(r) => groups::list_groups(ctx, r).await,
         R::DeleteGroups(r) => groups::delete_groups(ctx, r).await,
         R::DeleteRecords(r) => records::delete_records(ctx, r),
+        R::CreateAcls(r) => acls::create(ctx, r).await,
+        R::DescribeAcls(r) => acls::describe(ctx, r),
+        R::DeleteAcls(r) => acls::delete(ctx, r).await,
+        R::DescribeUserScramCredentials(r) => users::describe(ctx, r),
+        R::AlterUserScramCredentials(r) => users::alter(ctx, r).await,
         // Not reachable: is_supported() filtered every other API.
         other => {
             tracing::warn!("no handler for {other:?}");

@@ -14,6 +14,8 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use shoal_security::acl::Operation;
+
 use super::conn::Ctx;
 use super::{Pending, ready, supported_versions};
 use crate::broker::{Broker, StreamHandle};
@@ -95,10 +97,17 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
         _ => None,
     };
     match requested {
-        None => topics.extend(b.streams().iter().map(|s| topic_metadata(s))),
+        // Topics the principal may not describe are not shown at all.
+        None => topics.extend(
+            b.streams()
+                .iter()
+                .filter(|s| ctx.allowed_topic(Operation::Describe, &s.name))
+                .map(|s| topic_metadata(s)),
+        ),
         Some(list) => {
             // Kafka v4+ lets the client forbid auto-creation; before, it is on.
-            let allow = version < 4 || req.allow_auto_topic_creation;
+            let auto_create = version < 4 || req.allow_auto_topic_creation;
+            let create_any = ctx.allowed_cluster(Operation::Create);
             for t in list {
                 let Some(name) = t.name else {
                     topics.push(
@@ -108,6 +117,16 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
                     );
                     continue;
                 };
+                if !ctx.allowed_topic(Operation::Describe, &name) {
+                    topics.push(
+                        MetadataResponseTopic::default()
+                            .with_name(Some(name))
+                            .with_error_code(ResponseError::TopicAuthorizationFailed.code()),
+                    );
+                    continue;
+                }
+                let allow =
+                    auto_create && (create_any || ctx.allowed_topic(Operation::Create, &name));
                 match b.stream_or_create(name.as_str(), allow).await {
                     Ok(s) => topics.push(topic_metadata(&s)),
                     Err(e) => {
@@ -128,12 +147,14 @@ pub async fn metadata(ctx: &Ctx, req: MetadataRequest, version: i16) -> Pending 
     let brokers = b
         .live_brokers()
         .iter()
-        .map(|x| {
-            let (host, port) = host_port(&x.kafka_addr);
-            MetadataResponseBroker::default()
-                .with_node_id(BrokerId(x.id as i32))
-                .with_host(host)
-                .with_port(port)
+        .filter_map(|x| {
+            let (host, port) = host_port(x.kafka_addr_for(ctx.listener.name())?);
+            Some(
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(x.id as i32))
+                    .with_host(host)
+                    .with_port(port),
+            )
         })
         .collect();
     let resp = MetadataResponse::default()
@@ -153,12 +174,14 @@ pub fn describe_cluster(ctx: &Ctx, _req: DescribeClusterRequest) -> Pending {
             .with_brokers(
                 b.live_brokers()
                     .iter()
-                    .map(|x| {
-                        let (host, port) = host_port(&x.kafka_addr);
-                        DescribeClusterBroker::default()
-                            .with_broker_id(BrokerId(x.id as i32))
-                            .with_host(host)
-                            .with_port(port)
+                    .filter_map(|x| {
+                        let (host, port) = host_port(x.kafka_addr_for(ctx.listener.name())?);
+                        Some(
+                            DescribeClusterBroker::default()
+                                .with_broker_id(BrokerId(x.id as i32))
+                                .with_host(host)
+                                .with_port(port),
+                        )
                     })
                     .collect(),
             ),
@@ -173,10 +196,14 @@ pub fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i16) ->
             let code = ResponseError::CoordinatorNotAvailable.code();
             return (code, BrokerId(-1), StrBytes::default(), -1);
         }
-        match b.coordinator(key) {
-            Some(c) => {
-                let (host, port) = host_port(&c.kafka_addr);
-                (0, BrokerId(c.id as i32), host, port)
+        let coordinator = b.coordinator(key);
+        let addr = coordinator
+            .as_ref()
+            .and_then(|c| Some((c.id, c.kafka_addr_for(ctx.listener.name())?)));
+        match addr {
+            Some((id, addr)) => {
+                let (host, port) = host_port(addr);
+                (0, BrokerId(id as i32), host, port)
             }
             None => (
                 ResponseError::CoordinatorNotAvailable.code(),

@@ -6,15 +6,20 @@
 //! returning, so pipelined produces keep their order while their fsync
 //! waits overlap and share group commits.
 
+mod acls;
 mod admin;
-mod conn;
+pub mod auth;
+mod authz;
+pub(crate) mod conn;
 mod fetch;
 mod groups;
 mod metadata;
 mod produce;
 mod records;
+mod users;
 mod versions;
 
+pub use auth::{KafkaListener, SecurityProtocol};
 pub use conn::serve;
 pub use versions::supported_versions;
 

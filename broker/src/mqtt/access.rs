@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 
@@ -66,6 +67,9 @@ pub struct Access {
     passwords: Option<HashMap<String, String>>,
     allow_anonymous: bool,
     acl: Option<Acl>,
+    /// The broker's SCRAM users (`shoal users add`): a user the password
+    /// file does not list is checked against them.
+    users: Option<Arc<crate::security::Users>>,
 }
 
 impl Access {
@@ -74,6 +78,7 @@ impl Access {
         Access {
             passwords: None,
             allow_anonymous: true,
+            users: None,
             acl: None,
         }
     }
@@ -89,6 +94,7 @@ impl Access {
             passwords,
             allow_anonymous,
             acl,
+            users: None,
         })
     }
 
@@ -104,12 +110,43 @@ impl Access {
                 Err(Refusal::NotAuthorized)
             };
         };
-        let Some(passwords) = &self.passwords else {
-            // No password file: user names are taken as given (they still
-            // select ACL rules), as Mosquitto does without one.
-            return Ok(());
+        let in_file = self.passwords.as_ref().and_then(|p| p.get(user));
+        let scram = self.users.as_ref().filter(|u| u.knows(user));
+        let hash = match (in_file, scram) {
+            (Some(hash), _) => hash,
+            (None, Some(users)) => {
+                let Some(password) = password.and_then(|p| std::str::from_utf8(p).ok()) else {
+                    return Err(Refusal::BadCredentials);
+                };
+                let verify = || {
+                    if shoal_security::sasl::CredentialStore::verify_password(
+                        users.as_ref(),
+                        user,
+                        password,
+                    ) {
+                        Ok(())
+                    } else {
+                        Err(Refusal::BadCredentials)
+                    }
+                };
+                return crate::security::hashing(verify);
+            }
+            // Neither source lists the user. Only where anonymous clients
+            // are welcome and no credential exists at all are names taken
+            // as given (they still select ACL rules), as Mosquitto does
+            // without a password file.
+            (None, None) => {
+                let unchecked = self.allow_anonymous
+                    && self.passwords.is_none()
+                    && self.users.as_ref().is_none_or(|u| u.is_empty());
+                return if unchecked {
+                    Ok(())
+                } else {
+                    Err(Refusal::BadCredentials)
+                };
+            }
         };
-        let (Some(hash), Some(password)) = (passwords.get(user), password) else {
+        let Some(password) = password else {
             return Err(Refusal::BadCredentials);
         };
         let Ok(parsed) = PasswordHash::new(hash) else {
@@ -120,14 +157,13 @@ impl Access {
                 .verify_password(password, &parsed)
                 .map_err(|_| Refusal::BadCredentials)
         };
-        // Argon2 is meant to take tens of milliseconds: on a multi-thread
-        // runtime the worker hands its other tasks on while it hashes.
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(verify)
-            }
-            _ => verify(),
-        }
+        crate::security::hashing(verify)
+    }
+
+    /// Check passwords against the broker's SCRAM users too.
+    pub(crate) fn with_users(mut self, users: Arc<crate::security::Users>) -> Self {
+        self.users = Some(users);
+        self
     }
 
     pub(crate) fn may_publish(&self, user: Option<&str>, client: &str, topic: &str) -> bool {

@@ -104,6 +104,10 @@ pub(crate) struct Protocol {
     connect_expiry: u32,
     disconnect_expiry: Option<u32>,
     username: Option<String>,
+    /// The subject of the client certificate this connection's TLS
+    /// handshake verified (RFC 2253): the client's identity, in place of a
+    /// user name and password.
+    certificate: Option<String>,
     /// The other brokers were asked for the session (after the client's
     /// credentials passed).
     peers_asked: bool,
@@ -167,8 +171,18 @@ impl Protocol {
             connect_expiry: 0,
             disconnect_expiry: None,
             username: None,
+            certificate: None,
             peers_asked: false,
         }
+    }
+
+    /// A connection whose client presented a verified certificate: its
+    /// subject is the user name, whatever CONNECT says, and no password is
+    /// asked for (Mosquitto's `use_subject_as_username`, EMQX's
+    /// `peer_cert_as_username = dn`).
+    pub(crate) fn with_certificate(mut self, subject: Option<String>) -> Self {
+        self.certificate = subject;
+        self
     }
 
     pub(crate) fn version(&self) -> u8 {
@@ -341,7 +355,7 @@ impl Protocol {
         vec![Action::Send(self.connack(false, reason)), Action::Close]
     }
 
-    fn connect(&mut self, c: ConnectPacket, now_ms: i64) -> Vec<Action> {
+    fn connect(&mut self, mut c: ConnectPacket, now_ms: i64) -> Vec<Action> {
         match c.protocol_version {
             4 | 5 => self.version = c.protocol_version,
             _ => {
@@ -368,8 +382,11 @@ impl Protocol {
             }
         }
         // Credentials and identity (checked once: a CONNECT that waited for
-        // the other brokers passed them already).
-        if !self.peers_asked
+        // the other brokers passed them already). A certificate is both.
+        if let Some(subject) = &self.certificate {
+            c.username = Some(subject.clone());
+            c.password = None;
+        } else if !self.peers_asked
             && let Err(r) = self
                 .access
                 .authenticate(c.username.as_deref(), c.password.as_deref())
@@ -1147,5 +1164,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn a_certificate_subject_is_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let acl = dir.path().join("acl");
+        std::fs::write(&acl, "user CN=dev1,O=Shoal\ntopic write dev1/#\n").unwrap();
+        let access = Arc::new(Access::load(None, Some(&acl), false).unwrap());
+        let reason = |certificate: Option<&str>| {
+            let mut proto = Protocol::new(
+                hub(),
+                Arc::new(Settings::default()),
+                access.clone(),
+                Arc::new(Notify::new()),
+            )
+            .with_certificate(certificate.map(str::to_string));
+            let actions = proto.handle(raw_connect(5, "d1", 2), 0);
+            match sent(&actions, 5).as_slice() {
+                [Packet::ConnAck(a)] => (a.reason_code, proto.username.clone()),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Anonymous clients are refused; the same CONNECT with a verified
+        // certificate is accepted, under the certificate's subject.
+        assert_eq!(reason(None).0, ReasonCode::NotAuthorized);
+        assert_eq!(
+            reason(Some("CN=dev1,O=Shoal")),
+            (ReasonCode::Success, Some("CN=dev1,O=Shoal".to_string()))
+        );
+        assert!(access.may_publish(Some("CN=dev1,O=Shoal"), "d1", "dev1/temp"));
     }
 }

@@ -116,12 +116,10 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Forward>,
     routes: Arc<Routes>,
     hub: Arc<Hub>,
+    auth: shoal_security::ClientAuth,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-    {
+    let client = match auth.http_client().timeout(Duration::from_secs(5)).build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("MQTT forwarding is off: {e}");
@@ -143,7 +141,7 @@ pub(crate) async fn run(
                 hub.note_dropped_n(Dropped::ForwardFailed, fs.len() as u64);
                 continue;
             };
-            let url = format!("http://{addr}/api/v1/mqtt/forward");
+            let url = format!("{}/api/v1/mqtt/forward", auth.url(&addr));
             for chunk in chunks(&fs) {
                 let rows: Vec<Row> = chunk
                     .iter()

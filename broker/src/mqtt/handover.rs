@@ -176,7 +176,10 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
         let addr = routes.addr(b)?;
         Some(ask(
             mqtt,
-            format!("http://{addr}/api/v1/mqtt/takeover"),
+            format!(
+                "{}/api/v1/mqtt/takeover",
+                mqtt.broker.config.peer_auth.url(&addr)
+            ),
             &body,
         ))
     });
@@ -218,7 +221,10 @@ pub(crate) async fn fetch(mqtt: &Mqtt, client: &Arc<str>, username: Option<&str>
             Err(None) => Asked::Unavailable,
         };
     }
-    let url = format!("http://{}/api/v1/mqtt/stored", owner.http_addr);
+    let url = format!(
+        "{}/api/v1/mqtt/stored",
+        mqtt.broker.config.peer_auth.url(&owner.http_addr)
+    );
     merge(mqtt, client, Asked::Absent, ask(mqtt, url, &body).await)
 }
 
@@ -339,7 +345,10 @@ pub(crate) async fn discard(mqtt: Arc<Mqtt>, client: Arc<str>, username: Option<
         let addr = routes.addr(b)?;
         Some(
             mqtt.peers
-                .post(format!("http://{addr}/api/v1/mqtt/takeover"))
+                .post(format!(
+                    "{}/api/v1/mqtt/takeover",
+                    mqtt.broker.config.peer_auth.url(&addr)
+                ))
                 .json(&body)
                 .timeout(ASK_TIMEOUT)
                 .send(),
@@ -405,7 +414,10 @@ pub(crate) async fn sync_retained(
         let got = async {
             let resp = mqtt
                 .peers
-                .get(format!("http://{addr}/api/v1/mqtt/retained"))
+                .get(format!(
+                    "{}/api/v1/mqtt/retained",
+                    mqtt.broker.config.peer_auth.url(&addr)
+                ))
                 .timeout(Duration::from_secs(30))
                 .send()
                 .await

@@ -6,10 +6,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::{Listener, ListenerExt};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use mqtt5_protocol::ReasonCode;
+use shoal_security::limits::{ConnectionLimits, LimitedListener};
+use shoal_security::tls::{TlsListener, TlsServer, TlsStream, certificate_principal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -20,25 +23,62 @@ use super::conn::{Action, Protocol, publish_ack};
 use super::frame;
 use super::handover;
 
-/// Accept MQTT connections until `shutdown`.
-pub async fn serve(listener: TcpListener, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>) {
+/// Accept MQTT connections until `shutdown`; those beyond `limits` are
+/// closed at once.
+pub async fn serve(
+    listener: TcpListener,
+    limits: Arc<ConnectionLimits>,
+    mqtt: Arc<Mqtt>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let listener = listener.tap_io(|sock| {
+        let _ = sock.set_nodelay(true);
+    });
+    let listener = LimitedListener::new(listener, limits);
+    accept_until_shutdown(listener, |_| None, mqtt, shutdown).await;
+}
+
+/// Accept MQTT over TLS (the 8883 kind of listener) until `shutdown`. A
+/// client certificate the handshake verified is the client's identity.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<TlsServer>,
+    limits: Arc<ConnectionLimits>,
+    mqtt: Arc<Mqtt>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let listener = match TlsListener::with_limits(listener, tls, Some(limits)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("MQTT TLS listener: {e}");
+            return;
+        }
+    };
+    let subject = |stream: &TlsStream| {
+        // The principal's `User:` prefix is Kafka's; an MQTT user name is
+        // the subject alone.
+        certificate_principal(stream.get_ref().1)
+            .map(|p| p.strip_prefix("User:").map(str::to_string).unwrap_or(p))
+    };
+    accept_until_shutdown(listener, subject, mqtt, shutdown).await;
+}
+
+async fn accept_until_shutdown<L>(
+    mut listener: L,
+    certificate: impl Fn(&L::Io) -> Option<String>,
+    mqtt: Arc<Mqtt>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    L: Listener,
+    L::Addr: std::fmt::Debug,
+{
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((sock, peer)) => {
-                    let _ = sock.set_nodelay(true);
-                    let mqtt = mqtt.clone();
-                    let shutdown = shutdown.clone();
-                    tokio::spawn(async move {
-                        tracing::debug!(%peer, "MQTT connection");
-                        connection(sock, mqtt, shutdown).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("MQTT accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = listener.accept() => {
+                tracing::debug!(?peer, "MQTT connection");
+                let subject = certificate(&stream);
+                tokio::spawn(connection(stream, mqtt.clone(), shutdown.clone(), subject));
+            }
             _ = shutdown.changed() => return,
         }
     }
@@ -111,8 +151,14 @@ impl HeldAcks {
 }
 
 /// Run one connection (TCP, or a WebSocket's byte stream) to its end.
-pub async fn connection<S>(io: S, mqtt: Arc<Mqtt>, mut shutdown: watch::Receiver<bool>)
-where
+/// `certificate`: the subject of the client certificate its TLS handshake
+/// verified, if any (the client's identity).
+pub async fn connection<S>(
+    io: S,
+    mqtt: Arc<Mqtt>,
+    mut shutdown: watch::Receiver<bool>,
+    certificate: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     // Reads and writes take turns (a write happens between two selects), so
@@ -124,7 +170,8 @@ where
         mqtt.settings.clone(),
         mqtt.access.clone(),
         wake.clone(),
-    );
+    )
+    .with_certificate(certificate);
     let max = mqtt.settings.max_packet_size;
     // Empty to start: most connections are idle most of the time, and a
     // packet reserves what it needs (read_some, frame::next).
@@ -375,7 +422,12 @@ fn persist(
 
 /// Accept MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`) until
 /// `shutdown`. Each binary message carries bytes of the MQTT stream.
-pub async fn serve_ws(listener: TcpListener, mqtt: Arc<Mqtt>, shutdown: watch::Receiver<bool>) {
+/// `listener` is a TCP listener (`ws://`) or a TLS one (`wss://`).
+pub async fn serve_ws<L>(listener: L, mqtt: Arc<Mqtt>, shutdown: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     use axum::extract::State;
     use axum::extract::ws::WebSocketUpgrade;
     use axum::routing::get;
@@ -411,7 +463,7 @@ async fn websocket(
 ) {
     use axum::extract::ws::Message as Ws;
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let conn = tokio::spawn(connection(theirs, mqtt, shutdown));
+    let conn = tokio::spawn(connection(theirs, mqtt, shutdown, None));
     let (mut rd, mut wr) = tokio::io::split(ours);
     let mut buf = vec![0u8; 16 * 1024];
     loop {

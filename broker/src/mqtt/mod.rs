@@ -16,12 +16,12 @@
 //! [`Access`].
 
 pub mod access;
-mod conn;
+pub(crate) mod conn;
 mod forward;
-mod frame;
+pub(crate) mod frame;
 mod handover;
 pub mod http;
-mod hub;
+pub(crate) mod hub;
 pub mod listener;
 mod message;
 mod persist;
@@ -108,12 +108,15 @@ impl Mqtt {
                 broker.mqtt_routes.clone(),
             )),
             settings: Arc::new(settings),
-            access: Arc::new(access),
-            broker,
-            peers: reqwest::Client::builder()
+            access: Arc::new(access.with_users(broker.users.clone())),
+            peers: broker
+                .config
+                .peer_auth
+                .http_client()
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap_or_default(),
+            broker,
             listeners: Default::default(),
         })
     }
@@ -205,6 +208,7 @@ impl Mqtt {
             queue,
             self.broker.mqtt_routes.clone(),
             self.hub.clone(),
+            self.broker.config.peer_auth.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(store::run(
@@ -229,6 +233,7 @@ impl Mqtt {
             tokio::spawn(remote_append::run(
                 queue,
                 self.peers.clone(),
+                self.broker.config.peer_auth.scheme(),
                 self.settings.persist_timeout,
                 shutdown.clone(),
             ));

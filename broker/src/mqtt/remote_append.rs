@@ -73,6 +73,7 @@ impl RemoteAppender {
 pub(crate) async fn run(
     mut rx: mpsc::Receiver<RemoteRecord>,
     client: reqwest::Client,
+    scheme: &'static str,
     timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -107,7 +108,7 @@ pub(crate) async fn run(
                         .count()
                         .max(1);
                     let rest = records.split_off(take);
-                    let outcome = send(&client, &records, timeout).await;
+                    let outcome = send(&client, scheme, &records, timeout).await;
                     for r in records {
                         let _ = r.done.send(outcome);
                     }
@@ -119,7 +120,12 @@ pub(crate) async fn run(
     }
 }
 
-async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Duration) -> Delivery {
+async fn send(
+    client: &reqwest::Client,
+    scheme: &'static str,
+    records: &[RemoteRecord],
+    timeout: Duration,
+) -> Delivery {
     let Some(first) = records.first() else {
         return Delivery::Stored;
     };
@@ -135,7 +141,7 @@ async fn send(client: &reqwest::Client, records: &[RemoteRecord], timeout: Durat
         return Delivery::Refused;
     };
     let sent = client
-        .post(format!("http://{}/api/v1/mqtt/append", first.addr))
+        .post(format!("{scheme}://{}/api/v1/mqtt/append", first.addr))
         .query(&[
             ("stream", first.stream.to_string()),
             ("shard", first.shard.to_string()),

@@ -8,7 +8,9 @@
 //! `SHOAL_OBJECT_STORE` (s3://bucket/prefix), optional
 //! `SHOAL_COMPACTION_DELAY`, `SHOAL_GC_GRACE`, `SHOAL_ORPHAN_GRACE`,
 //! `SHOAL_COMPACTION_TARGET_SIZE` (bytes), `SHOAL_DEADLINE_MARGIN`; the
-//! usual `AWS_*` variables reach the S3 client.
+//! cluster secret in `SHOAL_CLUSTER_SECRET_ARN` (Secrets Manager) or
+//! `SHOAL_CLUSTER_SECRET`, `SHOAL_TLS_CA` for placement over HTTPS; the
+//! usual `AWS_*` variables reach the S3 and Secrets Manager clients.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +35,26 @@ struct Setup {
     margin: Duration,
 }
 
-fn setup() -> Result<Setup, BoxError> {
+/// The cluster secret: from Secrets Manager when `SHOAL_CLUSTER_SECRET_ARN`
+/// names one, else `SHOAL_CLUSTER_SECRET` (say, from the function's
+/// encrypted environment); none when neither is set.
+async fn cluster_secret() -> Result<Option<shoal_security::Secret>, BoxError> {
+    let arn = std::env::var("SHOAL_CLUSTER_SECRET_ARN")
+        .ok()
+        .filter(|a| !a.trim().is_empty());
+    let Some(arn) = arn else {
+        return Ok(shoal_security::Secret::from_file_or_env(
+            None,
+            "SHOAL_CLUSTER_SECRET",
+        )?);
+    };
+    if std::env::var_os("SHOAL_CLUSTER_SECRET").is_some() {
+        return Err("set SHOAL_CLUSTER_SECRET_ARN or SHOAL_CLUSTER_SECRET, not both".into());
+    }
+    Ok(Some(shoal_security::aws_secret::fetch(arn.trim()).await?))
+}
+
+async fn setup() -> Result<Setup, BoxError> {
     let placement = std::env::var("SHOAL_PLACEMENT").map_err(|_| "SHOAL_PLACEMENT is not set")?;
     let addrs: Vec<String> = placement
         .split(',')
@@ -55,8 +76,20 @@ fn setup() -> Result<Setup, BoxError> {
             .map_err(|e| format!("SHOAL_COMPACTION_TARGET_SIZE={v:?}: {e}"))?;
     }
     let margin = env_duration("SHOAL_DEADLINE_MARGIN", Duration::from_secs(30))?;
+    let auth = match cluster_secret().await? {
+        Some(secret) => shoal_security::ClientAuth::bearer(secret),
+        None => shoal_security::ClientAuth::none(),
+    };
+    // Placement over HTTPS: the CA that signed its certificate (a PEM file
+    // in the deployment package); the system roots otherwise.
+    let auth = match std::env::var_os("SHOAL_TLS_CA") {
+        Some(ca) => auth
+            .with_https(Some(std::path::Path::new(&ca)))
+            .map_err(|e| format!("SHOAL_TLS_CA: {e}"))?,
+        None => auth,
+    };
     Ok(Setup {
-        compactor: Compactor::new(PlacementClient::remote(addrs), store, config),
+        compactor: Compactor::new(PlacementClient::remote(addrs, &auth), store, config),
         margin,
     })
 }
@@ -123,7 +156,7 @@ async fn main() -> Result<(), BoxError> {
         )
         .without_time()
         .init();
-    let setup = setup()?;
+    let setup = setup().await?;
     let setup = &setup;
     lambda_runtime::run(service_fn(move |event| handle(setup, event))).await
 }

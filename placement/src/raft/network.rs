@@ -48,17 +48,22 @@ impl SnapshotRequest {
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
+    scheme: &'static str,
 }
 
 impl Network {
-    pub fn new() -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    pub fn new(auth: &shoal_security::ClientAuth) -> Result<Self, reqwest::Error> {
+        let http = auth
+            .http_client()
             // Peers are addressed directly; an HTTP(S)_PROXY meant for the
             // outside world must not capture intra-cluster traffic.
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
             .build()?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            scheme: auth.scheme(),
+        })
     }
 }
 
@@ -68,6 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerClient {
             http: self.http.clone(),
+            scheme: self.scheme,
             target,
             addr: node.addr.clone(),
         }
@@ -76,6 +82,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 pub struct PeerClient {
     http: reqwest::Client,
+    scheme: &'static str,
     target: NodeId,
     addr: String,
 }
@@ -99,7 +106,7 @@ impl PeerClient {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let url = format!("http://{}{path}", self.addr);
+        let url = format!("{}://{}{path}", self.scheme, self.addr);
         let res = self
             .http
             .post(&url)
