@@ -7,7 +7,10 @@ bench/produce.py load against each in turn, throughput and p99 side by side.
     python3 bench/security.py --seconds 15 --partitions 8
 
 Prints one JSON line per listener and load (`max`: as fast as the client
-goes; `paced`: --paced-rate records/s for latency).
+goes; `paced`: --paced-rate records/s for latency), with the broker's own
+CPU time per MB produced (`broker_cpu_ms_per_mb`, from /proc): on a machine
+where client and broker share the cores, that is the broker's cost of TLS
+apart from the client's.
 """
 import argparse
 import json
@@ -25,6 +28,12 @@ from certs import make_certs  # noqa: E402
 from harness import free_port  # noqa: E402
 
 PASSWORD = "bench-password-123"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -72,8 +81,14 @@ def main():
                        "--rate", str(rate)]
                 for kv in configs[name]:
                     cmd += ["-X", kv]
+                cpu_before = cpu_seconds(proc.pid)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                cpu = cpu_seconds(proc.pid) - cpu_before
                 result = json.loads(out.stdout.strip().splitlines()[-1])
+                # records x 1 KiB (bench/produce.py's default record size)
+                mb = result["records"] * 1024 / 1e6
+                if mb:
+                    result["broker_cpu_ms_per_mb"] = round(cpu * 1000 / mb, 3)
                 print(json.dumps({"listener": name, "load": load, **result}), flush=True)
     finally:
         proc.terminate()

@@ -84,7 +84,17 @@ impl AuthArgs {
     /// For a cluster role: operators' tokens without a cluster secret would
     /// lock the nodes out of each other.
     pub fn resolve_for_cluster(&self) -> Result<Auth, ConfigError> {
-        let auth = self.resolve(None, None)?;
+        self.resolve_for_cluster_with(None, None)
+    }
+
+    /// As [`Self::resolve_for_cluster`], with the config file's paths
+    /// (flags and variables win).
+    pub fn resolve_for_cluster_with(
+        &self,
+        file_secret: Option<PathBuf>,
+        file_tokens: Option<PathBuf>,
+    ) -> Result<Auth, ConfigError> {
+        let auth = self.resolve(file_secret, file_tokens)?;
         if auth.server.is_on() && !auth.peers.is_some() {
             return Err(err(
                 "--admin-token-file needs --cluster-secret-file on the nodes of a cluster: \

@@ -478,7 +478,7 @@ fn bytes_setting(
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+pub(crate) fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {

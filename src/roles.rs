@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::Args;
+use serde::Deserialize;
 use shoal_broker::{Broker, BrokerConfig, Durability};
 use shoal_placement::{NodeConfig, PlacementClient, PlacementNode};
 use shoal_storage::ObjectStorage;
@@ -96,6 +97,87 @@ pub struct BrokerArgs {
     pub auth: crate::auth::AuthArgs,
     #[command(flatten)]
     pub security: crate::listeners::SecurityArgs,
+    /// TOML file with the listener, TLS, SASL, ACL, MQTT and HTTP
+    /// authentication settings (the keys of `standalone`'s file; flags and
+    /// SHOAL_* variables win).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `shoal broker --config FILE`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BrokerFile {
+    cluster_secret_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    http_tls: Option<bool>,
+    kafka_listeners: Option<String>,
+    advertised_kafka_listeners: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    sasl_mechanisms: Option<String>,
+    connections_max_reauth: Option<String>,
+    authorizer: Option<bool>,
+    super_users: Option<String>,
+    allow_everyone_if_no_acl_found: Option<bool>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    mqtt_addr: Option<String>,
+    mqtt_ws_addr: Option<String>,
+    mqtt_listeners: Option<String>,
+    mqtt_password_file: Option<PathBuf>,
+    mqtt_acl_file: Option<PathBuf>,
+    mqtt_allow_anonymous: Option<bool>,
+    mqtt_max_packet_size: Option<toml::Value>,
+    mqtt_max_queued_messages: Option<usize>,
+    mqtt_queue_drop_policy: Option<String>,
+    mqtt_max_inflight: Option<usize>,
+    mqtt_max_keep_alive: Option<u16>,
+    mqtt: Option<crate::mqtt::MqttFile>,
+}
+
+impl BrokerFile {
+    fn read(path: Option<&Path>) -> Result<Self, ConfigError> {
+        path.map_or_else(|| Ok(Self::default()), crate::config::read_file)
+    }
+
+    fn security(&self) -> crate::listeners::SecurityFile {
+        crate::listeners::SecurityFile {
+            kafka_listeners: self.kafka_listeners.clone(),
+            advertised_kafka_listeners: self.advertised_kafka_listeners.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            sasl_mechanisms: self.sasl_mechanisms.clone(),
+            connections_max_reauth: self.connections_max_reauth.clone(),
+            authorizer: self.authorizer,
+            super_users: self.super_users.clone(),
+            allow_everyone_if_no_acl_found: self.allow_everyone_if_no_acl_found,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+        }
+    }
+
+    fn mqtt(&mut self) -> (crate::mqtt::MqttFlatFile, Vec<crate::mqtt::PersistRuleFile>) {
+        let flat = crate::mqtt::MqttFlatFile {
+            mqtt_addr: self.mqtt_addr.take(),
+            mqtt_ws_addr: self.mqtt_ws_addr.take(),
+            mqtt_listeners: self.mqtt_listeners.take(),
+            mqtt_password_file: self.mqtt_password_file.take(),
+            mqtt_acl_file: self.mqtt_acl_file.take(),
+            mqtt_allow_anonymous: self.mqtt_allow_anonymous,
+            mqtt_max_packet_size: self.mqtt_max_packet_size.take(),
+            mqtt_max_queued_messages: self.mqtt_max_queued_messages,
+            mqtt_queue_drop_policy: self.mqtt_queue_drop_policy.take(),
+            mqtt_max_inflight: self.mqtt_max_inflight,
+            mqtt_max_keep_alive: self.mqtt_max_keep_alive,
+        };
+        (
+            flat,
+            self.mqtt.take().map(|m| m.persist).unwrap_or_default(),
+        )
+    }
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -277,9 +359,9 @@ struct BrokerSettings {
     config: BrokerConfig,
 }
 
-fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
+fn broker_settings(args: &BrokerArgs, file: &BrokerFile) -> Result<BrokerSettings, ConfigError> {
     let kafka = args.security.resolve(
-        Default::default(),
+        file.security(),
         &args.kafka_addr,
         args.advertised_kafka_addr.as_deref(),
     )?;
@@ -323,16 +405,22 @@ fn broker_settings(args: &BrokerArgs) -> Result<BrokerSettings, ConfigError> {
 }
 
 pub async fn broker(args: BrokerArgs) -> Result<(), String> {
-    let mut s = broker_settings(&args).map_err(|e| e.to_string())?;
+    let mut file = BrokerFile::read(args.config.as_deref()).map_err(|e| e.to_string())?;
+    let mut s = broker_settings(&args, &file).map_err(|e| e.to_string())?;
+    let http_tls = args.auth.http_tls.or(file.http_tls).unwrap_or(false);
     let auth = args
         .auth
-        .resolve_for_cluster()
-        .and_then(|a| a.with_http_tls(args.auth.http_tls.unwrap_or(false), s.kafka.tls.as_ref()))
+        .resolve_for_cluster_with(
+            file.cluster_secret_file.take(),
+            file.admin_token_file.take(),
+        )
+        .and_then(|a| a.with_http_tls(http_tls, s.kafka.tls.as_ref()))
         .map_err(|e| e.to_string())?;
     s.config.peer_auth = auth.peers.clone();
+    let (mqtt_file, persist) = file.mqtt();
     let mqtt_cfg = args
         .mqtt
-        .resolve(Default::default(), Vec::new(), None)
+        .resolve(mqtt_file, persist, None)
         .map_err(|e| e.to_string())?;
     let placement_addrs: Vec<String> = args
         .placement

@@ -3,6 +3,7 @@
 //! SHOAL_TOKEN) or straight into a stopped standalone node's data dir, so
 //! the first super user exists before the first start.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::PathBuf;
 
@@ -91,7 +92,7 @@ pub async fn command(cmd: UsersCmd) -> Result<(), String> {
         }
         UsersCmd::List { target } => {
             with_placement(&target, |client| async move {
-                for (user, creds) in security(&client).await?.users {
+                for (user, creds) in users(&client).await? {
                     let mechs: Vec<&str> = creds.keys().map(|m| m.name()).collect();
                     println!("{user}\t{}", mechs.join(","));
                 }
@@ -106,9 +107,8 @@ pub async fn command(cmd: UsersCmd) -> Result<(), String> {
         } => {
             let only = mechanism.as_deref().map(mechanism_arg).transpose()?;
             with_placement(&target, |client| async move {
-                let have: Vec<ScramMechanism> = security(&client)
+                let have: Vec<ScramMechanism> = users(&client)
                     .await?
-                    .users
                     .get(&name)
                     .map(|c| c.keys().copied().collect())
                     .unwrap_or_default();
@@ -148,14 +148,18 @@ async fn write(client: &PlacementClient, cmd: Command) -> Result<(), String> {
     }
 }
 
-async fn security(client: &PlacementClient) -> Result<shoal_placement::Security, String> {
+/// user -> mechanism -> iterations (no key material: an operator's token
+/// may not read that).
+async fn users(
+    client: &PlacementClient,
+) -> Result<BTreeMap<String, BTreeMap<ScramMechanism, u32>>, String> {
     match client
-        .query(Query::Security { known: None })
+        .query(Query::Users)
         .await
         .map_err(|e| e.to_string())?
     {
-        QueryReply::Security { security: Some(s) } => Ok(s),
-        other => Err(format!("unexpected placement answer {other:?}")),
+        QueryReply::Users { users } => Ok(users),
+        _ => Err("unexpected placement answer to a users query".into()),
     }
 }
 

@@ -35,6 +35,13 @@ impl Users {
             .then(|| self.current.read().version)
     }
 
+    /// Has the first copy arrived? Before it, ACLs deny everything (an
+    /// empty set would otherwise let `allow.everyone.if.no.acl.found`
+    /// open every resource).
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub(crate) fn snapshot(&self) -> Arc<Security> {
         self.current.read().clone()
     }
@@ -116,6 +123,9 @@ pub(crate) async fn refresh(broker: &Broker) {
     {
         Ok(shoal_placement::QueryReply::Security { security: Some(s) }) => broker.users.replace(s),
         Ok(_) => {}
-        Err(e) => tracing::debug!("users not refreshed: {e}"),
+        Err(e) if broker.users.is_loaded() => tracing::debug!("users not refreshed: {e}"),
+        Err(e) => tracing::warn!(
+            "users and ACLs not loaded yet (authentication and ACL checks refuse until they are): {e}"
+        ),
     }
 }

@@ -423,9 +423,13 @@ pub enum Query {
     /// The MQTT persistence rules, in the order they are tried.
     MqttPersist,
     /// Users and their credentials, unless `known` is the current version.
+    /// Key material: only cluster nodes may ask (not operators' tokens).
     Security {
         known: Option<u64>,
     },
+    /// Users with their mechanisms and iteration counts, and nothing
+    /// secret (`shoal users list`).
+    Users,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,5 +471,9 @@ pub enum QueryReply {
     },
     Security {
         security: Option<crate::security::Security>,
+    },
+    /// user -> mechanism -> iterations
+    Users {
+        users: BTreeMap<String, BTreeMap<shoal_security::scram::ScramMechanism, u32>>,
     },
 }

@@ -115,7 +115,9 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
         .route(APPEND_PATH, post(append))
         .route(VOTE_PATH, post(vote))
         .route(SNAPSHOT_PATH, post(snapshot))
-        .layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT))
+        // The log and snapshots carry credentials' key material: nodes only.
+        .layer(axum::middleware::from_fn(shoal_security::nodes_only));
     api.merge(raft).with_state(node)
 }
 
@@ -128,8 +130,18 @@ async fn write(State(node): Node, body: Result<Json<Command>, JsonRejection>) ->
     }
 }
 
-async fn query(State(node): Node, body: Result<Json<Query>, JsonRejection>) -> Response {
+async fn query(
+    State(node): Node,
+    caller: Option<axum::Extension<shoal_security::Caller>>,
+    body: Result<Json<Query>, JsonRejection>,
+) -> Response {
     match body {
+        // Credentials' key material is for brokers, not operators' tokens.
+        Ok(Json(Query::Security { .. }))
+            if caller.is_some_and(|c| c.0 == shoal_security::Caller::Operator) =>
+        {
+            shoal_security::operator_refused()
+        }
         Ok(Json(q)) => answer(node.query(q).await),
         Err(rejection) => bad_request(rejection),
     }

@@ -326,6 +326,17 @@ impl State {
             Query::Security { known } => QueryReply::Security {
                 security: (*known != Some(self.security.version)).then(|| self.security.clone()),
             },
+            Query::Users => QueryReply::Users {
+                users: self
+                    .security
+                    .users
+                    .iter()
+                    .map(|(user, creds)| {
+                        let mechs = creds.iter().map(|(m, c)| (*m, c.iterations)).collect();
+                        (user.clone(), mechs)
+                    })
+                    .collect(),
+            },
             Query::Lifecycle => QueryReply::Lifecycle {
                 lifecycle: self.lifecycle.clone(),
             },

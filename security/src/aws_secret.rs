@@ -59,15 +59,18 @@ pub async fn fetch(id: &str) -> Result<Secret> {
         })?;
     AwsAuthorizer::new(&credential, "secretsmanager", &region).authorize(&mut request, None);
 
-    let client = reqwest::Client::new();
-    let mut send = client.post(request.uri().to_string()).body(body);
-    for (name, value) in request.headers() {
-        send = send.header(name.as_str(), value.as_bytes());
-    }
     let failed = |source| Error::SecretRequest {
         id: id.into(),
         source,
     };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(failed)?;
+    let mut send = client.post(request.uri().to_string()).body(body);
+    for (name, value) in request.headers() {
+        send = send.header(name.as_str(), value.as_bytes());
+    }
     let response = send.send().await.map_err(failed)?;
     let status = response.status();
     let text = response.text().await.map_err(failed)?;

@@ -23,10 +23,29 @@ pub struct HttpAuth {
     inner: Option<Arc<Verifiers>>,
 }
 
-#[derive(Debug)]
 struct Verifiers {
     secret: Option<[u8; 32]>,
     tokens: Option<TokenFile>,
+}
+
+impl std::fmt::Debug for Verifiers {
+    // Not even the secret's digest is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifiers")
+            .field("secret", &self.secret.is_some())
+            .field("tokens", &self.tokens.is_some())
+            .finish()
+    }
+}
+
+/// Who an accepted request came from, as the middleware found it (in the
+/// request's extensions; absent when authentication is off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node of the cluster: it presented the cluster secret.
+    Node,
+    /// An operator: it presented a token.
+    Operator,
 }
 
 impl HttpAuth {
@@ -49,24 +68,30 @@ impl HttpAuth {
     /// Does this `Authorization` header carry the cluster secret or a valid
     /// token? Always true when authentication is off.
     pub fn accepts(&self, headers: &HeaderMap) -> bool {
-        let Some(v) = &self.inner else {
-            return true;
-        };
-        let Some(token) = headers
+        self.inner.is_none() || self.caller(headers).is_some()
+    }
+
+    /// Whose credential this `Authorization` header carries, if any.
+    fn caller(&self, headers: &HeaderMap) -> Option<Caller> {
+        let v = self.inner.as_ref()?;
+        let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
                     .or_else(|| h.strip_prefix("bearer "))
             })
-            .map(str::trim)
-        else {
-            return false;
-        };
+            .map(str::trim)?;
         let is_secret = v
             .secret
             .is_some_and(|s| bool::from(s.ct_eq(&crate::sha256(token.as_bytes()))));
-        is_secret || v.tokens.as_ref().is_some_and(|t| t.accepts(token))
+        if is_secret {
+            Some(Caller::Node)
+        } else if v.tokens.as_ref().is_some_and(|t| t.accepts(token)) {
+            Some(Caller::Operator)
+        } else {
+            None
+        }
     }
 
     /// `router` with every path but `/health` and `/metrics` behind this
@@ -79,14 +104,40 @@ impl HttpAuth {
     }
 }
 
-async fn check(State(auth): State<HttpAuth>, req: Request, next: Next) -> Response {
-    if OPEN_PATHS.contains(&req.uri().path()) || auth.accepts(req.headers()) {
+async fn check(State(auth): State<HttpAuth>, mut req: Request, next: Next) -> Response {
+    if let Some(caller) = auth.caller(req.headers()) {
+        req.extensions_mut().insert(caller);
+        return next.run(req).await;
+    }
+    if OPEN_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
         axum::Json(error_body()),
+    )
+        .into_response()
+}
+
+/// A middleware for routes only the cluster's nodes may call (Raft's RPCs):
+/// a request an operator's token let in gets 403. Where authentication is
+/// off, no caller is recorded and everything passes.
+pub async fn nodes_only(req: Request, next: Next) -> Response {
+    if req.extensions().get::<Caller>() == Some(&Caller::Operator) {
+        return operator_refused();
+    }
+    next.run(req).await
+}
+
+/// 403 for an operator's token where the cluster secret is needed.
+pub fn operator_refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        axum::Json(serde_json::json!({
+            "error": "only the cluster's nodes (the cluster secret) may call this",
+            "leader": null,
+        })),
     )
         .into_response()
 }

@@ -28,7 +28,7 @@ pub mod tls;
 mod token;
 
 pub use error::{Error, Result};
-pub use http::{ClientAuth, HttpAuth};
+pub use http::{Caller, ClientAuth, HttpAuth, nodes_only, operator_refused};
 pub use secret::Secret;
 pub use token::TokenFile;
 

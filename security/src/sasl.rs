@@ -164,11 +164,13 @@ impl SaslExchange {
                 reason: BAD_CREDENTIALS,
             };
         }
-        let Some(credential) = self.store.scram(&first.user, m) else {
-            return SaslStep::Failed {
-                reason: BAD_CREDENTIALS,
-            };
-        };
+        // An unknown user gets a challenge too, with a salt that stays the
+        // same across attempts, and fails at the proof like a wrong
+        // password: the exchange does not tell which users exist.
+        let credential = self
+            .store
+            .scram(&first.user, m)
+            .unwrap_or_else(|| decoy_credential(m, &first.user));
         let nonce = format!("{}{snonce}", first.nonce);
         let server_first = format!(
             "r={nonce},s={},i={}",
@@ -186,6 +188,22 @@ impl SaslExchange {
             nonce,
         }));
         SaslStep::Continue { challenge }
+    }
+}
+
+/// A credential no password matches, for a user the store does not know:
+/// its salt is derived from the name with a key of this process, so it is
+/// stable from one attempt to the next, as a real user's is.
+fn decoy_credential(m: ScramMechanism, user: &str) -> ScramCredential {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let mut salt = m.hmac(key, &[user.as_bytes()]);
+    salt.truncate(24);
+    ScramCredential {
+        salt,
+        iterations: crate::scram::MIN_ITERATIONS,
+        stored_key: rand::random::<[u8; 32]>().to_vec(),
+        server_key: rand::random::<[u8; 32]>().to_vec(),
     }
 }
 
@@ -385,8 +403,7 @@ mod tests {
         let server = SaslServer::new(rfc7677_user());
         let scram = SaslMechanism::Scram(ScramMechanism::Sha512);
         for msg in [
-            &b"n,,n=bob,r=abc"[..],
-            b"p=tls-unique,,n=alice,r=abc",
+            &b"p=tls-unique,,n=alice,r=abc"[..],
             b"n,,r=abc",
             b"n,,n=al=ice,r=abc",
             b"\xff",
@@ -408,6 +425,32 @@ mod tests {
             SaslStep::Failed { .. }
         ));
         assert!(matches!(x.step(b"anything"), SaslStep::Failed { .. }));
+    }
+
+    #[test]
+    fn an_unknown_user_reads_like_a_wrong_password() {
+        let server = SaslServer::new(rfc7677_user());
+        let scram = SaslMechanism::Scram(ScramMechanism::Sha256);
+        let salt_of = |user: &str| {
+            let mut x = server.start(scram);
+            let SaslStep::Continue { challenge } = x.step(format!("n,,n={user},r=abc").as_bytes())
+            else {
+                panic!("no challenge for {user}");
+            };
+            let text = String::from_utf8(challenge).unwrap();
+            let salt = text
+                .split(',')
+                .find_map(|a| a.strip_prefix("s="))
+                .unwrap()
+                .to_string();
+            (x, salt)
+        };
+        let (mut x, salt) = salt_of("bob");
+        // The same salt on the next attempt, as a real user's.
+        assert_eq!(salt_of("bob").1, salt);
+        assert_ne!(salt_of("carol").1, salt);
+        let last = x.step(b"c=biws,r=abc,p=AAAA");
+        assert!(matches!(last, SaslStep::Failed { reason } if reason == BAD_CREDENTIALS));
     }
 
     #[test]

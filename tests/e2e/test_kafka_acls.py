@@ -655,3 +655,48 @@ def test_mtls_certificate_principal_drives_acls(shoal_factory, tmp_path):
     # Only the certificate's records are in `t`.
     consume_ok(sasl, ADMIN, "t", values)
     assert s.http("/health").status == 200
+
+
+# --------------------------------------------------------------------------
+# 7. `shoal broker --config`
+
+
+def test_a_broker_takes_its_security_settings_from_a_config_file(tmp_path, request):
+    c = Cluster(tmp_path, placements=1, brokers=1)
+    request.node._shoal_instances = c.processes
+    b = c.brokers[0]
+    taken = {b.kafka_port, b.http_port, b.mqtt_port, c.placements[0].http_port}
+    sasl = free_port()
+    while sasl in taken:
+        sasl = free_port()
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'kafka-listeners = "PLAINTEXT://127.0.0.1:{b.kafka_port},'
+        f'SASL_PLAINTEXT://127.0.0.1:{sasl}"\n'
+        f'sasl-mechanisms = "{MECHANISM}"\n'
+        'authorizer = true\n'
+        f'super-users = "User:{ADMIN}"\n')
+    b.extra_args = ["--config", str(config)]
+    try:
+        c.start()
+        add_users("--server", c.placements[0].http_base, users=(ADMIN, ALICE))
+        wait_for(lambda: admin_client(sasl, ADMIN).list_topics(timeout=2).brokers, 30,
+                 "the super user to authenticate on the file's SASL listener", interval=0.2)
+        topic = unique_name("from-file")
+        create_topics(sasl, topic)
+        # The file's authorizer is on: alice, with no ACL, does not see it;
+        # the super user does.
+        assert topic in admin_client(sasl, ADMIN).list_topics(timeout=10).topics
+        assert topic not in admin_client(sasl, ALICE).list_topics(timeout=10).topics
+    finally:
+        c.cleanup()
+
+    # A misspelt key is an error, not a setting silently ignored.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("authoriser = true\n")
+    out = subprocess.run([shoal_bin(), "broker", "--config", str(bad), "--node-id", "9",
+                          "--placement", "127.0.0.1:1", "--object-store",
+                          f"file://{tmp_path / 'objects'}", "--data-dir", str(tmp_path / "b9")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "authoriser" in out.stderr, out.stderr

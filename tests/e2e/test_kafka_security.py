@@ -454,7 +454,11 @@ def test_scram_users_through_kafka_admin_api(shoal_factory, certs):
     from kafka.admin import (ScramMechanism, UserScramCredentialDeletion,
                              UserScramCredentialUpsertion)
 
-    s, ls = secure_shoal(shoal_factory, certs, users=[(ALICE, ALICE_PW, "SCRAM-SHA-512")])
+    # alice is a super user (ALTER and DESCRIBE on the cluster); topics
+    # without ACLs stay open, so carol can produce and consume.
+    s, ls = secure_shoal(shoal_factory, certs, users=[(ALICE, ALICE_PW, "SCRAM-SHA-512")],
+                         extra_args=["--authorizer", "true", "--super-users", f"User:{ALICE}",
+                                     "--allow-everyone-if-no-acl-found", "true"])
     carol_pw = "carol-Pa55word-from-kafka"
     carol = rd_sasl(certs, "carol", carol_pw, "SCRAM-SHA-512")
     # carol does not exist yet.
@@ -503,6 +507,82 @@ def test_scram_users_through_kafka_admin_api(shoal_factory, certs):
     assert carol_pw not in s.log_text()
     # alice still works.
     kcat_roundtrip(ls.sasl_ssl, rd_sasl(certs, ALICE, ALICE_PW, "SCRAM-SHA-512"), n=2)
+
+
+def test_without_an_authorizer_users_change_only_their_own_credentials(shoal_factory, certs):
+    from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
+    from kafka.errors import ClusterAuthorizationFailedError
+
+    s, ls = secure_shoal(shoal_factory, certs, users=[(ALICE, ALICE_PW, "SCRAM-SHA-512"),
+                                                      (BOB, BOB_PW, "SCRAM-SHA-512")])
+    new_pw = "bob-N3w-password-of-his-own"
+    bob = kp_admin(addr(ls.sasl_ssl), **kp_sasl(certs, BOB, BOB_PW, "SCRAM-SHA-512"))
+    try:
+        res = bob.alter_user_scram_credentials([
+            UserScramCredentialUpsertion(ALICE, ScramMechanism.SCRAM_SHA_512, "taken-over-1234"),
+            UserScramCredentialUpsertion(BOB, ScramMechanism.SCRAM_SHA_512, new_pw)])
+        assert res[ALICE] is not None and res[BOB] is None, res
+    finally:
+        bob.close()
+    # alice's password is unchanged; bob's new one works.
+    kcat_roundtrip(ls.sasl_ssl, rd_sasl(certs, ALICE, ALICE_PW, "SCRAM-SHA-512"), n=2)
+    wait_for(lambda: kcat_run(ls.sasl_ssl, rd_sasl(certs, BOB, new_pw, "SCRAM-SHA-512"),
+                              "-L", "-m", "10").returncode == 0,
+             30, "bob's new password to work", interval=0.5)
+    # An anonymous client (PLAINTEXT listener) may neither list users nor
+    # change a password.
+    anon = kp_admin(addr(ls.plaintext))
+    try:
+        with pytest.raises(ClusterAuthorizationFailedError):
+            anon.describe_user_scram_credentials()
+        res = anon.alter_user_scram_credentials([
+            UserScramCredentialUpsertion(ALICE, ScramMechanism.SCRAM_SHA_512, "taken-over-1234")])
+        assert res[ALICE] is not None, res
+    finally:
+        anon.close()
+    kcat_roundtrip(ls.sasl_ssl, rd_sasl(certs, ALICE, ALICE_PW, "SCRAM-SHA-512"), n=2)
+
+
+def test_certificates_are_reloaded_without_dropping_connections(shoal_factory, tmp_path):
+    """The certificate files replaced and SIGHUP sent: new connections get
+    the new certificate, and a connection made before goes on working."""
+    import signal
+    import ssl
+
+    old, new = make_certs(tmp_path / "old"), make_certs(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.pem", live / "server.key"
+    shutil.copy(old.server_cert, cert)
+    shutil.copy(old.server_key, key)
+    kafka, http, mqtt, plain, tls_port = distinct_ports(5)
+    s = shoal_factory(kafka_port=kafka, http_port=http, mqtt_port=mqtt, extra_args=[
+        "--kafka-listeners", f"PLAINTEXT://127.0.0.1:{plain},SSL://127.0.0.1:{tls_port}",
+        "--tls-cert", str(cert), "--tls-key", str(key)]).start()
+
+    def trusting(certs: Certs) -> dict:
+        return {"security.protocol": "SSL", "ssl.ca.location": str(certs.ca)}
+
+    kcat(tls_port, trusting(old), "-L")
+    kept = RawConnection("127.0.0.1", tls_port)
+    ctx = ssl.create_default_context(cafile=str(old.ca))
+    kept.sock = ctx.wrap_socket(kept.sock, server_hostname="localhost")
+    try:
+        assert API_METADATA in kept.api_versions()
+        # Replace both files (each in one rename), then signal.
+        for src, dst in [(new.server_key, key), (new.server_cert, cert)]:
+            tmp = dst.with_suffix(".tmp")
+            shutil.copy(src, tmp)
+            os.replace(tmp, dst)
+        s.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: kcat_run(tls_port, trusting(new), "-L", "-m", "5").returncode == 0,
+                 30, "a client trusting only the new CA to connect", interval=0.5)
+        kcat_refused(tls_port, trusting(old))
+        # The connection made under the old certificate still works.
+        assert API_METADATA in kept.api_versions()
+    finally:
+        kept.close()
+    assert s.http("/health").status == 200
 
 
 # --------------------------------------------------------------------------

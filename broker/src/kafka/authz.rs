@@ -30,6 +30,8 @@ const CLUSTER: i16 = ResponseError::ClusterAuthorizationFailed.code();
 
 /// One principal's rights against one snapshot of the ACLs.
 pub(crate) struct Decider {
+    /// The ACLs arrived from placement (denied until they have).
+    pub(crate) loaded: bool,
     pub(crate) config: shoal_security::acl::AuthorizerConfig,
     pub(crate) security: std::sync::Arc<shoal_placement::Security>,
     pub(crate) principal: String,
@@ -43,15 +45,16 @@ impl Decider {
         resource_type: shoal_security::acl::ResourceType,
         name: &str,
     ) -> bool {
-        shoal_security::acl::authorize(
-            &self.security.acls,
-            &self.config,
-            &self.principal,
-            &self.host,
-            op,
-            resource_type,
-            name,
-        )
+        self.loaded
+            && shoal_security::acl::authorize(
+                &self.security.acls,
+                &self.config,
+                &self.principal,
+                &self.host,
+                op,
+                resource_type,
+                name,
+            )
     }
 }
 

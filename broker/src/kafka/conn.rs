@@ -59,6 +59,9 @@ impl Ctx {
         let Some(config) = &self.broker.config.authorizer else {
             return true;
         };
+        if !self.broker.users.is_loaded() {
+            return false;
+        }
         shoal_security::acl::authorize(
             &self.broker.users.snapshot().acls,
             config,
@@ -74,6 +77,7 @@ impl Ctx {
     /// into a response future; `None` without an authorizer.
     pub(crate) fn decider(&self) -> Option<super::authz::Decider> {
         Some(super::authz::Decider {
+            loaded: self.broker.users.is_loaded(),
             config: self.broker.config.authorizer.clone()?,
             security: self.broker.users.snapshot(),
             principal: self.principal.clone(),

@@ -20,6 +20,17 @@ use super::conn::Ctx;
 use super::{Pending, ready};
 
 pub fn describe(ctx: &Ctx, req: DescribeUserScramCredentialsRequest) -> Pending {
+    // Without an authorizer, user names are for authenticated clients
+    // only (with one, authz.rs asks for DESCRIBE on the cluster).
+    if ctx.broker.config.authorizer.is_none() && ctx.principal == super::auth::ANONYMOUS {
+        return ready(ResponseKind::DescribeUserScramCredentials(
+            DescribeUserScramCredentialsResponse::default()
+                .with_error_code(ResponseError::ClusterAuthorizationFailed.code())
+                .with_error_message(Some(StrBytes::from_static_str(
+                    "only an authenticated client may list users",
+                ))),
+        ));
+    }
     let security = ctx.broker.users.snapshot();
     // Null or empty: every user (librdkafka sends an empty list).
     let wanted: Vec<String> = match req.users {
@@ -77,9 +88,11 @@ enum Change {
 }
 
 pub async fn alter(ctx: &Ctx, req: AlterUserScramCredentialsRequest) -> Pending {
-    // Without an authorizer an anonymous client (a PLAINTEXT listener)
-    // could otherwise set anyone's password.
-    if ctx.broker.config.authorizer.is_none() && ctx.principal == super::auth::ANONYMOUS {
+    // Without an authorizer no ACL says who may change whose password: a
+    // client may change only its own (and an anonymous one, none). With
+    // one, authz.rs asks for ALTER on the cluster.
+    let own_only = ctx.broker.config.authorizer.is_none();
+    if own_only && ctx.principal == super::auth::ANONYMOUS {
         return refuse_all(&req);
     }
     // user -> the changes asked for it, or the first reason to refuse them.
@@ -102,6 +115,13 @@ pub async fn alter(ctx: &Ctx, req: AlterUserScramCredentialsRequest) -> Pending 
             .entry(user.clone())
             .or_insert_with(|| Ok(Vec::new()));
         let Ok(changes) = entry else { continue };
+        if own_only && ctx.principal.strip_prefix("User:") != Some(user.as_str()) {
+            *entry = Err((
+                ResponseError::ClusterAuthorizationFailed,
+                "without an authorizer a client may change only its own credentials",
+            ));
+            continue;
+        }
         let checked = check(&user, code, upsert, &mut pairs);
         match checked {
             Ok(change) => changes.push(change),

@@ -63,9 +63,16 @@ pub(crate) enum Action {
         client: ClientId,
         username: Option<String>,
     },
+    /// Wait this long before the actions after it (a refused login, as
+    /// Kafka's `connection.failed.authentication.delay.ms`: one guess per
+    /// connection, and not at once).
+    Delay(Duration),
     /// Close the connection (after the sends before it).
     Close,
 }
+
+/// How long a refused login waits for its CONNACK.
+pub(crate) const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 enum Phase {
@@ -391,10 +398,12 @@ impl Protocol {
                 .access
                 .authenticate(c.username.as_deref(), c.password.as_deref())
         {
-            return self.refuse(match r {
+            let mut refusal = self.refuse(match r {
                 Refusal::BadCredentials => ReasonCode::BadUsernameOrPassword,
                 Refusal::NotAuthorized => ReasonCode::NotAuthorized,
             });
+            refusal.insert(0, Action::Delay(FAILED_LOGIN_DELAY));
+            return refusal;
         }
         let mut assigned = None;
         let client_id: ClientId = if c.client_id.is_empty() {

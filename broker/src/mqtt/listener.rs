@@ -304,6 +304,7 @@ pub async fn connection<S>(
                 Action::DiscardElsewhere { client, username } => {
                     tokio::spawn(handover::discard(mqtt.clone(), client, username));
                 }
+                Action::Delay(d) => tokio::time::sleep(d).await,
                 Action::Close => {
                     closing = true;
                     break;
