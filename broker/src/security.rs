@@ -3,6 +3,7 @@
 //! removed anywhere reaches every broker within a poll.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -12,6 +13,9 @@ use shoal_security::scram::{ScramCredential, ScramMechanism};
 
 use crate::broker::Broker;
 
+/// The iteration count of `shoal users add` and Kafka's clients by default.
+const DECOY_ITERATIONS: u32 = shoal_security::scram::MIN_ITERATIONS;
+
 /// How often placement is asked whether the users changed.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -20,6 +24,8 @@ pub struct Users {
     current: RwLock<Arc<Security>>,
     /// Set once the first copy arrived: before it, nobody authenticates.
     loaded: std::sync::atomic::AtomicBool,
+    /// Placement was found unreachable before the first copy (said once).
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Users {
@@ -73,10 +79,18 @@ impl CredentialStore for Users {
             .cloned()
     }
 
-    /// The strongest mechanism the user has decides.
+    /// The strongest mechanism the user has decides. An unknown user costs
+    /// the same hashing as a known one, so timing does not tell them apart.
     fn verify_password(&self, user: &str, password: &str) -> bool {
         let current = self.current.read().clone();
         let Some(creds) = current.users.get(user) else {
+            let decoy = ScramCredential {
+                salt: vec![0; 24],
+                iterations: DECOY_ITERATIONS,
+                stored_key: vec![0; 64],
+                server_key: Vec::new(),
+            };
+            let _ = decoy.verify(ScramMechanism::Sha512, password);
             return false;
         };
         creds
@@ -123,9 +137,12 @@ pub(crate) async fn refresh(broker: &Broker) {
     {
         Ok(shoal_placement::QueryReply::Security { security: Some(s) }) => broker.users.replace(s),
         Ok(_) => {}
-        Err(e) if broker.users.is_loaded() => tracing::debug!("users not refreshed: {e}"),
+        Err(e) if broker.users.is_loaded() || broker.users.warned.swap(true, Relaxed) => {
+            tracing::debug!("users not refreshed: {e}")
+        }
         Err(e) => tracing::warn!(
-            "users and ACLs not loaded yet (authentication and ACL checks refuse until they are): {e}"
+            "users and ACLs not loaded yet (authentication and ACL checks refuse until they \
+             are): {e}"
         ),
     }
 }

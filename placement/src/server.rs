@@ -107,7 +107,12 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
         .route(QUERY_PATH, post(query))
         .route(STATUS_PATH, get(status))
         .route(crate::bucket::HOLDER_PATH, get(bucket_holder))
-        .route(HEARTBEAT_PATH, post(heartbeat))
+        // Brokers' own calls: an operator's token has no business there
+        // (a broker registered by hand would receive the cluster secret).
+        .route(
+            HEARTBEAT_PATH,
+            post(heartbeat).layer(axum::middleware::from_fn(shoal_security::nodes_only)),
+        )
         .route(CLUSTER_PATH, get(cluster))
         .route(MEMBERS_PATH, post(members))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT));
@@ -123,8 +128,18 @@ pub fn router(node: Arc<PlacementNode>) -> Router {
 
 type Node = State<Arc<PlacementNode>>;
 
-async fn write(State(node): Node, body: Result<Json<Command>, JsonRejection>) -> Response {
+async fn write(
+    State(node): Node,
+    caller: Option<axum::Extension<shoal_security::Caller>>,
+    body: Result<Json<Command>, JsonRejection>,
+) -> Response {
     match body {
+        // As heartbeats: only brokers register themselves.
+        Ok(Json(Command::RegisterBroker { .. }))
+            if caller.is_some_and(|c| c.0 == shoal_security::Caller::Operator) =>
+        {
+            shoal_security::operator_refused()
+        }
         Ok(Json(cmd)) => answer(node.write(cmd).await),
         Err(rejection) => bad_request(rejection),
     }

@@ -145,6 +145,10 @@ enum Kind {
     Int,
     Map,
     List,
+    Mechanism,
+    Credential,
+    Offsets,
+    Bindings,
 }
 
 /// Commands with every field, by name and kind: generated values of the
@@ -235,6 +239,23 @@ const TEMPLATES: &[(&str, &[(&str, Kind)])] = {
         ),
         ("set_default_retention", &[("retention_ms", Int)]),
         ("delete_mqtt_persist", &[("filter", Str)]),
+        (
+            "put_scram_credential",
+            &[
+                ("user", Str),
+                ("mechanism", Mechanism),
+                ("credential", Credential),
+            ],
+        ),
+        (
+            "delete_scram_credential",
+            &[("user", Str), ("mechanism", Mechanism)],
+        ),
+        (
+            "commit_offsets",
+            &[("group", Str), ("offsets", Offsets), ("now_ms", Int)],
+        ),
+        ("create_acls", &[("bindings", Bindings)]),
     ]
 };
 
@@ -268,6 +289,60 @@ fn field(kind: Kind) -> BoxedStrategy<Value> {
         Kind::List => proptest::collection::vec(name, 0..3)
             .prop_map(|v| json!(v))
             .boxed(),
+        Kind::Mechanism => proptest::sample::select(&["SCRAM-SHA-256", "SCRAM-SHA-512"][..])
+            .prop_map(|m| json!(m))
+            .boxed(),
+        Kind::Credential => {
+            let hex = prop_oneof![Just(String::new()), "[0-9a-f]{0,130}"];
+            (hex.clone(), int, hex.clone(), hex)
+                .prop_map(|(salt, iterations, stored_key, server_key)| {
+                    json!({
+                        "salt": salt,
+                        "iterations": iterations,
+                        "stored_key": stored_key,
+                        "server_key": server_key,
+                    })
+                })
+                .boxed()
+        }
+        Kind::Offsets => proptest::collection::vec((name.clone(), int.clone(), int, name), 0..4)
+            .prop_map(|v| {
+                let offsets: Vec<Value> = v
+                    .into_iter()
+                    .map(|(stream, shard, offset, metadata)| {
+                        json!({
+                            "stream": stream, "shard": shard, "offset": offset,
+                            "metadata": metadata,
+                        })
+                    })
+                    .collect();
+                Value::Array(offsets)
+            })
+            .boxed(),
+        Kind::Bindings => {
+            proptest::collection::vec((0i8..15, 0i8..6, 0i8..6, name.clone(), name, 0i8..5), 0..4)
+                .prop_map(|v| {
+                    use shoal_security::acl::{
+                        AclBinding, Operation, PatternType, Permission, ResourceType,
+                    };
+                    let bindings: Vec<AclBinding> = v
+                        .into_iter()
+                        .filter_map(|(op, rt, pat, resource, principal, perm)| {
+                            Some(AclBinding {
+                                resource_type: ResourceType::from_code(rt)?,
+                                resource_name: resource,
+                                pattern: PatternType::from_code(pat)?,
+                                principal: format!("User:{principal}"),
+                                host: "*".into(),
+                                operation: Operation::from_code(op)?,
+                                permission: Permission::from_code(perm)?,
+                            })
+                        })
+                        .collect();
+                    serde_json::to_value(bindings).unwrap_or_default()
+                })
+                .boxed()
+        }
     }
 }
 
@@ -356,7 +431,11 @@ fn every_template_decodes_as_a_command() {
                     Kind::Str => json!("s"),
                     Kind::Int => json!(1),
                     Kind::Map => json!({}),
-                    Kind::List => json!([]),
+                    Kind::List | Kind::Offsets | Kind::Bindings => json!([]),
+                    Kind::Mechanism => json!("SCRAM-SHA-256"),
+                    Kind::Credential => json!({
+                        "salt": "00", "iterations": 4096, "stored_key": "00", "server_key": "00",
+                    }),
                 };
                 ((*name).to_string(), v)
             })

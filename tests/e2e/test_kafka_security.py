@@ -446,6 +446,22 @@ def test_mtls_client_certificate(shoal_factory, certs, rogue):
     assert s.http("/health").status == 200
 
 
+def test_kafka_python_mtls(shoal_factory, certs):
+    _s, ls = secure_shoal(shoal_factory, certs, client_ca=True)
+    sec = {"security_protocol": "SSL", "ssl_cafile": str(certs.ca),
+           "ssl_certfile": str(certs.client_cert), "ssl_keyfile": str(certs.client_key)}
+    topic = unique_name("kp-mtls")
+    values = [f"mtls record {i}".encode() for i in range(10)]
+    p = kp_producer(addr(ls.ssl), **sec)
+    try:
+        offsets = [p.send(topic, value=v, partition=0).get(timeout=60).offset for v in values]
+    finally:
+        p.close(timeout=10)
+    assert offsets == list(range(len(values)))
+    recs = kp_consume(addr(ls.ssl), topic, len(values), partitions=[0], **sec)
+    assert [r.value for r in recs] == values
+
+
 # --------------------------------------------------------------------------
 # 6. users through Kafka's API
 

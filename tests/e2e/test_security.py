@@ -67,6 +67,46 @@ def test_every_endpoint_but_probes_needs_a_token(shoal_factory, tmp_path):
     assert http_request(base + "/api/v1/streams", token=token).status == 200
 
 
+def test_key_material_and_node_calls_need_the_cluster_secret(shoal_factory, tmp_path):
+    """An operator's token reads users (names, mechanisms, iterations) but
+    not their salts and keys, and cannot call Raft or act as a broker; the
+    cluster secret can."""
+    tokens = tmp_path / "tokens"
+    token = create_token(tokens)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    s = shoal_factory(extra_args=["--admin-token-file", str(tokens),
+                                  "--cluster-secret-file", str(secret_file)])
+    s.token = SECRET
+    add = subprocess.run([shoal_bin(), "users", "add", "dana", "--password-stdin",
+                          "--data-dir", str(s.data_dir)], input="dana-Pa55word-12345\n",
+                         capture_output=True, text=True, timeout=60)
+    assert add.returncode == 0, add.stderr
+    s.start()
+    query = s.http_base + "/placement/v1/query"
+    security = b'{"security": {"known": null}}'
+
+    users = http_request(query, method="POST", body=b'"users"', token=token)
+    assert users.status == 200, users.text
+    assert users.json()["users"]["users"] == {"dana": {"SCRAM-SHA-512": 4096}}, users.text
+    assert "salt" not in users.text and "stored_key" not in users.text
+    for path, body in [("/placement/v1/query", security), ("/raft/vote", b"{}"),
+                       ("/placement/v1/heartbeat", b"{}")]:
+        r = http_request(s.http_base + path, method="POST", body=body, token=token)
+        assert r.status == 403, (path, r.status, r.text)
+        assert "salt" not in r.text
+    # The cluster secret (a broker's credential) gets the key material.
+    r = http_request(query, method="POST", body=security, token=SECRET)
+    assert r.status == 200, r.text
+    assert "salt" in r.text and "dana" in r.text
+    # `shoal users list` works with the operator's token.
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SHOAL_")}
+    env["SHOAL_TOKEN"] = token
+    listed = shoal_cli("users", "list", "--server", s.http_base, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["dana", "SCRAM-SHA-512"], listed.stdout
+
+
 def test_tokens_created_and_revoked_while_running(shoal_factory, tmp_path):
     tokens = tmp_path / "tokens"
     first = create_token(tokens)

@@ -1190,10 +1190,15 @@ mod tests {
             )
             .with_certificate(certificate.map(str::to_string));
             let actions = proto.handle(raw_connect(5, "d1", 2), 0);
-            match sent(&actions, 5).as_slice() {
-                [Packet::ConnAck(a)] => (a.reason_code, proto.username.clone()),
+            let reason = match sent(&actions, 5).as_slice() {
+                [Packet::ConnAck(a)] => a.reason_code,
                 other => panic!("{other:?}"),
-            }
+            };
+            // A refused login waits before its CONNACK; an accepted one not.
+            let delayed =
+                matches!(actions.first(), Some(Action::Delay(d)) if *d == FAILED_LOGIN_DELAY);
+            assert_eq!(delayed, reason != ReasonCode::Success, "{actions:?}");
+            (reason, proto.username.clone())
         };
         // Anonymous clients are refused; the same CONNECT with a verified
         // certificate is accepted, under the certificate's subject.
