@@ -412,6 +412,11 @@ fn log_range(key: &str) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
+    /// A holder without a contact address, on a node without credentials.
+    async fn acquire(store: ObjectStorage, ttl: Duration, holder: &str) -> Result<Bucket> {
+        Bucket::acquire(store, ttl, holder, None, &ClientAuth::none()).await
+    }
+
     fn create(name: &str) -> Command {
         Command::create_for_test(name, 1)
     }
@@ -419,62 +424,29 @@ mod tests {
     #[tokio::test]
     async fn second_holder_is_fenced_until_the_lease_expires() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let a = Bucket::acquire(
-            store.clone(),
-            Duration::from_millis(300),
-            "a",
-            None,
-            &ClientAuth::none(),
-        )
-        .await
-        .unwrap();
+        let a = acquire(store.clone(), Duration::from_millis(300), "a")
+            .await
+            .unwrap();
         assert!(matches!(
-            Bucket::acquire(
-                store.clone(),
-                Duration::from_millis(300),
-                "b",
-                None,
-                &ClientAuth::none()
-            )
-            .await,
+            acquire(store.clone(), Duration::from_millis(300), "b").await,
             Err(Error::Fenced(_))
         ));
         a.renew().await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let b = Bucket::acquire(
-            store.clone(),
-            Duration::from_secs(5),
-            "b",
-            None,
-            &ClientAuth::none(),
-        )
-        .await
-        .unwrap();
+        let b = acquire(store.clone(), Duration::from_secs(5), "b")
+            .await
+            .unwrap();
         // The old holder finds out at its next renewal.
         assert!(matches!(a.renew().await, Err(Error::Fenced(_))));
         // The same holder restarting (a crash) takes its own lease back.
-        let b2 = Bucket::acquire(
-            store.clone(),
-            Duration::from_secs(5),
-            "b",
-            None,
-            &ClientAuth::none(),
-        )
-        .await
-        .unwrap();
+        let b2 = acquire(store.clone(), Duration::from_secs(5), "b")
+            .await
+            .unwrap();
         // Same holder name, same node: its older handle may renew too.
         b.renew().await.unwrap();
         b2.renew().await.unwrap();
         b2.release().await;
-        Bucket::acquire(
-            store,
-            Duration::from_secs(5),
-            "c",
-            None,
-            &ClientAuth::none(),
-        )
-        .await
-        .unwrap();
+        acquire(store, Duration::from_secs(5), "c").await.unwrap();
     }
 
     #[tokio::test]
@@ -491,7 +463,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!a.active() && !a.lease_valid());
         // Lapsed, but its holder answers: refused.
-        let refused = Bucket::acquire(store.clone(), ttl, "b", None, &ClientAuth::none()).await;
+        let refused = acquire(store.clone(), ttl, "b").await;
         assert!(matches!(refused, Err(Error::Fenced(why)) if why.contains("answers")));
         a.check().await.unwrap();
         // It renews before writing again, and keeps the bucket.
@@ -501,9 +473,7 @@ mod tests {
         server.abort();
         let _ = server.await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        Bucket::acquire(store.clone(), ttl, "b", None, &ClientAuth::none())
-            .await
-            .unwrap();
+        acquire(store.clone(), ttl, "b").await.unwrap();
         assert!(matches!(a.check().await, Err(Error::Fenced(_))));
         assert!(matches!(a.renew().await, Err(Error::Fenced(_))));
     }
@@ -511,15 +481,9 @@ mod tests {
     #[tokio::test]
     async fn snapshot_plus_log_rebuilds_the_state() {
         let store = ObjectStorage::from_url("memory://").unwrap();
-        let b = Bucket::acquire(
-            store.clone(),
-            Duration::from_secs(5),
-            "a",
-            None,
-            &ClientAuth::none(),
-        )
-        .await
-        .unwrap();
+        let b = acquire(store.clone(), Duration::from_secs(5), "a")
+            .await
+            .unwrap();
         assert!(b.load().await.unwrap().is_none());
         let mut expected = State::default();
         let mut log = Vec::new();
