@@ -147,21 +147,22 @@ impl Compactor {
         };
         // Renewed while the run lasts, so the lease can be short: a
         // compactor that dies is replaced within one lease time.
-        let outcome = {
-            let work = self.work(epoch, budget, &mut report);
-            tokio::pin!(work);
+        // Both futures are polled side by side: a renewal never stops the
+        // work from being polled (say, halfway through a placement write),
+        // and the work never delays a renewal.
+        let renewals = async {
             let mut renew = tokio::time::interval(self.config.lease_ttl / 3);
             renew.tick().await;
             loop {
-                tokio::select! {
-                    done = &mut work => break done,
-                    _ = renew.tick() => {
-                        if let Err(e) = self.lease(self.config.lease_ttl).await {
-                            tracing::warn!("renewing the compaction lease: {e}");
-                        }
-                    }
+                renew.tick().await;
+                if let Err(e) = self.lease(self.config.lease_ttl).await {
+                    tracing::warn!("renewing the compaction lease: {e}");
                 }
             }
+        };
+        let outcome = tokio::select! {
+            done = self.work(epoch, budget, &mut report) => done,
+            never = renewals => never,
         };
         if let Err(e) = &outcome {
             report.errors.push(e.to_string());

@@ -10,7 +10,9 @@ use crate::bucket::{Bucket, LoggedCommand};
 use crate::error::Error;
 use crate::raft::state_machine::{self, SharedState};
 
-/// Writes queued commands to the bucket in order, one object per group.
+/// Writes applied commands to the bucket in order, one object per group;
+/// those at or below `last_snapshot` (the version the bucket's snapshot
+/// already holds) are skipped.
 pub(crate) async fn mirror_loop(
     bucket: Arc<Bucket>,
     mut rx: mpsc::UnboundedReceiver<LoggedCommand>,
@@ -20,10 +22,15 @@ pub(crate) async fn mirror_loop(
     mut last_snapshot: u64,
     snapshot_every: u64,
 ) {
+    let covered = last_snapshot;
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
+        }
+        group.retain(|c| c.version > covered);
+        if group.is_empty() {
+            continue;
         }
         let mut backoff = Duration::from_millis(50);
         loop {

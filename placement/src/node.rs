@@ -15,13 +15,13 @@ use tokio::sync::watch;
 
 use tokio::sync::mpsc;
 
-use crate::bucket::{Bucket, LoggedCommand};
+use crate::bucket::Bucket;
 use crate::command::{Command, Query, QueryReply, Reply};
 use crate::error::{Error, Result};
 use crate::mirror;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
-use crate::raft::state_machine::{self, SharedState, StateMachineStore};
+use crate::raft::state_machine::{self, AppliedTap, SharedState, StateMachineStore};
 use crate::raft::{NodeId, Raft, blocking};
 
 /// Entries applied between two snapshots, by default.
@@ -217,13 +217,11 @@ pub struct PlacementNode {
     raft_write_nanos: std::sync::atomic::AtomicU64,
 }
 
-/// The bucket copy: commands are written there, in version order, before
-/// a write is answered.
+/// The bucket copy: every applied command is written there, in version
+/// order (the state machine hands them over as it applies them), before a
+/// write is answered.
 struct Mirror {
     bucket: Arc<Bucket>,
-    /// Makes "apply, read the version, enqueue" one step per write.
-    write_lock: tokio::sync::Mutex<()>,
-    tx: mpsc::UnboundedSender<LoggedCommand>,
     mirrored: watch::Receiver<u64>,
     fenced: watch::Receiver<Option<String>>,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -273,6 +271,7 @@ impl PlacementNode {
         let log_store = LogStore::open(&db)?;
         let sm = StateMachineStore::open(&db)?;
         let state = sm.shared();
+        let tap = sm.tap();
         let version = sm.subscribe_version();
         let network = Network::new(&cfg.peer_auth).map_err(|e| Error::Http(e.to_string()))?;
 
@@ -295,7 +294,7 @@ impl PlacementNode {
         let started = async {
             node.join(&voters, standalone).await?;
             if let (Some(bucket), Some(bc)) = (bucket, &cfg.bucket) {
-                node.mirror = Some(node.recover_from_bucket(bucket, bc).await?);
+                node.mirror = Some(node.recover_from_bucket(bucket, bc, &tap).await?);
             }
             Ok(())
         }
@@ -310,7 +309,12 @@ impl PlacementNode {
 
     /// Bring the local state up to the bucket's (a new machine, or a stale
     /// disk), write a snapshot of the result, and start mirroring.
-    async fn recover_from_bucket(&self, bucket: Arc<Bucket>, bc: &BucketConfig) -> Result<Mirror> {
+    async fn recover_from_bucket(
+        &self,
+        bucket: Arc<Bucket>,
+        bc: &BucketConfig,
+        tap: &AppliedTap,
+    ) -> Result<Mirror> {
         let local = state_machine::read(&self.state).state.version;
         if let Some(remote) = bucket.load().await?
             && remote.version > local
@@ -325,9 +329,15 @@ impl PlacementNode {
             })
             .await?;
         }
-        let state = state_machine::read(&self.state).state.clone();
-        bucket.write_snapshot(&state).await?;
+        // Tap first, then take the snapshot: a command applied in between
+        // is both in the snapshot and in the channel (the writer skips it).
         let (tx, rx) = mpsc::unbounded_channel();
+        *tap.lock() = Some(tx);
+        let state = state_machine::read(&self.state).state.clone();
+        if let Err(e) = bucket.write_snapshot(&state).await {
+            *tap.lock() = None;
+            return Err(e);
+        }
         let (mirrored_tx, mirrored) = watch::channel(state.version);
         let (fenced_tx, fenced) = watch::channel(None);
         let fenced_tx = Arc::new(fenced_tx);
@@ -345,8 +355,6 @@ impl PlacementNode {
         ];
         Ok(Mirror {
             bucket,
-            write_lock: tokio::sync::Mutex::new(()),
-            tx,
             mirrored,
             fenced,
             tasks: parking_lot::Mutex::new(tasks),
@@ -413,17 +421,12 @@ impl PlacementNode {
         if let Some(why) = m.fenced.borrow().clone() {
             return Err(Error::Fenced(why));
         }
-        let (reply, version) = {
-            let _order = m.write_lock.lock().await;
-            let reply = self.write_raft(cmd.clone()).await?;
-            let version = state_machine::read(&self.state).state.version;
-            m.tx.send(LoggedCommand {
-                version,
-                command: cmd,
-            })
-            .map_err(|_| Error::Bucket("the bucket writer stopped".into()))?;
-            (reply, version)
-        };
+        // No lock is held across an await here: a caller that stops
+        // polling its write (a select! arm busy elsewhere) cannot hold up
+        // anyone else's. Applied is mirrored, whoever waits.
+        let reply = self.write_raft(cmd).await?;
+        // At least this command's version (later ones only wait longer).
+        let version = state_machine::read(&self.state).state.version;
         let mut mirrored = m.mirrored.clone();
         let mut fenced = m.fenced.clone();
         tokio::select! {

@@ -296,3 +296,44 @@ async fn http_api_and_remote_client() {
     server.abort();
     node.shutdown().await.unwrap();
 }
+
+async fn start_on_bucket(dir: &Path, store: &shoal_storage::ObjectStorage) -> Arc<PlacementNode> {
+    let mut cfg = NodeConfig::standalone(1, dir, "127.0.0.1:1");
+    cfg.bucket = Some(shoal_placement::BucketConfig::new(
+        store.clone(),
+        "holder-a",
+    ));
+    PlacementNode::start(cfg).await.unwrap()
+}
+
+/// A write whose caller stops polling it halfway (a `select!` arm busy with
+/// something else) must not hold up other writes on a node that keeps its
+/// state in a bucket; and the abandoned command, once applied, still
+/// reaches the bucket copy.
+#[tokio::test]
+async fn an_unpolled_write_holds_up_no_other_write_on_a_bucket() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = shoal_storage::ObjectStorage::from_url("memory:///").unwrap();
+    let node = start_on_bucket(dir.path(), &store).await;
+
+    let mut stalled = Box::pin(node.write(create("stalled", 1)));
+    // One poll: the write is under way, and then nobody polls it again.
+    assert!((&mut stalled).now_or_never().is_none());
+    let other = tokio::time::timeout(Duration::from_secs(10), node.write(create("other", 1)))
+        .await
+        .expect("a second write finished while the first was not polled");
+    assert!(matches!(other.unwrap(), Reply::Stream { .. }));
+    drop(stalled);
+
+    // Once the node waits for the bucket, both commands are there: a new
+    // node on an empty disk restores them from the bucket alone.
+    node.write(create("last", 1)).await.unwrap();
+    node.shutdown().await.unwrap();
+    drop(node);
+    let fresh = tempfile::tempdir().unwrap();
+    let node = start_on_bucket(fresh.path(), &store).await;
+    let mut names = stream_names(&node).await;
+    names.sort();
+    assert_eq!(names, ["last", "other", "stalled"]);
+}

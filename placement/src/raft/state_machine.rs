@@ -16,9 +16,10 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{LogId, Membership, SnapshotMeta, StorageError, TypeConfig, blocking};
+use crate::bucket::LoggedCommand;
 use crate::command::Reply;
 use crate::error::{Error, Result};
 use crate::state::State;
@@ -49,12 +50,18 @@ fn write(shared: &SharedState) -> RwLockWriteGuard<'_, StoredSnapshot> {
     shared.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Where every applied command is also sent, once set: the writer of the
+/// bucket copy. Fed here rather than by the callers of a write, so a
+/// command is mirrored whether or not its caller waits for the answer.
+pub type AppliedTap = Arc<parking_lot::Mutex<Option<mpsc::UnboundedSender<LoggedCommand>>>>;
+
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Database,
     snapshots: Keyspace,
     shared: SharedState,
     version: Arc<watch::Sender<u64>>,
+    tap: AppliedTap,
 }
 
 impl StateMachineStore {
@@ -79,7 +86,12 @@ impl StateMachineStore {
             snapshots,
             shared: Arc::new(RwLock::new(loaded)),
             version: Arc::new(version),
+            tap: AppliedTap::default(),
         })
+    }
+
+    pub fn tap(&self) -> AppliedTap {
+        self.tap.clone()
     }
 
     pub fn shared(&self) -> SharedState {
@@ -150,12 +162,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut replies = Vec::new();
         let version = {
+            let tap = self.tap.lock();
             let mut sm = write(&self.shared);
             for entry in entries {
                 sm.last_applied = Some(entry.log_id);
                 let reply = match entry.payload {
                     EntryPayload::Blank => Reply::Done,
-                    EntryPayload::Normal(cmd) => sm.state.apply(cmd),
+                    EntryPayload::Normal(cmd) => match tap.as_ref() {
+                        Some(tx) => {
+                            let command = cmd.clone();
+                            let reply = sm.state.apply(cmd);
+                            // Closed only once the bucket writer stopped
+                            // (fenced): nothing is mirrored any more.
+                            let _ = tx.send(LoggedCommand {
+                                version: sm.state.version,
+                                command,
+                            });
+                            reply
+                        }
+                        None => sm.state.apply(cmd),
+                    },
                     EntryPayload::Membership(membership) => {
                         sm.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                         Reply::Done
