@@ -206,9 +206,10 @@ class DelayProxy:
     (other methods pass straight through). One upstream connection per client
     connection, kept alive where moto allows it."""
 
-    def __init__(self, upstream_port: int, put_delay_s: float):
+    def __init__(self, upstream_port: int, put_delay_s: float, other_delay_s: float = 0.0):
         proxy = self
         self.put_delay_s = put_delay_s
+        self.other_delay_s = other_delay_s
         self.lock = threading.Lock()
         self.counts = {"PUT": 0, "other": 0, "upstream_errors": 0}
 
@@ -261,6 +262,8 @@ class DelayProxy:
                 body = self._read_body()
                 if self.command == "PUT":
                     time.sleep(proxy.put_delay_s)
+                elif proxy.other_delay_s:
+                    time.sleep(proxy.other_delay_s)
                 with proxy.lock:
                     proxy.counts["PUT" if self.command == "PUT" else "other"] += 1
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -326,7 +329,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 class Broker:
     def __init__(self, binary: str, workdir: Path, name: str, object_store: str,
-                 s3_endpoint: str, flush_interval: str):
+                 s3_endpoint: str, flush_interval: str, extra_args: tuple[str, ...] = ()):
         self.binary = binary
         self.name = name
         self.data_dir = workdir / name / "data"
@@ -337,6 +340,7 @@ class Broker:
         self.object_store = object_store
         self.s3_endpoint = s3_endpoint
         self.flush_interval = flush_interval
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -357,7 +361,7 @@ class Broker:
                "--http-addr", f"127.0.0.1:{self.http_port}",
                "--mqtt-addr", "off",
                "--object-store", self.object_store,
-               "--flush-interval", self.flush_interval]
+               "--flush-interval", self.flush_interval, *self.extra_args]
         # SHOAL_* variables are broker configuration: pass none of ours on.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         env.update({

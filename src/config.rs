@@ -37,6 +37,28 @@ pub struct StandaloneArgs {
     /// it produces get a retriable error.
     #[arg(long, env = "SHOAL_MAX_UNFLUSHED_BYTES")]
     pub max_unflushed_bytes: Option<String>,
+    /// The read cache's memory tier: `auto` (12 % of the memory this
+    /// process may use, 64 MiB to 32 GiB), a percentage (`25%`) or a size
+    /// (`2GiB`).
+    #[arg(long, env = "SHOAL_CACHE_MEMORY")]
+    pub cache_memory: Option<String>,
+    /// The read cache's disk tier under DATA_DIR/cache: `auto` (10 % of the
+    /// free space there at start, 256 MiB to 1 TiB), a percentage or a
+    /// size; 0 turns it off.
+    #[arg(long, env = "SHOAL_CACHE_DISK")]
+    pub cache_disk: Option<String>,
+    /// How far ahead of a sequential reader committed segments are loaded,
+    /// per partition (e.g. 16MiB, the default; 0 turns read-ahead off).
+    #[arg(long, env = "SHOAL_READ_AHEAD_BYTES")]
+    pub read_ahead_bytes: Option<String>,
+    /// Most read-ahead loads from the object store in flight at once
+    /// (default 32).
+    #[arg(long, env = "SHOAL_READ_AHEAD_CONCURRENCY")]
+    pub read_ahead_concurrency: Option<usize>,
+    /// Most Kafka incremental fetch sessions kept (Kafka's
+    /// max.incremental.fetch.session.cache.slots, default 1000; 0 = none).
+    #[arg(long, env = "SHOAL_FETCH_SESSION_CACHE_SLOTS")]
+    pub fetch_session_cache_slots: Option<usize>,
     /// Partitions of auto-created topics.
     #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<i32>,
@@ -97,6 +119,16 @@ struct FileConfig {
     flush_bytes: Option<toml::Value>,
     #[serde(alias = "max_unflushed_bytes")]
     max_unflushed_bytes: Option<toml::Value>,
+    #[serde(alias = "cache_memory")]
+    cache_memory: Option<toml::Value>,
+    #[serde(alias = "cache_disk")]
+    cache_disk: Option<toml::Value>,
+    #[serde(alias = "fetch_session_cache_slots")]
+    fetch_session_cache_slots: Option<usize>,
+    #[serde(alias = "read_ahead_bytes")]
+    read_ahead_bytes: Option<toml::Value>,
+    #[serde(alias = "read_ahead_concurrency")]
+    read_ahead_concurrency: Option<usize>,
     #[serde(alias = "default_partitions")]
     default_partitions: Option<i32>,
     #[serde(alias = "default_durability")]
@@ -163,6 +195,11 @@ pub struct Standalone {
     pub flush_interval: Duration,
     pub flush_bytes: u64,
     pub max_unflushed_bytes: u64,
+    pub cache_memory: shoal_wal_cache::CacheSize,
+    pub cache_disk: shoal_wal_cache::CacheSize,
+    pub fetch_session_slots: usize,
+    pub read_ahead_bytes: u64,
+    pub read_ahead_concurrency: usize,
     pub default_partitions: i32,
     pub default_durability: shoal_broker::Durability,
     pub placement_in_bucket: bool,
@@ -334,6 +371,22 @@ impl StandaloneArgs {
         if max_unflushed_bytes < flush_bytes {
             return Err(err("--max-unflushed-bytes must be at least --flush-bytes"));
         }
+        let cache_memory =
+            cache_size_setting("cache-memory", self.cache_memory, file.cache_memory)?;
+        let read_ahead_bytes = bytes_setting(
+            "read-ahead-bytes",
+            self.read_ahead_bytes,
+            file.read_ahead_bytes,
+            16 << 20,
+        )?;
+        let read_ahead_concurrency = self
+            .read_ahead_concurrency
+            .or(file.read_ahead_concurrency)
+            .unwrap_or(32);
+        if read_ahead_concurrency == 0 {
+            return Err(err("--read-ahead-concurrency must be at least 1"));
+        }
+        let cache_disk = cache_size_setting("cache-disk", self.cache_disk, file.cache_disk)?;
         let default_partitions = self
             .default_partitions
             .or(file.default_partitions)
@@ -441,6 +494,14 @@ impl StandaloneArgs {
             flush_interval,
             flush_bytes,
             max_unflushed_bytes,
+            cache_memory,
+            cache_disk,
+            fetch_session_slots: self
+                .fetch_session_cache_slots
+                .or(file.fetch_session_cache_slots)
+                .unwrap_or(1000),
+            read_ahead_bytes,
+            read_ahead_concurrency,
             default_partitions,
             default_durability,
         })
@@ -476,6 +537,21 @@ fn bytes_setting(
         (None, Some(v)) => Err(err(format!("invalid {name} {v}"))),
         (None, None) => Ok(default),
     }
+}
+
+/// A cache tier size from a flag/env string or a TOML string or integer.
+pub(crate) fn cache_size_setting(
+    name: &str,
+    flag: Option<String>,
+    file: Option<toml::Value>,
+) -> Result<shoal_wal_cache::CacheSize, ConfigError> {
+    let text = match (flag, file) {
+        (Some(s), _) | (None, Some(toml::Value::String(s))) => s,
+        (None, Some(toml::Value::Integer(n))) => n.to_string(),
+        (None, Some(v)) => return Err(err(format!("invalid {name} {v}"))),
+        (None, None) => return Ok(shoal_wal_cache::CacheSize::Auto),
+    };
+    text.parse().map_err(|e| err(format!("--{name}: {e}")))
 }
 
 pub(crate) fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {

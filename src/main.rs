@@ -167,6 +167,11 @@ async fn standalone(cfg: Standalone) -> Result<(), String> {
     bc.flush_interval = cfg.flush_interval;
     bc.flush_bytes = cfg.flush_bytes;
     bc.max_unflushed_bytes = cfg.max_unflushed_bytes;
+    bc.cache_memory = cfg.cache_memory;
+    bc.cache_disk = cfg.cache_disk;
+    bc.fetch_session_slots = cfg.fetch_session_slots;
+    bc.read_ahead_bytes = cfg.read_ahead_bytes;
+    bc.max_segment_loads = cfg.read_ahead_concurrency;
     bc.default_partitions = cfg.default_partitions;
     bc.default_durability = cfg.default_durability;
     bc.http_addr = cfg.http_addr.to_string();

@@ -78,6 +78,25 @@ pub struct BrokerArgs {
     pub flush_bytes: String,
     #[arg(long, env = "SHOAL_MAX_UNFLUSHED_BYTES", default_value = "1GiB")]
     pub max_unflushed_bytes: String,
+    /// The read cache's memory tier: `auto` (12 % of the memory this
+    /// process may use, 64 MiB to 32 GiB), a percentage or a size.
+    #[arg(long, env = "SHOAL_CACHE_MEMORY", default_value = "auto")]
+    pub cache_memory: String,
+    /// The read cache's disk tier under DATA_DIR/cache: `auto` (10 % of the
+    /// free space there, 256 MiB to 1 TiB), a percentage or a size; 0 is off.
+    #[arg(long, env = "SHOAL_CACHE_DISK", default_value = "auto")]
+    pub cache_disk: String,
+    /// Most Kafka incremental fetch sessions kept (Kafka's
+    /// max.incremental.fetch.session.cache.slots; 0 = none).
+    #[arg(long, env = "SHOAL_FETCH_SESSION_CACHE_SLOTS", default_value_t = 1000)]
+    pub fetch_session_cache_slots: usize,
+    /// How far ahead of a sequential reader committed segments are loaded,
+    /// per partition; 0 turns read-ahead off.
+    #[arg(long, env = "SHOAL_READ_AHEAD_BYTES", default_value = "16MiB")]
+    pub read_ahead_bytes: String,
+    /// Most read-ahead loads from the object store in flight at once.
+    #[arg(long, env = "SHOAL_READ_AHEAD_CONCURRENCY", default_value_t = 32)]
+    pub read_ahead_concurrency: usize,
     #[arg(long, env = "SHOAL_DEFAULT_PARTITIONS", default_value_t = 1)]
     pub default_partitions: i32,
     /// Durability of new topics; `object` by default in a cluster, where a
@@ -385,6 +404,16 @@ fn broker_settings(args: &BrokerArgs, file: &BrokerFile) -> Result<BrokerSetting
     }
     c.flush_bytes = parse_bytes(&args.flush_bytes)?;
     c.max_unflushed_bytes = parse_bytes(&args.max_unflushed_bytes)?;
+    c.cache_memory =
+        crate::config::cache_size_setting("cache-memory", Some(args.cache_memory.clone()), None)?;
+    c.cache_disk =
+        crate::config::cache_size_setting("cache-disk", Some(args.cache_disk.clone()), None)?;
+    c.fetch_session_slots = args.fetch_session_cache_slots;
+    c.read_ahead_bytes = parse_bytes(&args.read_ahead_bytes)?;
+    if args.read_ahead_concurrency == 0 {
+        return Err(err("--read-ahead-concurrency must be at least 1"));
+    }
+    c.max_segment_loads = args.read_ahead_concurrency;
     if !(1..=10_000).contains(&args.default_partitions) {
         return Err(err("--default-partitions must be between 1 and 10000"));
     }

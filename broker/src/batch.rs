@@ -265,10 +265,20 @@ pub fn from_rows_chunked(rows: &[Row], max_batch_bytes: usize) -> Result<Bytes> 
     Ok(out.freeze())
 }
 
-/// The part of `batches` (consecutive whole batches) a fetch at `offset`
-/// should get: from the batch holding `offset`, whole batches up to
-/// `budget` bytes, and always at least one. A zero-copy slice.
+/// The batches of `batches` from the one holding `offset` on, up to
+/// `budget` bytes; the first is taken even when larger (KIP-74), so a
+/// consumer always makes progress.
 pub fn slice_for_fetch(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
+    slice_batches(batches, offset, budget, true)
+}
+
+/// As [`slice_for_fetch`], but every batch must fit in `budget`: for
+/// filling the rest of a response behind what it already holds.
+pub fn slice_within(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
+    slice_batches(batches, offset, budget, false)
+}
+
+fn slice_batches(batches: &Bytes, offset: i64, budget: usize, first_always: bool) -> Bytes {
     let mut pos = 0usize;
     let mut start = None;
     while pos + HEADER_LEN <= batches.len() {
@@ -279,7 +289,12 @@ pub fn slice_for_fetch(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
         let base = be_i64(batches, pos);
         let last = base + i64::from(be_i32(batches, pos + LAST_OFFSET_DELTA_AT));
         match start {
-            None if last >= offset => start = Some(pos),
+            None if last >= offset => {
+                if !first_always && len > budget {
+                    return Bytes::new();
+                }
+                start = Some(pos);
+            }
             Some(s) if pos + len - s > budget => break,
             _ => {}
         }
@@ -289,6 +304,21 @@ pub fn slice_for_fetch(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
         Some(s) => batches.slice(s..pos),
         None => Bytes::new(),
     }
+}
+
+/// The last offset of the last whole batch in `batches`.
+pub fn last_offset_in(batches: &Bytes) -> Option<i64> {
+    let mut pos = 0usize;
+    let mut last = None;
+    while pos + HEADER_LEN <= batches.len() {
+        let len = be_i32(batches, pos + 8).max(0) as usize + 12;
+        if pos + len > batches.len() {
+            break;
+        }
+        last = Some(be_i64(batches, pos) + i64::from(be_i32(batches, pos + LAST_OFFSET_DELTA_AT)));
+        pos += len;
+    }
+    last
 }
 
 /// A WAL entry: which shard, under which lease, and the batch as stored

@@ -8,6 +8,7 @@ use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use parking_lot::RwLock;
 use shoal_placement::{BrokerId, BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream};
 use shoal_storage::ObjectStorage;
@@ -97,7 +98,12 @@ pub struct Broker {
     /// fail; cleared by a successful flush.
     pub(crate) flush_failing: parking_lot::Mutex<Option<(Instant, String)>>,
     /// Segment ranges being read ahead, so one is fetched once.
-    prefetching: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Segment ranges being loaded from the object store, by cache key.
+    loads: Arc<parking_lot::Mutex<HashMap<String, SegmentLoad>>>,
+    /// Bounds the read-ahead loads in flight.
+    load_permits: Arc<tokio::sync::Semaphore>,
+    /// Kafka incremental fetch sessions (KIP-227).
+    pub(crate) fetch_sessions: crate::kafka::fetch_session::FetchSessions,
     /// Placement's users, followed (SASL and MQTT passwords check them).
     pub(crate) users: Arc<crate::security::Users>,
     pub(crate) sasl: shoal_security::sasl::SaslServer,
@@ -149,8 +155,16 @@ impl Broker {
     ) -> Result<Arc<Broker>> {
         let wal = Wal::open(WalOptions::new(config.wal_dir()))?;
         let mut cache_opts = CacheOptions::new(config.data_dir.join("cache"));
-        cache_opts.memory_bytes = config.cache_memory_bytes;
-        cache_opts.disk_bytes = config.cache_disk_bytes;
+        let whole = |b: u64| usize::try_from(b).unwrap_or(usize::MAX);
+        cache_opts.memory_bytes = whole(config.cache_memory.memory_bytes());
+        cache_opts.disk_bytes = whole(config.cache_disk.disk_bytes(&cache_opts.dir));
+        tracing::info!(
+            memory_bytes = cache_opts.memory_bytes,
+            disk_bytes = cache_opts.disk_bytes,
+            memory = %config.cache_memory,
+            disk = %config.cache_disk,
+            "read cache sized"
+        );
         let cache = Cache::open(cache_opts).await?;
         if !config.cluster {
             placement
@@ -160,6 +174,9 @@ impl Broker {
                 .await?;
         }
         let cluster = config.cluster.then(crate::cluster::ClusterState::default);
+        let load_permits = Arc::new(tokio::sync::Semaphore::new(config.max_segment_loads.max(1)));
+        let fetch_sessions =
+            crate::kafka::fetch_session::FetchSessions::new(config.fetch_session_slots);
         let users = Arc::new(crate::security::Users::default());
         let broker = Arc::new(Broker {
             encoder: crate::encoder::Encoder::start()?,
@@ -181,7 +198,9 @@ impl Broker {
             unflushed_bytes: Arc::new(AtomicU64::new(0)),
             flush_now: Notify::new(),
             flush_failing: parking_lot::Mutex::new(None),
-            prefetching: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            loads: Default::default(),
+            load_permits,
+            fetch_sessions,
             sasl: crate::security::sasl_server(users.clone()),
             users,
         });
@@ -766,25 +785,52 @@ impl Broker {
         }
     }
 
-    /// Warm the cache with the segment range after `seg`, so a sequential
-    /// catch-up read finds its next batch already fetched.
-    pub fn read_ahead(self: &Arc<Self>, shard: &ShardLog, seg: &SegmentRef) {
-        let crate::shard::Read::Segment(next) = shard.read(seg.last_offset + 1, 1) else {
-            return;
-        };
-        let key = segment_cache_key(&next);
-        if !self.prefetching.lock().insert(key.clone()) {
+    /// Start loading `seg` in the background unless it is cached or on its
+    /// way: a fetch does this for every partition it will read, so their
+    /// cold reads overlap instead of queueing one behind another.
+    pub(crate) fn start_load(self: &Arc<Self>, seg: &SegmentRef) {
+        let key = segment_cache_key(seg);
+        if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
             return;
         }
         let broker = self.clone();
+        let seg = seg.clone();
         tokio::spawn(async move {
-            if broker.cache.get(&key).await.is_none()
-                && let Err(e) = broker.read_segment(&next).await
-            {
-                tracing::debug!(object = %next.object, "read-ahead failed: {e}");
+            if let Err(e) = broker.read_segment(&seg).await {
+                tracing::debug!(object = %seg.object, "segment load failed: {e}");
             }
-            broker.prefetching.lock().remove(&key);
         });
+    }
+
+    /// Warm the cache with the segment ranges after `seg`, up to the
+    /// read-ahead window (`read_ahead_bytes`), so a sequential catch-up
+    /// read finds its next batches fetched. Loads run in the background,
+    /// at most `max_segment_loads` at once across the broker.
+    pub fn read_ahead(self: &Arc<Self>, shard: &ShardLog, seg: &SegmentRef) {
+        let mut ahead = 0u64;
+        let mut next = seg.last_offset + 1;
+        while ahead < self.config.read_ahead_bytes {
+            let crate::shard::Read::Segment(s) = shard.read(next, 1) else {
+                return;
+            };
+            next = s.last_offset + 1;
+            ahead += s.bytes.max(1);
+            let key = segment_cache_key(&s);
+            if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
+                continue;
+            }
+            let Ok(permit) = self.load_permits.clone().try_acquire_owned() else {
+                // Loads are at their limit: this one waits for a later fetch.
+                return;
+            };
+            let broker = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = broker.read_segment(&s).await {
+                    tracing::debug!(object = %s.object, "read-ahead failed: {e}");
+                }
+                drop(permit);
+            });
+        }
     }
 
     /// Move a shard's log start to `offset` (DeleteRecords). Placement only
@@ -827,32 +873,101 @@ impl Broker {
         }
     }
 
-    /// Records of a committed segment range as consecutive Kafka batches, through the cache.
+    /// Keep a just-committed range in the cache in its original Kafka
+    /// encoding, under the key a read of that segment looks up: recent data
+    /// is served without decoding Parquet. With a local object store the
+    /// copy lives in memory only (the object is as cheap to read again as
+    /// a spilled copy); with a remote one it may spill to the disk tier.
+    pub(crate) fn keep_flushed(&self, seg: &SegmentRef, batches: &[crate::shard::TailBatch]) {
+        let (Some(first), Some(last)) = (batches.first(), batches.last()) else {
+            return;
+        };
+        // Only a range the batches cover exactly stands for the segment.
+        if first.base_offset != seg.first_offset || last.last_offset != seg.last_offset {
+            return;
+        }
+        let mut bytes = bytes::BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
+        for b in batches {
+            bytes.extend_from_slice(&b.bytes);
+        }
+        let key = segment_cache_key(seg);
+        if self.store.is_local() {
+            self.cache.insert_in_memory(&key, bytes.freeze());
+        } else {
+            self.cache.insert(&key, bytes.freeze());
+        }
+    }
+
+    /// Records of a committed segment range as consecutive Kafka batches,
+    /// through the cache. Concurrent reads of one range share one load.
     pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
         let key = segment_cache_key(seg);
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
         }
-        self.metrics.cold_reads.inc();
+        let load = {
+            let mut loads = self.loads.lock();
+            match loads.get(&key) {
+                Some(l) => l.clone(),
+                None => {
+                    self.metrics.cold_reads.inc();
+                    let l = load_segment(
+                        self.store.clone(),
+                        self.cache.clone(),
+                        self.loads.clone(),
+                        key.clone(),
+                        seg.clone(),
+                    )
+                    .boxed()
+                    .shared();
+                    loads.insert(key, l.clone());
+                    l
+                }
+            }
+        };
+        load.await.map_err(|reason| Error::ColdRead {
+            object: seg.object.clone(),
+            reason,
+        })
+    }
+}
+
+/// A segment range being read from the object store; shared by every
+/// reader that wants it meanwhile.
+type SegmentLoad =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, String>>>;
+
+/// Footer (cached per object), the row group's column chunks, re-encoded
+/// as Kafka batches into the cache; then the load is forgotten.
+async fn load_segment(
+    store: ObjectStorage,
+    cache: Cache,
+    loads: Arc<parking_lot::Mutex<HashMap<String, SegmentLoad>>>,
+    key: String,
+    seg: SegmentRef,
+) -> Result<Bytes, String> {
+    let loaded = async {
         let footer_key = format!("footer/{}", seg.object);
-        let footer = match self.cache.get(&footer_key).await {
+        let footer = match cache.get(&footer_key).await {
             Some(f) => f,
             None => {
-                let (f, _size) = shoal_storage::fetch_footer(&self.store, &seg.object).await?;
-                self.cache.insert(&footer_key, f.clone());
+                let (f, _size) = shoal_storage::fetch_footer(&store, &seg.object).await?;
+                cache.insert(&footer_key, f.clone());
                 f
             }
         };
         let meta = shoal_storage::decode_footer(&footer)?;
-        let rows =
-            shoal_storage::read_row_group(&self.store, &seg.object, meta, seg.row_group as usize)
-                .await?;
+        let rows = shoal_storage::read_row_group(&store, &seg.object, meta, seg.row_group as usize)
+            .await?;
         // Batches of about a fetch's partition size, so a fetch takes a
         // slice of a large row group instead of all of it.
         let encoded = batch::from_rows_chunked(&rows, COLD_BATCH_BYTES)?;
-        self.cache.insert(&key, encoded.clone());
-        Ok(encoded)
+        cache.insert(&key, encoded.clone());
+        Ok::<_, Error>(encoded)
     }
+    .await;
+    loads.lock().remove(&key);
+    loaded.map_err(|e| e.to_string())
 }
 
 /// Follow the WAL's health: after a failed write (a full disk, say), take

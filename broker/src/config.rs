@@ -1,5 +1,6 @@
 //! Broker settings, filled in by the binary from flags, env and file.
 
+use shoal_wal_cache::CacheSize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,8 +53,19 @@ pub struct BrokerConfig {
     pub auto_create_topics: bool,
     /// Flushed bytes per shard kept in memory for tail reads.
     pub tail_keep_bytes: usize,
-    pub cache_memory_bytes: usize,
-    pub cache_disk_bytes: usize,
+    /// The cache's memory tier (see [`CacheSize`]; `auto` by default).
+    pub cache_memory: CacheSize,
+    /// The cache's disk tier under `data_dir/cache`.
+    pub cache_disk: CacheSize,
+    /// How far a sequential read of committed segments is read ahead, per
+    /// shard, in bytes of segment ranges.
+    pub read_ahead_bytes: u64,
+    /// Most segment ranges loaded from the object store at once for
+    /// read-ahead (reads a fetch waits for are not limited).
+    pub max_segment_loads: usize,
+    /// Most Kafka incremental fetch sessions kept (Kafka's
+    /// `max.incremental.fetch.session.cache.slots`); 0 turns them off.
+    pub fetch_session_slots: usize,
     pub cluster_id: String,
     /// Largest Kafka request frame accepted (Kafka's socket.request.max.bytes).
     pub max_request_bytes: usize,
@@ -98,8 +110,11 @@ impl BrokerConfig {
             default_durability: Durability::Local,
             auto_create_topics: true,
             tail_keep_bytes: 8 << 20,
-            cache_memory_bytes: 64 << 20,
-            cache_disk_bytes: 512 << 20,
+            cache_memory: CacheSize::Auto,
+            cache_disk: CacheSize::Auto,
+            fetch_session_slots: crate::kafka::fetch_session::DEFAULT_SESSION_SLOTS,
+            read_ahead_bytes: 16 << 20,
+            max_segment_loads: 32,
             cluster_id: "shoal".into(),
             max_request_bytes: 100 << 20,
             max_unflushed_bytes: 1 << 30,

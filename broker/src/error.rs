@@ -58,6 +58,8 @@ pub enum Error {
     Timeout,
     #[error("{pending} bytes are waiting for object storage (limit {limit}); retry later")]
     Backpressure { pending: u64, limit: u64 },
+    #[error("reading {object}: {reason}")]
+    ColdRead { object: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,6 +106,7 @@ impl Error {
                 R::Invalid { .. } => ResponseError::InvalidRequest,
                 R::UnknownCredential { .. } => ResponseError::ResourceNotFound,
             },
+            Error::ColdRead { .. } => ResponseError::KafkaStorageError,
             Error::Storage(_) | Error::Placement(_) | Error::Internal(_) => {
                 ResponseError::UnknownServerError
             }

@@ -232,6 +232,7 @@ pub async fn flush_once(broker: &Broker, next_id: &mut u64) -> Result<u64> {
             continue;
         }
         records += seg.record_count;
+        broker.keep_flushed(&seg, &t.batches);
         t.shard.committed(seg, delta);
     }
     // Everything at or below max_seq is committed unless a shard still

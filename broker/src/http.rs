@@ -355,6 +355,18 @@ async fn metrics(State(st): State<AppState>) -> Response {
             "Cache misses",
             cache.misses as f64,
         ),
+        (
+            "shoal_fetch_sessions",
+            "gauge",
+            "Kafka incremental fetch sessions held",
+            b.fetch_sessions.active() as f64,
+        ),
+        (
+            "shoal_fetch_session_evictions_total",
+            "counter",
+            "Fetch sessions evicted to make room for another",
+            b.fetch_sessions.evictions() as f64,
+        ),
     ];
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],

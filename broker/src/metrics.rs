@@ -24,6 +24,8 @@ pub struct Metrics {
     pub produce_records: Counter,
     pub produce_latency: Histogram,
     pub fetch_requests: Counter,
+    /// Fetches refused for an unknown fetch session or a wrong epoch.
+    pub fetch_session_errors: Counter,
     pub fetch_bytes: Counter,
     pub fetch_latency: Histogram,
     pub flushes: Counter,
@@ -77,6 +79,11 @@ impl Metrics {
                 "Produce latency until acknowledged",
             ),
             fetch_requests: counter(&mut r, "fetch_requests", "Fetch requests"),
+            fetch_session_errors: counter(
+                &mut r,
+                "fetch_session_errors",
+                "Fetches refused for an unknown fetch session or a wrong session epoch",
+            ),
             fetch_bytes: counter(&mut r, "fetch_bytes", "Bytes returned by fetches"),
             fetch_latency: histogram(
                 &mut r,

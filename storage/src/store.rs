@@ -361,6 +361,12 @@ impl ObjectStorage {
         }
     }
 
+    /// Are objects on this machine (a `file://` directory or `memory://`)?
+    /// Reading one again then costs no request to a remote service.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some() || self.url.starts_with("memory:")
+    }
+
     /// The URL this store was opened with.
     pub fn url(&self) -> &str {
         &self.url

@@ -17,7 +17,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use foyer::{BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder};
+use foyer::{
+    BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    HybridCacheProperties, Location,
+};
 
 use crate::error::{Error, Result};
 
@@ -122,6 +125,24 @@ impl Cache {
     pub fn insert(&self, key: &str, value: Bytes) {
         self.inner.insert(key.to_owned(), value);
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Insert `key` into the memory tier only: once evicted it is gone
+    /// rather than written to disk (for values another copy of which is
+    /// cheap to read again).
+    pub fn insert_in_memory(&self, key: &str, value: Bytes) {
+        self.inner.insert_with_properties(
+            key.to_owned(),
+            value,
+            HybridCacheProperties::default().with_location(Location::InMem),
+        );
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Is `key` in either tier (without reading it)? May say yes for a key
+    /// just evicted or sharing a hash with another.
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.contains(key)
     }
 
     /// Look `key` up in memory, then on disk. A disk-tier error counts as a

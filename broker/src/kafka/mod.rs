@@ -12,6 +12,7 @@ pub mod auth;
 mod authz;
 pub(crate) mod conn;
 mod fetch;
+pub(crate) mod fetch_session;
 mod groups;
 mod metadata;
 mod produce;

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Read benchmark: how fast consumers read a backlog and the live tail.
+
+Each measurement gets its own `shoal standalone` (release build) on fresh
+loopback ports and a fresh data directory. Records are random 1 KiB values
+produced with confluent-kafka (librdkafka), acks=all; consumers are
+confluent-kafka too, every partition assigned from offset 0.
+
+1. catch_up: --mib MiB into a --partitions (16) partition `local` topic on
+   `file://` (produce MB/s), wait until flushed, then read it all from
+   offset 0 with a new consumer (first read) and again with another (second
+   read). Goal: both reads at least twice the produce rate. Reports the
+   broker's RSS (now and peak) after each phase, and cache hits/misses.
+2. cold_s3: --cold-mib MiB into a 16-partition topic on the moto S3
+   emulator behind a proxy that delays every request by --delay-ms (30),
+   wait until flushed, stop the broker, delete its cache, start it again
+   and read everything once (empty cache). Goal: 200 MB/s.
+3. tail: a producer at --tail-rate records/s (about half the peak) for
+   --seconds while a consumer keeps up; produce-to-consume latency of every
+   record (the send time travels in the value), for a `local` topic and an
+   `object` topic. Goals: p99 <= 20 ms (local), <= flush interval + 150 ms
+   (object).
+
+Output: one JSON line per measurement on stdout, then a markdown table.
+
+    python3 bench/reads.py                              # all, spec sizes
+    python3 bench/reads.py --only catch_up --mib 256    # quicker
+    SHOAL_BIN=target/release/shoal python3 bench/reads.py --only tail
+
+Needs: a release build (`cargo build --release --bin shoal`), moto_server
+on PATH (cold_s3), and the Python packages confluent-kafka and boto3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s3 import (BUCKET, Broker, DelayProxy, Moto, consume_all, create_topic, log,  # noqa: E402
+                pct, produce_bulk, producer)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MEASUREMENTS = ("catch_up", "cold_s3", "tail")
+
+
+def rss(pid: int) -> dict:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return {"rss_mib": round(out.get("VmRSS", 0) / 2**20, 1),
+            "peak_rss_mib": round(out.get("VmHWM", 0) / 2**20, 1)}
+
+
+def cache_counts(b: Broker) -> dict:
+    m = b.metrics()
+    return {"cache_hits": m.get("shoal_cache_hits_total", 0.0),
+            "cache_misses": m.get("shoal_cache_misses_total", 0.0),
+            "cold_reads": m.get("shoal_cold_reads_total", 0.0)}
+
+
+def read_once(b: Broker, topic: str, hws: dict[int, int], fetch_max_bytes: int, timeout: float,
+              payload_mib: float) -> dict:
+    before = cache_counts(b)
+    r = consume_all(b.bootstrap, topic, hws, fetch_max_bytes, timeout)
+    after = cache_counts(b)
+    return {"mb_s": round(r["bytes"] / r["seconds"] / 1e6, 1), "seconds": round(r["seconds"], 2),
+            "records": r["records"], **rss(b.proc.pid),
+            **{k: after[k] - before[k] for k in after}}
+
+
+def high_watermarks(doc: dict) -> dict[int, int]:
+    return {s["shard"]: s["high_watermark"] for s in doc["shards"]}
+
+
+class Bench:
+    def __init__(self, a, workdir: Path):
+        self.a = a
+        self.workdir = workdir
+
+    def broker(self, name: str, store: str, endpoint: str = "http://127.0.0.1:9",
+               extra: tuple[str, ...] = ()) -> Broker:
+        return Broker(self.a.bin, self.workdir, name, store, endpoint, self.a.flush_interval,
+                      extra_args=extra)
+
+    def catch_up(self) -> dict:
+        a = self.a
+        name = "catchup"
+        store = f"file://{self.workdir / name / 'objects'}"
+        b = self.broker(name, store).start()
+        try:
+            topic = "catchup"
+            create_topic(b.bootstrap, topic, a.partitions, "local")
+            records = a.mib * 1024 * 1024 // a.record_size
+            log(f"catch_up: producing {a.mib} MiB over {a.partitions} partitions")
+            p = produce_bulk(b.bootstrap, topic, a.partitions, records, a.record_size, 5, 600)
+            produce_mb_s = records * a.record_size / p["seconds"] / 1e6
+            after_produce = rss(b.proc.pid)
+            doc = b.wait_flushed(topic, records, 300)
+            hws = high_watermarks(doc)
+            log(f"catch_up: produced at {produce_mb_s:.1f} MB/s; reading it back")
+            first = read_once(b, topic, hws, a.fetch_max_bytes, 600, a.mib)
+            log(f"catch_up: first read {first['mb_s']} MB/s")
+            second = read_once(b, topic, hws, a.fetch_max_bytes, 600, a.mib)
+            log(f"catch_up: second read {second['mb_s']} MB/s")
+            return {"measurement": "catch_up", "mib": a.mib, "partitions": a.partitions,
+                    "produce_mb_s": round(produce_mb_s, 1), "after_produce": after_produce,
+                    "first_read": first, "second_read": second,
+                    "ratio_first": round(first["mb_s"] / produce_mb_s, 2),
+                    "ratio_second": round(second["mb_s"] / produce_mb_s, 2)}
+        finally:
+            b.stop()
+
+    def cold_s3(self) -> dict:
+        a = self.a
+        moto = Moto(self.workdir, a.moto).start()
+        proxy = DelayProxy(moto.port, a.delay_ms / 1000, a.delay_ms / 1000).start()
+        name = "cold"
+        b = self.broker(name, f"s3://{BUCKET}/cold", proxy.url)
+        try:
+            b.start()
+            topic = "cold"
+            create_topic(b.bootstrap, topic, a.partitions, "local")
+            records = a.cold_mib * 1024 * 1024 // a.record_size
+            log(f"cold_s3: producing {a.cold_mib} MiB")
+            produce_bulk(b.bootstrap, topic, a.partitions, records, a.record_size, 5, 900)
+            hws = high_watermarks(b.wait_flushed(topic, records, 600))
+            b.stop()
+            shutil.rmtree(b.data_dir / "cache", ignore_errors=True)
+            b.start()
+            log("cold_s3: reading back with an empty cache")
+            r = read_once(b, topic, hws, a.fetch_max_bytes, 900, a.cold_mib)
+            log(f"cold_s3: {r['mb_s']} MB/s")
+            return {"measurement": "cold_s3", "mib": a.cold_mib, "delay_ms": a.delay_ms,
+                    "partitions": a.partitions, "read": r, "requests": proxy.counts}
+        finally:
+            b.stop()
+            proxy.stop()
+            moto.stop()
+
+    def tail(self) -> dict:
+        a = self.a
+        out = {"measurement": "tail", "rate": a.tail_rate, "seconds": a.seconds,
+               "flush_interval": a.flush_interval}
+        for durability in ("local", "object"):
+            name = f"tail-{durability}"
+            b = self.broker(name, f"file://{self.workdir / name / 'objects'}").start()
+            try:
+                topic = f"tail{durability}"
+                create_topic(b.bootstrap, topic, a.partitions, durability)
+                out[durability] = {**self.tail_run(b, topic), **rss(b.proc.pid)}
+                log(f"tail {durability}: {out[durability]}")
+            finally:
+                b.stop()
+        return out
+
+    def tail_run(self, b: Broker, topic: str) -> dict:
+        from confluent_kafka import Consumer, TopicPartition, OFFSET_END
+
+        a = self.a
+        lat: list[float] = []
+        stop = threading.Event()
+        ready = threading.Event()
+
+        def consume():
+            c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": f"tail-{topic}",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                          "fetch.min.bytes": 1})
+            c.assign([TopicPartition(topic, q, OFFSET_END) for q in range(a.partitions)])
+            try:
+                while not stop.is_set():
+                    msgs = c.consume(num_messages=1000, timeout=0.1)
+                    ready.set()
+                    now = time.time()
+                    for m in msgs:
+                        v = m.value()
+                        if m.error() is None and v is not None and len(v) >= 8:
+                            lat.append(now - struct.unpack(">d", v[:8])[0])
+            finally:
+                c.close()
+
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        ready.wait(30)
+        time.sleep(1)
+        p = producer(b.bootstrap, 1)
+        pad = os.urandom(a.record_size - 8)
+        n = int(a.tail_rate * a.seconds)
+        t0 = time.perf_counter()
+        for i in range(n):
+            due = t0 + i / a.tail_rate
+            while (d := due - time.perf_counter()) > 0:
+                p.poll(min(d, 0.001))
+            try:
+                p.produce(topic, struct.pack(">d", time.time()) + pad, partition=i % a.partitions)
+            except BufferError:
+                p.poll(0.01)
+        p.flush(60)
+        deadline = time.monotonic() + 30
+        while len(lat) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        t.join(10)
+        xs = sorted(x * 1000 for x in lat)
+        return {"records": len(xs), "p50_ms": round(pct(xs, 50), 1), "p99_ms": round(pct(xs, 99), 1),
+                "max_ms": round(xs[-1], 1) if xs else None}
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| measurement | setting | result |", "|---|---|---|"]
+    for r in results:
+        if r["measurement"] == "catch_up":
+            rows.append(f"| catch-up, first read | {r['mib']} MiB, {r['partitions']} partitions, file:// | "
+                        f"**{r['first_read']['mb_s']} MB/s** ({r['ratio_first']}x produce "
+                        f"{r['produce_mb_s']} MB/s), RSS {r['first_read']['rss_mib']} MiB |")
+            rows.append(f"| catch-up, second read | the same | **{r['second_read']['mb_s']} MB/s** "
+                        f"({r['ratio_second']}x), peak RSS {r['second_read']['peak_rss_mib']} MiB |")
+        elif r["measurement"] == "cold_s3":
+            rows.append(f"| cold catch-up from S3 | {r['mib']} MiB, +{r['delay_ms']} ms per request, "
+                        f"empty cache | **{r['read']['mb_s']} MB/s**, RSS {r['read']['rss_mib']} MiB |")
+        elif r["measurement"] == "tail":
+            for d in ("local", "object"):
+                x = r.get(d, {})
+                rows.append(f"| tail latency, {d} | {r['rate']}/s for {r['seconds']} s | "
+                            f"p50 {x.get('p50_ms')} ms, **p99 {x.get('p99_ms')} ms**, max {x.get('max_ms')} ms |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default=os.environ.get("SHOAL_BIN", str(REPO_ROOT / "target/release/shoal")))
+    ap.add_argument("--moto", default=shutil.which("moto_server") or "moto_server")
+    ap.add_argument("--only", choices=MEASUREMENTS, action="append")
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--cold-mib", type=int, default=1024)
+    ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--record-size", type=int, default=1024)
+    ap.add_argument("--fetch-max-bytes", type=int, default=64 << 20)
+    ap.add_argument("--flush-interval", default="250ms")
+    ap.add_argument("--delay-ms", type=float, default=30)
+    ap.add_argument("--tail-rate", type=int, default=100_000)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="shoal-reads-"))
+    results = []
+    try:
+        bench = Bench(a, workdir)
+        for m in a.only or MEASUREMENTS:
+            r = getattr(bench, m)()
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    finally:
+        if a.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
