@@ -194,6 +194,15 @@ pub fn to_rows(batch: &Bytes) -> Result<Vec<Row>> {
         .collect())
 }
 
+/// The rows of consecutive batches (a segment range as read or cached).
+pub fn rows_of_all(batches: Bytes) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for b in split(batches)? {
+        rows.extend(to_rows(&b)?);
+    }
+    Ok(rows)
+}
+
 /// Encode segment rows back into one uncompressed Kafka batch (with a
 /// valid CRC) for serving cold reads.
 pub fn from_rows(rows: &[Row]) -> Result<Bytes> {

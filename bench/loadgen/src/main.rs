@@ -43,8 +43,19 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     partitions: i32,
     /// Records per second (all partitions together).
-    #[arg(long)]
+    #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Instead of producing: read --topic's --partitions from offset 0 to
+    /// their high watermarks as fast as the broker answers (one Fetch in
+    /// flight, like a consumer), and print bytes, records and MB/s. Batch
+    /// headers are read, records are not decoded.
+    #[arg(long)]
+    consume: bool,
+    /// Per-response and per-partition limits of --consume's fetches.
+    #[arg(long, default_value_t = 64 << 20)]
+    fetch_max_bytes: i32,
+    #[arg(long, default_value_t = 16 << 20)]
+    partition_max_bytes: i32,
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     #[arg(long, default_value_t = 5)]
@@ -200,7 +211,110 @@ async fn main() {
     }
 }
 
+/// --consume: every partition from 0 to its high watermark.
+async fn consume(args: &Args) -> Result<String> {
+    use kafka_protocol::messages::FetchRequest;
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    const FETCH_VERSION: i16 = 12;
+    let topic = args.topic.clone().ok_or("--consume needs --topic")?;
+    let mut conn = TcpStream::connect(&args.bootstrap)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut next: Vec<i64> = vec![0; usize::try_from(args.partitions).map_err(|e| e.to_string())?];
+    let mut end: Vec<Option<i64>> = vec![None; next.len()];
+    let (mut bytes, mut records, mut requests) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    let mut cid = 0;
+    while end.iter().zip(&next).any(|(e, n)| e.is_none_or(|e| *n < e)) {
+        let parts = (0..args.partitions)
+            .map(|p| {
+                FetchPartition::default()
+                    .with_partition(p)
+                    .with_fetch_offset(next[p as usize])
+                    .with_partition_max_bytes(args.partition_max_bytes)
+            })
+            .collect();
+        let req = FetchRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_max_wait_ms(500)
+            .with_min_bytes(1)
+            .with_max_bytes(args.fetch_max_bytes)
+            .with_session_epoch(-1)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partitions(parts),
+            ]);
+        let mut body = BytesMut::new();
+        req.encode(&mut body, FETCH_VERSION)
+            .map_err(|e| e.to_string())?;
+        cid += 1;
+        call(&mut conn, ApiKey::Fetch, FETCH_VERSION, &body, cid).await?;
+        requests += 1;
+        let ResponseKind::Fetch(resp) =
+            read_response(&mut conn, ApiKey::Fetch, FETCH_VERSION).await?
+        else {
+            return Err("not a fetch response".into());
+        };
+        for t in resp.responses {
+            for pd in t.partitions {
+                if pd.error_code != 0 {
+                    return Err(format!(
+                        "partition {}: error {}",
+                        pd.partition_index, pd.error_code
+                    ));
+                }
+                let i = usize::try_from(pd.partition_index).map_err(|e| e.to_string())?;
+                end[i] = Some(pd.high_watermark);
+                let Some(data) = pd.records else { continue };
+                let mut pos = 0usize;
+                while pos + 61 <= data.len() {
+                    let base =
+                        i64::from_be_bytes(data[pos..pos + 8].try_into().map_err(|_| "short")?);
+                    let len = i32::from_be_bytes(
+                        data[pos + 8..pos + 12].try_into().map_err(|_| "short")?,
+                    );
+                    let size = 12 + usize::try_from(len).map_err(|e| e.to_string())?;
+                    if pos + size > data.len() {
+                        break;
+                    }
+                    let delta = i32::from_be_bytes(
+                        data[pos + 23..pos + 27].try_into().map_err(|_| "short")?,
+                    );
+                    let count = i32::from_be_bytes(
+                        data[pos + 57..pos + 61].try_into().map_err(|_| "short")?,
+                    );
+                    let last = base + i64::from(delta);
+                    if last >= next[i] {
+                        next[i] = last + 1;
+                        bytes += size as u64;
+                        records += u64::try_from(count).unwrap_or(0);
+                    }
+                    pos += size;
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "mode": "consume",
+        "topic": topic,
+        "bytes": bytes,
+        "records": records,
+        "requests": requests,
+        "seconds": secs,
+        "mb_s": bytes as f64 / secs / 1e6,
+    })
+    .to_string())
+}
+
 async fn run(args: Args) -> Result<String> {
+    if args.consume {
+        return consume(&args).await;
+    }
+    if args.rate == 0 {
+        return Err("--rate is required to produce".into());
+    }
     let topic = args.topic.clone().unwrap_or_else(|| {
         format!(
             "loadgen-{}p-{}",

@@ -458,7 +458,7 @@ async fn offset_for_timestamp(
         if seg.max_timestamp_ms < ts || seg.last_offset < start {
             continue;
         }
-        let rows = batch::to_rows(&b.read_segment(&seg).await?)?;
+        let rows = batch::rows_of_all(b.read_segment(&seg).await?)?;
         if let Some(r) = rows
             .iter()
             .find(|r| r.offset >= start && r.timestamp_ms >= ts)
@@ -505,7 +505,7 @@ async fn max_timestamp(
         if best.is_some_and(|(_, t)| t >= seg.max_timestamp_ms) {
             break;
         }
-        for r in batch::to_rows(&b.read_segment(&seg).await?)? {
+        for r in batch::rows_of_all(b.read_segment(&seg).await?)? {
             if r.offset >= start && better(best, r.timestamp_ms) {
                 best = Some((r.offset, r.timestamp_ms));
             }

@@ -195,7 +195,15 @@ fn encode_response(
     correlation_id: i32,
     response: &ResponseKind,
 ) -> Result<Bytes, String> {
-    let mut buf = BytesMut::new();
+    // A fetch response can be tens of MiB: size the buffer once rather
+    // than let it double (and copy) its way up.
+    let body = match response {
+        ResponseKind::Fetch(r) => {
+            kafka_protocol::protocol::Encodable::compute_size(r, version).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let mut buf = BytesMut::with_capacity(body + 64);
     buf.put_i32(0);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
     header
