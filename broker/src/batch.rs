@@ -287,47 +287,46 @@ pub fn slice_within(batches: &Bytes, offset: i64, budget: usize) -> Bytes {
     slice_batches(batches, offset, budget, false)
 }
 
-fn slice_batches(batches: &Bytes, offset: i64, budget: usize, first_always: bool) -> Bytes {
+/// (start, length, last offset) of each whole batch in `batches`, in order;
+/// stops at the first one cut short.
+fn whole_batches(batches: &Bytes) -> impl Iterator<Item = (usize, usize, i64)> + '_ {
     let mut pos = 0usize;
-    let mut start = None;
-    while pos + HEADER_LEN <= batches.len() {
+    std::iter::from_fn(move || {
+        if pos + HEADER_LEN > batches.len() {
+            return None;
+        }
         let len = be_i32(batches, pos + 8).max(0) as usize + 12;
         if pos + len > batches.len() {
-            break;
+            return None;
         }
-        let base = be_i64(batches, pos);
-        let last = base + i64::from(be_i32(batches, pos + LAST_OFFSET_DELTA_AT));
-        match start {
+        let last = be_i64(batches, pos) + i64::from(be_i32(batches, pos + LAST_OFFSET_DELTA_AT));
+        let at = pos;
+        pos += len;
+        Some((at, len, last))
+    })
+}
+
+fn slice_batches(batches: &Bytes, offset: i64, budget: usize, first_always: bool) -> Bytes {
+    let mut range: Option<(usize, usize)> = None;
+    for (pos, len, last) in whole_batches(batches) {
+        match range {
             None if last >= offset => {
                 if !first_always && len > budget {
                     return Bytes::new();
                 }
-                start = Some(pos);
+                range = Some((pos, pos + len));
             }
-            Some(s) if pos + len - s > budget => break,
-            _ => {}
+            Some((s, _)) if pos + len - s > budget => break,
+            Some((s, _)) => range = Some((s, pos + len)),
+            None => {}
         }
-        pos += len;
     }
-    match start {
-        Some(s) => batches.slice(s..pos),
-        None => Bytes::new(),
-    }
+    range.map_or_else(Bytes::new, |(s, e)| batches.slice(s..e))
 }
 
 /// The last offset of the last whole batch in `batches`.
 pub fn last_offset_in(batches: &Bytes) -> Option<i64> {
-    let mut pos = 0usize;
-    let mut last = None;
-    while pos + HEADER_LEN <= batches.len() {
-        let len = be_i32(batches, pos + 8).max(0) as usize + 12;
-        if pos + len > batches.len() {
-            break;
-        }
-        last = Some(be_i64(batches, pos) + i64::from(be_i32(batches, pos + LAST_OFFSET_DELTA_AT)));
-        pos += len;
-    }
-    last
+    whole_batches(batches).last().map(|(_, _, last)| last)
 }
 
 /// A WAL entry: which shard, under which lease, and the batch as stored
@@ -522,7 +521,7 @@ mod tests {
         let part = slice_for_fetch(&all, 120, 1);
         let got = to_rows(&part).unwrap();
         assert!(got[0].offset <= 120 && got.last().unwrap().offset >= 120);
-        assert_eq!(split(part).unwrap().len(), 1);
+        assert_eq!(split(part.clone()).unwrap().len(), 1);
         // A large budget takes the rest; past the end nothing.
         let rest = slice_for_fetch(&all, 120, usize::MAX);
         assert_eq!(
@@ -534,5 +533,13 @@ mod tests {
             150 - got[0].offset
         );
         assert!(slice_for_fetch(&all, 1000, usize::MAX).is_empty());
+        assert_eq!(last_offset_in(&all), Some(149));
+        assert_eq!(rows_of_all(rest).unwrap().len() as i64, 150 - got[0].offset);
+        // Behind other data nothing larger than the budget is taken.
+        assert!(slice_within(&all, 120, 1).is_empty());
+        let first = split(part.clone()).unwrap()[0].len();
+        let within = slice_within(&all, 120, 2 * first);
+        assert!(!within.is_empty() && within.len() <= 2 * first);
+        assert_eq!(last_offset_in(&Bytes::new()), None);
     }
 }
