@@ -408,6 +408,9 @@ fn broker_settings(args: &BrokerArgs, file: &BrokerFile) -> Result<BrokerSetting
         crate::config::cache_size_setting("cache-memory", Some(args.cache_memory.clone()), None)?;
     c.cache_disk =
         crate::config::cache_size_setting("cache-disk", Some(args.cache_disk.clone()), None)?;
+    if c.cache_memory == shoal_wal_cache::CacheSize::Bytes(0) {
+        return Err(err("--cache-memory must be more than 0"));
+    }
     c.fetch_session_slots = args.fetch_session_cache_slots;
     c.read_ahead_bytes = parse_bytes(&args.read_ahead_bytes)?;
     if args.read_ahead_concurrency == 0 {

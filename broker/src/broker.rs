@@ -793,12 +793,18 @@ impl Broker {
         if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
             return;
         }
+        // Within the same bound as read-ahead; past it the fetch loads the
+        // range itself when it gets there.
+        let Ok(permit) = self.load_permits.clone().try_acquire_owned() else {
+            return;
+        };
         let broker = self.clone();
         let seg = seg.clone();
         tokio::spawn(async move {
             if let Err(e) = broker.read_segment(&seg).await {
                 tracing::debug!(object = %seg.object, "segment load failed: {e}");
             }
+            drop(permit);
         });
     }
 
@@ -814,7 +820,13 @@ impl Broker {
                 return;
             };
             next = s.last_offset + 1;
-            ahead += s.bytes.max(1);
+            // Ranges committed before their size was recorded count as a
+            // re-encoded chunk.
+            ahead += if s.bytes > 0 {
+                s.bytes
+            } else {
+                COLD_BATCH_BYTES as u64
+            };
             let key = segment_cache_key(&s);
             if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
                 continue;
@@ -911,21 +923,35 @@ impl Broker {
                 Some(l) => l.clone(),
                 None => {
                     self.metrics.cold_reads.inc();
-                    let l = load_segment(
+                    // A task of its own: it finishes (and caches) even when
+                    // every reader gave up, and a panic in it reaches the
+                    // readers as an error.
+                    let task = tokio::spawn(load_segment(
                         self.store.clone(),
                         self.cache.clone(),
-                        self.loads.clone(),
                         key.clone(),
                         seg.clone(),
-                    )
+                    ));
+                    let l = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(format!("segment load failed: {e}")))
+                    }
                     .boxed()
                     .shared();
-                    loads.insert(key, l.clone());
+                    loads.insert(key.clone(), l.clone());
                     l
                 }
             }
         };
-        load.await.map_err(|reason| Error::ColdRead {
+        let loaded = load.clone().await;
+        // Done: the next reader goes to the cache (or, after an error, tries
+        // again). A load whose readers all gave up is cleared by the next.
+        let mut loads = self.loads.lock();
+        if loads.get(&key).is_some_and(|l| l.ptr_eq(&load)) {
+            loads.remove(&key);
+        }
+        drop(loads);
+        loaded.map_err(|reason| Error::ColdRead {
             object: seg.object.clone(),
             reason,
         })
@@ -938,11 +964,10 @@ type SegmentLoad =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, String>>>;
 
 /// Footer (cached per object), the row group's column chunks, re-encoded
-/// as Kafka batches into the cache; then the load is forgotten.
+/// as Kafka batches into the cache under `key`.
 async fn load_segment(
     store: ObjectStorage,
     cache: Cache,
-    loads: Arc<parking_lot::Mutex<HashMap<String, SegmentLoad>>>,
     key: String,
     seg: SegmentRef,
 ) -> Result<Bytes, String> {
@@ -966,7 +991,6 @@ async fn load_segment(
         Ok::<_, Error>(encoded)
     }
     .await;
-    loads.lock().remove(&key);
     loaded.map_err(|e| e.to_string())
 }
 

@@ -356,3 +356,42 @@ async fn object_streams_show_only_committed_records() {
     assert_eq!(code, 0);
     assert_eq!(got, vec![(0, "x".into()), (1, "y".into())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_fills_its_limit_across_segments_and_then_the_tail() {
+    // Nothing flushed stays in the tail: three committed ranges, then two
+    // records not yet flushed.
+    let h = start(0).await;
+    let mut c = TcpStream::connect(h.addr).await.unwrap();
+    let mut id = 0;
+    for vals in [["a", "b"], ["c", "d"], ["e", "f"]] {
+        let (code, _) =
+            produced(call(&mut c, ApiKey::Produce, 8, produce("span", records(&vals))).await);
+        assert_eq!(code, 0);
+        assert_eq!(flusher::flush_once(&h.broker, &mut id).await.unwrap(), 2);
+    }
+    let (code, _) = produced(
+        call(
+            &mut c,
+            ApiKey::Produce,
+            8,
+            produce("span", records(&["g", "h"])),
+        )
+        .await,
+    );
+    assert_eq!(code, 0);
+    let shard = h.broker.stream("span").unwrap().shard(0).unwrap().clone();
+    assert_eq!(shard.segments().len(), 3);
+
+    let expect: Vec<(i64, String)> = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as i64, v.to_string()))
+        .collect();
+    let (code, got) = fetched_values(call(&mut c, ApiKey::Fetch, 11, fetch("span", 0)).await);
+    assert_eq!(code, 0);
+    assert_eq!(got, expect, "one answer spans three segments and the tail");
+    // From the middle of the second range: its batch, then the rest.
+    let (_, got) = fetched_values(call(&mut c, ApiKey::Fetch, 11, fetch("span", 3)).await);
+    assert_eq!(got, expect[2..].to_vec());
+}

@@ -265,7 +265,10 @@ async fn consume(args: &Args) -> Result<String> {
                     ));
                 }
                 let i = usize::try_from(pd.partition_index).map_err(|e| e.to_string())?;
-                end[i] = Some(pd.high_watermark);
+                let (Some(e), true) = (end.get_mut(i), i < next.len()) else {
+                    return Err(format!("unexpected partition {}", pd.partition_index));
+                };
+                *e = Some(pd.high_watermark);
                 let Some(data) = pd.records else { continue };
                 let mut pos = 0usize;
                 while pos + 61 <= data.len() {

@@ -8,7 +8,9 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, ResponseKind};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, ResponseKind, TopicName};
+use shoal_security::acl::Operation;
+use std::collections::HashSet;
 
 use super::Pending;
 use super::conn::Ctx;
@@ -19,32 +21,44 @@ use crate::shard::{Read, ShardLog};
 
 /// Cap on how long a client may make us hold a fetch.
 const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
+/// Cap on one response, whatever the client asks (Kafka's broker-side
+/// `fetch.max.bytes`, 55 MiB by default, is the same kind of bound).
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 pub fn fetch(ctx: &Ctx, req: FetchRequest, version: i16) -> Pending {
     let b = ctx.broker.clone();
+    let started = Instant::now();
+    b.metrics.fetch_requests.inc();
+    let plan = match b.fetch_sessions.begin(&req, version, started) {
+        Ok(plan) => plan,
+        Err(e) => {
+            b.metrics.fetch_session_errors.inc();
+            return super::ready(ResponseKind::Fetch(
+                FetchResponse::default().with_error_code(e.code()),
+            ));
+        }
+    };
+    // The request's own topics were authorized before it got here; a
+    // session's other partitions are checked again on every fetch, so a
+    // revoked ACL takes effect at once.
+    let denied: HashSet<TopicName> = plan
+        .wanted
+        .iter()
+        .map(|w| &w.topic)
+        .filter(|t| !ctx.allowed_topic(Operation::Read, t.as_str()))
+        .cloned()
+        .collect();
     Box::pin(async move {
-        let started = Instant::now();
-        b.metrics.fetch_requests.inc();
-        let plan = match b.fetch_sessions.begin(&req, version, started) {
-            Ok(plan) => plan,
-            Err(e) => {
-                b.metrics.fetch_session_errors.inc();
-                return Some(ResponseKind::Fetch(
-                    FetchResponse::default().with_error_code(e.code()),
-                ));
-            }
-        };
         let max_wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
         let deadline = started + max_wait;
         let min_bytes = req.min_bytes.max(0) as usize;
-        let max_bytes = if req.max_bytes <= 0 {
-            usize::MAX
-        } else {
-            req.max_bytes as usize
-        };
+        let max_bytes = usize::try_from(req.max_bytes)
+            .ok()
+            .filter(|m| *m > 0)
+            .map_or(MAX_RESPONSE_BYTES, |m| m.min(MAX_RESPONSE_BYTES));
         // Subscribe before reading so no append slips between read and wait.
         let mut watches = Vec::new();
-        for w in &plan.wanted {
+        for w in plan.wanted.iter().filter(|w| !denied.contains(&w.topic)) {
             if let Some(s) = b.stream(w.topic.as_str()) {
                 let committed_only = b.durability(&s) == Durability::Object;
                 if let Some(sh) = s.shard(w.partition) {
@@ -57,9 +71,17 @@ pub fn fetch(ctx: &Ctx, req: FetchRequest, version: i16) -> Pending {
             }
         }
         loop {
-            let (topics, bytes, errors) = read_all(&b, &plan.wanted, max_bytes).await;
+            // A slow object store does not hold the answer past max.wait.ms:
+            // then the partitions are answered without records (their loads
+            // go on, so the next fetch finds them in the cache).
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = read_all(&b, &plan.wanted, &denied, max_bytes, true);
+            let (topics, bytes, errors) = match tokio::time::timeout(left, read).await {
+                Ok(r) => r,
+                Err(_) => read_all(&b, &plan.wanted, &denied, max_bytes, false).await,
+            };
             let now = Instant::now();
-            if bytes >= min_bytes.max(1) || errors || now >= deadline || watches.is_empty() {
+            if bytes >= min_bytes || errors || now >= deadline || watches.is_empty() {
                 b.metrics.fetch_bytes.inc_by(bytes as u64);
                 b.metrics
                     .fetch_latency
@@ -79,18 +101,21 @@ pub fn fetch(ctx: &Ctx, req: FetchRequest, version: i16) -> Pending {
 }
 
 /// One pass over every partition the fetch covers, in order; consecutive
-/// partitions of a topic share its response entry.
+/// partitions of a topic share its response entry. Without `with_records`
+/// only the offsets are answered (no I/O).
 async fn read_all(
     b: &Arc<Broker>,
     wanted: &[Wanted],
+    denied: &HashSet<TopicName>,
     max_bytes: usize,
+    with_records: bool,
 ) -> (Vec<FetchableTopicResponse>, usize, bool) {
     let mut total = 0usize;
     let mut errors = false;
     let mut topics: Vec<FetchableTopicResponse> = Vec::new();
     // The partitions are answered in order, but their cold segments load
     // side by side.
-    for w in wanted {
+    for w in wanted.iter().filter(|_| with_records) {
         if let Some(s) = b.stream(w.topic.as_str())
             && let Some(shard) = s.shard(w.partition)
             && let Read::Segment(seg) =
@@ -111,7 +136,16 @@ async fn read_all(
             .with_partition_index(w.partition)
             .with_preferred_read_replica(BrokerId(-1))
             .with_aborted_transactions(Some(Vec::new()));
-        match stream.as_ref().and_then(|s| s.shard(w.partition)) {
+        let shard = stream.as_ref().and_then(|s| s.shard(w.partition));
+        match shard {
+            _ if denied.contains(&w.topic) => {
+                errors = true;
+                pd = pd
+                    .with_error_code(ResponseError::TopicAuthorizationFailed.code())
+                    .with_high_watermark(-1)
+                    .with_last_stable_offset(-1)
+                    .with_log_start_offset(-1);
+            }
             None => {
                 errors = true;
                 let code = stream
@@ -135,7 +169,7 @@ async fn read_all(
                 let budget =
                     (w.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(total));
                 let budget = if total == 0 { budget.max(1) } else { budget };
-                if budget > 0 {
+                if budget > 0 && with_records {
                     let force_first = total == 0;
                     match read_partition(
                         b,

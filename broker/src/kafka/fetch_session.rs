@@ -177,6 +177,7 @@ impl FetchSessions {
         let Some(s) = sessions.get_mut(&plan.session_id) else {
             return topics;
         };
+        let mut answered = Vec::new();
         for t in &mut topics {
             let topic = t.topic.clone();
             t.partitions.retain(|p| {
@@ -186,8 +187,19 @@ impl FetchSessions {
                     None => true,
                 };
                 let has_records = p.records.as_ref().is_some_and(|r| !r.is_empty());
+                if has_records {
+                    answered.push((topic.clone(), p.partition_index));
+                }
                 !plan.incremental || changed || has_records || p.error_code != 0
             });
+        }
+        // Partitions that got records go to the back, so the ones after
+        // them are read first next time and none waits behind the others
+        // for room in the response.
+        for key in answered {
+            if let Some(c) = s.partitions.shift_remove(&key) {
+                s.partitions.insert(key, c);
+            }
         }
         if plan.incremental {
             topics.retain(|t| !t.partitions.is_empty());
@@ -195,23 +207,29 @@ impl FetchSessions {
         topics
     }
 
-    /// A new session for `wanted`, or 0 when there is no room: when full,
-    /// the least recently used session makes way if it has been idle for
-    /// [`EVICTION_PROTECTION`] or holds fewer partitions than the new one.
+    /// A new session for `wanted`, or 0 when there is no room. When full,
+    /// as Kafka does: the least recently used session makes way if it has
+    /// been idle for [`EVICTION_PROTECTION`]; otherwise the smallest one
+    /// (the least recently used among equals) if the new one has more
+    /// partitions.
     fn open(&self, sessions: &mut HashMap<i32, Session>, wanted: &[Wanted], now: Instant) -> i32 {
         if self.slots == 0 {
             return 0;
         }
         if sessions.len() >= self.slots {
-            let victim = sessions
+            let stale = sessions
                 .iter()
                 .min_by_key(|(_, s)| s.used)
-                .filter(|(_, s)| {
-                    now.saturating_duration_since(s.used) >= EVICTION_PROTECTION
-                        || s.partitions.len() < wanted.len()
-                })
+                .filter(|(_, s)| now.saturating_duration_since(s.used) >= EVICTION_PROTECTION)
                 .map(|(id, _)| *id);
-            match victim {
+            let smaller = || {
+                sessions
+                    .iter()
+                    .min_by_key(|(_, s)| (s.partitions.len(), s.used))
+                    .filter(|(_, s)| s.partitions.len() < wanted.len())
+                    .map(|(id, _)| *id)
+            };
+            match stale.or_else(smaller) {
                 Some(id) => {
                     sessions.remove(&id);
                     self.evictions
@@ -526,6 +544,59 @@ mod tests {
                 .unwrap()
                 .session_id,
             0
+        );
+    }
+
+    #[test]
+    fn partitions_that_got_records_go_to_the_back() {
+        let s = FetchSessions::new(10);
+        let now = Instant::now();
+        let open = s
+            .begin(
+                &request(0, 0, &[("a", 0, 0), ("a", 1, 0), ("a", 2, 0)], &[]),
+                12,
+                now,
+            )
+            .unwrap();
+        s.finish(&open, response(&open, 5, &[("a", 0)]));
+        let next = s
+            .begin(&request(open.session_id, 1, &[], &[]), 12, now)
+            .unwrap();
+        let order: Vec<i32> = next.wanted.iter().map(|w| w.partition).collect();
+        assert_eq!(order, [1, 2, 0]);
+    }
+
+    #[test]
+    fn a_full_cache_makes_way_for_a_larger_session_by_dropping_the_smallest() {
+        let s = FetchSessions::new(2);
+        let t0 = Instant::now();
+        let two = s
+            .begin(&request(0, 0, &[("a", 0, 0), ("a", 1, 0)], &[]), 12, t0)
+            .unwrap();
+        let one = s
+            .begin(
+                &request(0, 0, &[("b", 0, 0)], &[]),
+                12,
+                t0 + Duration::from_secs(1),
+            )
+            .unwrap();
+        // The two-partition session is the least recently used, but the
+        // one-partition session is the smaller: it goes.
+        let three = s
+            .begin(
+                &request(0, 0, &[("c", 0, 0), ("c", 1, 0), ("c", 2, 0)], &[]),
+                12,
+                t0 + Duration::from_secs(2),
+            )
+            .unwrap();
+        assert!(three.session_id > 0);
+        assert!(
+            s.begin(&request(two.session_id, 1, &[], &[]), 12, t0)
+                .is_ok()
+        );
+        assert_eq!(
+            s.begin(&request(one.session_id, 1, &[], &[]), 12, t0).err(),
+            Some(ResponseError::FetchSessionIdNotFound)
         );
     }
 
