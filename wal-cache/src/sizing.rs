@@ -104,7 +104,14 @@ fn resolve(size: CacheSize, auto: u8, bounds: (u64, u64), whole: impl FnOnce() -
     match size {
         CacheSize::Bytes(b) => b,
         CacheSize::Percent(p) => share(whole(), p),
-        CacheSize::Auto => share(whole(), auto).clamp(bounds.0, bounds.1),
+        CacheSize::Auto => {
+            let whole = whole();
+            // The floor gives small machines a useful cache, but never more
+            // than a quarter of what there is: on a nearly full disk the
+            // write-ahead log needs the space more than the cache does.
+            let floor = bounds.0.min(whole / 4);
+            share(whole, auto).clamp(floor, bounds.1.max(floor))
+        }
     }
 }
 
@@ -169,7 +176,10 @@ mod tests {
     #[test]
     fn auto_is_a_bounded_share() {
         assert_eq!(resolve(CacheSize::Auto, 12, (64, 1000), || 100_000), 1000);
-        assert_eq!(resolve(CacheSize::Auto, 12, (64, 1000), || 100), 64);
+        assert_eq!(resolve(CacheSize::Auto, 12, (64, 1000), || 1000), 120);
+        assert_eq!(resolve(CacheSize::Auto, 12, (64, 1000), || 400), 64);
+        // A floor larger than a quarter of the whole gives way.
+        assert_eq!(resolve(CacheSize::Auto, 12, (64, 1000), || 100), 25);
         assert_eq!(resolve(CacheSize::Auto, 10, (0, u64::MAX), || 5000), 500);
         assert_eq!(resolve(CacheSize::Percent(50), 10, (0, 1), || 5000), 2500);
         assert_eq!(resolve(CacheSize::Bytes(7), 10, (64, 1000), || 5000), 7);
