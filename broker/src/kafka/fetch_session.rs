@@ -17,6 +17,7 @@ use indexmap::IndexMap;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
 use kafka_protocol::messages::{FetchRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
 use uuid::Uuid;
 
 /// Kafka's `max.incremental.fetch.session.cache.slots`.
@@ -24,6 +25,11 @@ pub const DEFAULT_SESSION_SLOTS: usize = 1000;
 /// A session used within this long is only evicted for a new session with
 /// more partitions (Kafka's `min.incremental.fetch.session.eviction.ms`).
 const EVICTION_PROTECTION: Duration = Duration::from_secs(120);
+/// Partitions all sessions together may hold (about 200 bytes each). A
+/// session grows with every incremental request that names a new
+/// partition, so without a bound a client could make the broker keep any
+/// number of them.
+const DEFAULT_MAX_CACHED_PARTITIONS: usize = 500_000;
 /// The epoch after `i32::MAX`: epochs 0 and -1 mean open and close.
 const FIRST_INCREMENTAL_EPOCH: i32 = 1;
 
@@ -62,25 +68,47 @@ struct Session {
     used: Instant,
 }
 
-/// The broker's fetch sessions, at most `slots` of them.
+#[derive(Default)]
+struct Held {
+    sessions: HashMap<i32, Session>,
+    /// Partitions over all sessions.
+    partitions: usize,
+}
+
+impl Held {
+    fn remove(&mut self, id: i32) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
+        self.partitions -= s.partitions.len();
+        Some(s)
+    }
+}
+
+/// The broker's fetch sessions, at most `slots` of them and
+/// `max_partitions` partitions in all.
 pub struct FetchSessions {
     slots: usize,
-    sessions: parking_lot::Mutex<HashMap<i32, Session>>,
+    max_partitions: usize,
+    held: parking_lot::Mutex<Held>,
     evictions: std::sync::atomic::AtomicU64,
 }
 
 impl FetchSessions {
     pub fn new(slots: usize) -> Self {
+        Self::with_partition_budget(slots, DEFAULT_MAX_CACHED_PARTITIONS)
+    }
+
+    fn with_partition_budget(slots: usize, max_partitions: usize) -> Self {
         Self {
             slots,
-            sessions: parking_lot::Mutex::default(),
+            max_partitions,
+            held: parking_lot::Mutex::default(),
             evictions: Default::default(),
         }
     }
 
     /// Sessions held now.
     pub fn active(&self) -> usize {
-        self.sessions.lock().len()
+        self.held.lock().sessions.len()
     }
 
     /// Sessions evicted to make room for others since start.
@@ -101,23 +129,24 @@ impl FetchSessions {
         if version < 7 {
             return Ok(full(0, requested));
         }
-        let mut sessions = self.sessions.lock();
+        let mut held = self.held.lock();
+        let held = &mut *held;
         match (req.session_id, req.session_epoch) {
             (0, -1) => Ok(full(0, requested)),
             (id, -1) => {
-                sessions.remove(&id);
+                held.remove(id);
                 Ok(full(0, requested))
             }
             (id, 0) => {
                 if id != 0 {
-                    sessions.remove(&id);
+                    held.remove(id);
                 }
-                let id = self.open(&mut sessions, &requested, now);
+                let id = self.open(held, &requested, now);
                 Ok(full(id, requested))
             }
             (_, epoch) if epoch < 0 => Err(ResponseError::InvalidFetchSessionEpoch),
             (id, epoch) => {
-                let Some(s) = sessions.get_mut(&id) else {
+                let Some(s) = held.sessions.get_mut(&id) else {
                     return Err(ResponseError::FetchSessionIdNotFound);
                 };
                 if s.next_epoch != epoch {
@@ -125,13 +154,19 @@ impl FetchSessions {
                 }
                 s.next_epoch = next_epoch(epoch);
                 s.used = now;
+                let before = s.partitions.len();
+                for t in &req.forgotten_topics_data {
+                    for p in &t.partitions {
+                        s.partitions.shift_remove(&(t.topic.clone(), *p));
+                    }
+                }
                 for w in requested {
-                    let key = (w.topic.clone(), w.partition);
-                    match s.partitions.get_mut(&key) {
+                    match s.partitions.get_mut(&(w.topic.clone(), w.partition)) {
                         Some(c) => c.wanted = w,
                         None => {
+                            let w = owned(w);
                             s.partitions.insert(
-                                key,
+                                (w.topic.clone(), w.partition),
                                 Cached {
                                     wanted: w,
                                     reported: None,
@@ -140,10 +175,12 @@ impl FetchSessions {
                         }
                     }
                 }
-                for t in &req.forgotten_topics_data {
-                    for p in &t.partitions {
-                        s.partitions.shift_remove(&(t.topic.clone(), *p));
-                    }
+                held.partitions = held.partitions - before + s.partitions.len();
+                if held.partitions > self.max_partitions {
+                    // The client starts over with a full fetch, and gets a
+                    // session again if there is room for it.
+                    held.remove(id);
+                    return Err(ResponseError::FetchSessionIdNotFound);
                 }
                 let mut wanted: Vec<Wanted> =
                     s.partitions.values().map(|c| c.wanted.clone()).collect();
@@ -173,8 +210,8 @@ impl FetchSessions {
         if plan.session_id == 0 {
             return topics;
         }
-        let mut sessions = self.sessions.lock();
-        let Some(s) = sessions.get_mut(&plan.session_id) else {
+        let mut held = self.held.lock();
+        let Some(s) = held.sessions.get_mut(&plan.session_id) else {
             return topics;
         };
         let mut answered = Vec::new();
@@ -212,11 +249,14 @@ impl FetchSessions {
     /// been idle for [`EVICTION_PROTECTION`]; otherwise the smallest one
     /// (the least recently used among equals) if the new one has more
     /// partitions.
-    fn open(&self, sessions: &mut HashMap<i32, Session>, wanted: &[Wanted], now: Instant) -> i32 {
-        if self.slots == 0 {
+    /// Past the partition budget there is no session (a sessionless fetch
+    /// works the same, only with larger requests).
+    fn open(&self, held: &mut Held, wanted: &[Wanted], now: Instant) -> i32 {
+        if self.slots == 0 || wanted.len() > self.max_partitions {
             return 0;
         }
-        if sessions.len() >= self.slots {
+        let sessions = &held.sessions;
+        if sessions.len() >= self.slots || held.partitions + wanted.len() > self.max_partitions {
             let stale = sessions
                 .iter()
                 .min_by_key(|(_, s)| s.used)
@@ -231,32 +271,37 @@ impl FetchSessions {
             };
             match stale.or_else(smaller) {
                 Some(id) => {
-                    sessions.remove(&id);
+                    held.remove(id);
                     self.evictions
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 None => return 0,
             }
+            if held.partitions + wanted.len() > self.max_partitions {
+                return 0;
+            }
         }
         let id = loop {
             let id = rand::random_range(1..=i32::MAX);
-            if !sessions.contains_key(&id) {
+            if !held.sessions.contains_key(&id) {
                 break id;
             }
         };
-        let partitions = wanted
+        let partitions: IndexMap<_, _> = wanted
             .iter()
             .map(|w| {
+                let w = owned(w.clone());
                 (
                     (w.topic.clone(), w.partition),
                     Cached {
-                        wanted: w.clone(),
+                        wanted: w,
                         reported: None,
                     },
                 )
             })
             .collect();
-        sessions.insert(
+        held.partitions += partitions.len();
+        held.sessions.insert(
             id,
             Session {
                 next_epoch: FIRST_INCREMENTAL_EPOCH,
@@ -265,6 +310,15 @@ impl FetchSessions {
             },
         );
         id
+    }
+}
+
+/// `w` with a topic name of its own: a decoded name shares the request's
+/// buffer, which a session would otherwise keep alive whole.
+fn owned(w: Wanted) -> Wanted {
+    Wanted {
+        topic: TopicName(StrBytes::from_string(w.topic.as_str().to_owned())),
+        ..w
     }
 }
 
@@ -598,6 +652,70 @@ mod tests {
             s.begin(&request(one.session_id, 1, &[], &[]), 12, t0).err(),
             Some(ResponseError::FetchSessionIdNotFound)
         );
+    }
+
+    #[test]
+    fn sessions_hold_a_bounded_number_of_partitions() {
+        let s = FetchSessions::with_partition_budget(10, 4);
+        let now = Instant::now();
+        // Too many for the budget: answered without a session.
+        let big = &[
+            ("a", 0, 0),
+            ("a", 1, 0),
+            ("a", 2, 0),
+            ("a", 3, 0),
+            ("a", 4, 0),
+        ];
+        assert_eq!(
+            s.begin(&request(0, 0, big, &[]), 12, now)
+                .unwrap()
+                .session_id,
+            0
+        );
+        let one = s
+            .begin(&request(0, 0, &[("a", 0, 0), ("a", 1, 0)], &[]), 12, now)
+            .unwrap();
+        let two = s
+            .begin(&request(0, 0, &[("b", 0, 0), ("b", 1, 0)], &[]), 12, now)
+            .unwrap();
+        assert!(one.session_id > 0 && two.session_id > 0);
+        // A third session of the same size finds no room and evicts no one.
+        let three = s
+            .begin(&request(0, 0, &[("c", 0, 0), ("c", 1, 0)], &[]), 12, now)
+            .unwrap();
+        assert_eq!(three.session_id, 0);
+        assert_eq!(s.active(), 2);
+        // Forgetting one and adding one stays within the budget.
+        assert!(
+            s.begin(
+                &request(one.session_id, 1, &[("a", 2, 0)], &[("a", 0)]),
+                12,
+                now
+            )
+            .is_ok()
+        );
+        // Growing past it ends the session; the other one stays.
+        assert_eq!(
+            s.begin(&request(one.session_id, 2, &[("a", 3, 0)], &[]), 12, now)
+                .err(),
+            Some(ResponseError::FetchSessionIdNotFound)
+        );
+        assert_eq!(s.active(), 1);
+        assert_eq!(s.held.lock().partitions, 2);
+        assert!(
+            s.begin(&request(two.session_id, 1, &[], &[]), 12, now)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn cached_names_do_not_keep_the_request_alive() {
+        let s = FetchSessions::new(10);
+        let req = request(0, 0, &[("a", 0, 0)], &[]);
+        let open = s.begin(&req, 12, Instant::now()).unwrap();
+        let held = s.held.lock();
+        let cached = &held.sessions[&open.session_id].partitions[0].wanted.topic;
+        assert_ne!(cached.as_ptr(), req.topics[0].topic.as_ptr());
     }
 
     #[test]
