@@ -19,10 +19,12 @@ confluent-kafka too, every partition assigned from offset 0.
    wait until flushed, stop the broker, delete its cache, start it again
    and read everything once (empty cache). Goal: 200 MB/s.
 3. tail: shoal-loadgen produces at --tail-rate records/s (about half the
-   peak) for --seconds while a confluent-kafka consumer keeps up;
-   produce-to-consume latency of every record (now minus its CreateTime,
-   set when loadgen sends it), for a `local` topic and an `object` topic. Goals: p99 <= 20 ms (local), <= flush interval + 150 ms
-   (object).
+   peak) for --seconds while a consumer keeps up: a second shoal-loadgen
+   (--follow, Fetch on the wire) in one run, a confluent-kafka consumer in
+   Python in another; produce-to-consume latency of every record (arrival
+   minus its CreateTime, set when loadgen sends it), for a `local` topic
+   and an `object` topic. Goals: p99 <= 20 ms (local), <= flush interval +
+   150 ms (object).
 
 Output: one JSON line per measurement on stdout, then a markdown table.
 
@@ -181,21 +183,56 @@ class Bench:
         out = {"measurement": "tail", "rate": a.tail_rate, "seconds": a.seconds,
                "flush_interval": a.flush_interval}
         for durability in ("local", "object"):
-            name = f"tail-{durability}"
-            b = self.broker(name, f"file://{self.workdir / name / 'objects'}").start()
-            try:
-                topic = f"tail{durability}"
-                create_topic(b.bootstrap, topic, a.partitions, durability)
-                out[durability] = {**self.tail_run(b, topic), **rss(b.proc.pid)}
-                log(f"tail {durability}: {out[durability]}")
-            finally:
-                b.stop()
+            for consumer in ("loadgen", "confluent"):
+                name = f"tail-{durability}-{consumer}"
+                b = self.broker(name, f"file://{self.workdir / name / 'objects'}").start()
+                try:
+                    topic = f"tail{durability}"
+                    create_topic(b.bootstrap, topic, a.partitions, durability)
+                    run = self.tail_loadgen if consumer == "loadgen" else self.tail_confluent
+                    out[f"{durability}_{consumer}"] = {**run(b, topic), **rss(b.proc.pid)}
+                    log(f"tail {durability} {consumer}: {out[f'{durability}_{consumer}']}")
+                finally:
+                    b.stop()
         return out
 
-    def tail_run(self, b: Broker, topic: str) -> dict:
-        """shoal-loadgen produces at --tail-rate (its own process, paced,
-        record timestamps = send time); a confluent-kafka consumer here
-        notes now - timestamp for every record."""
+    def produce_paced(self, b: Broker, topic: str) -> dict:
+        """shoal-loadgen produces at --tail-rate for --seconds (its own
+        process, paced, record timestamps = send time)."""
+        a = self.a
+        return self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
+                            str(a.partitions), "--rate", str(a.tail_rate), "--seconds",
+                            str(int(a.seconds)), "--warmup-seconds", "0",
+                            "--record-size", str(a.record_size))
+
+    def tail_loadgen(self, b: Broker, topic: str) -> dict:
+        """A second shoal-loadgen follows the topic (Fetch v12, one request in
+        flight, min_bytes 1, max_wait 100 ms) and notes arrival minus send
+        time per record."""
+        a = self.a
+        follower = subprocess.Popen(
+            [a.loadgen, "--follow", "--bootstrap", b.bootstrap, "--topic", topic,
+             "--partitions", str(a.partitions), "--seconds", str(int(a.seconds) + 3)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = follower.stdout.readline()
+            if '"ready"' not in line:
+                raise RuntimeError(f"loadgen --follow: {line} {follower.stderr.read()}")
+            produced = self.produce_paced(b, topic)
+            out, err = follower.communicate(timeout=60)
+            if follower.returncode != 0:
+                raise RuntimeError(f"loadgen --follow: {err.strip()}")
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+        r = json.loads(out.strip().splitlines()[-1])
+        return {"records": r["records"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                "p999_ms": r["p999_ms"], "max_ms": r["max_ms"],
+                "produce_p99_ms": produced.get("p99_ms"), "produce_mb_s": produced.get("mb_per_s")}
+
+    def tail_confluent(self, b: Broker, topic: str) -> dict:
+        """A confluent-kafka consumer here notes now - timestamp for every
+        record."""
         from confluent_kafka import Consumer, TopicPartition, OFFSET_END
 
         a = self.a
@@ -227,10 +264,7 @@ class Bench:
         ready.wait(30)
         time.sleep(1)
         n = int(a.tail_rate * a.seconds)
-        produced = self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
-                                str(a.partitions), "--rate", str(a.tail_rate), "--seconds",
-                                str(int(a.seconds)), "--warmup-seconds", "0",
-                                "--record-size", str(a.record_size))
+        produced = self.produce_paced(b, topic)
         deadline = time.monotonic() + 30
         while len(lat) < n and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -238,7 +272,7 @@ class Bench:
         t.join(10)
         xs = sorted(lat)
         return {"records": len(xs), "p50_ms": round(pct(xs, 50), 1), "p99_ms": round(pct(xs, 99), 1),
-                "max_ms": round(xs[-1], 1) if xs else None,
+                "p999_ms": round(pct(xs, 99.9), 1), "max_ms": round(xs[-1], 1) if xs else None,
                 "produce_p99_ms": produced.get("p99_ms"), "produce_mb_s": produced.get("mb_per_s")}
 
 
@@ -258,9 +292,12 @@ def markdown(results: list[dict]) -> str:
                         f"empty cache | **{r['read']['mb_s']} MB/s**, RSS {r['read']['rss_mib']} MiB |")
         elif r["measurement"] == "tail":
             for d in ("local", "object"):
-                x = r.get(d, {})
-                rows.append(f"| tail latency, {d} | {r['rate']}/s for {r['seconds']} s | "
-                            f"p50 {x.get('p50_ms')} ms, **p99 {x.get('p99_ms')} ms**, max {x.get('max_ms')} ms |")
+                for c in ("loadgen", "confluent"):
+                    x = r.get(f"{d}_{c}", {})
+                    rows.append(f"| tail latency, {d}, {c} consumer | {r['rate']}/s for {r['seconds']} s | "
+                                f"p50 {x.get('p50_ms')} ms, **p99 {x.get('p99_ms')} ms**, "
+                                f"p99.9 {x.get('p999_ms')} ms, max {x.get('max_ms')} ms, "
+                                f"produce p99 {x.get('produce_p99_ms')} ms |")
     return "\n".join(rows)
 
 

@@ -15,11 +15,12 @@ use shoal_storage::ObjectStorage;
 use shoal_wal_cache::{Cache, CacheOptions, Wal, WalOptions};
 use tokio::sync::Notify;
 
-use crate::batch::{self, WalRecord};
+use crate::batch::WalRecord;
 use crate::config::{BrokerConfig, Durability};
 use crate::error::{Error, Result};
 use crate::group::Coordinator;
 use crate::metrics::Metrics;
+use crate::segment_load::{ColdReader, range_key};
 use crate::shard::{Replayed, ShardEnv, ShardInit, ShardLog};
 use shoal_wal_cache::{Damage, WalHealth};
 
@@ -97,9 +98,9 @@ pub struct Broker {
     /// The last flush failure and when the failures began, while flushes
     /// fail; cleared by a successful flush.
     pub(crate) flush_failing: parking_lot::Mutex<Option<(Instant, String)>>,
-    /// Segment ranges being read ahead, so one is fetched once.
     /// Segment ranges being loaded from the object store, by cache key.
     loads: Arc<parking_lot::Mutex<HashMap<String, SegmentLoad>>>,
+    cold: Arc<ColdReader>,
     /// Bounds the read-ahead loads in flight.
     load_permits: Arc<tokio::sync::Semaphore>,
     /// Kafka incremental fetch sessions (KIP-227).
@@ -117,14 +118,6 @@ pub struct Broker {
     /// MQTT subscription routes, this broker's and its peers' (exchanged
     /// through placement with the heartbeat).
     pub mqtt_routes: Arc<crate::mqtt::routes::Routes>,
-}
-
-/// Size of the batches cold reads are re-encoded into (Kafka's default
-/// max.partition.fetch.bytes).
-const COLD_BATCH_BYTES: usize = 1 << 20;
-
-fn segment_cache_key(seg: &SegmentRef) -> String {
-    format!("rg/{}/{}", seg.object, seg.row_group)
 }
 
 pub fn now_ms() -> i64 {
@@ -165,6 +158,7 @@ impl Broker {
             disk = %config.cache_disk,
             "read cache sized"
         );
+        let memory_bytes = cache_opts.memory_bytes as u64;
         let cache = Cache::open(cache_opts).await?;
         if !config.cluster {
             placement
@@ -178,6 +172,7 @@ impl Broker {
         let fetch_sessions =
             crate::kafka::fetch_session::FetchSessions::new(config.fetch_session_slots);
         let users = Arc::new(crate::security::Users::default());
+        let cold = ColdReader::new(store.clone(), cache.clone(), memory_bytes);
         let broker = Arc::new(Broker {
             encoder: crate::encoder::Encoder::start()?,
             default_retention_ms: std::sync::atomic::AtomicI64::new(
@@ -199,6 +194,7 @@ impl Broker {
             flush_now: Notify::new(),
             flush_failing: parking_lot::Mutex::new(None),
             loads: Default::default(),
+            cold,
             load_permits,
             fetch_sessions,
             sasl: crate::security::sasl_server(users.clone()),
@@ -789,7 +785,7 @@ impl Broker {
     /// way: a fetch does this for every partition it will read, so their
     /// cold reads overlap instead of queueing one behind another.
     pub(crate) fn start_load(self: &Arc<Self>, seg: &SegmentRef) {
-        let key = segment_cache_key(seg);
+        let key = range_key(seg);
         if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
             return;
         }
@@ -825,9 +821,9 @@ impl Broker {
             ahead += if s.bytes > 0 {
                 s.bytes
             } else {
-                COLD_BATCH_BYTES as u64
+                crate::segment_load::COLD_BATCH_BYTES as u64
             };
-            let key = segment_cache_key(&s);
+            let key = range_key(&s);
             if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
                 continue;
             }
@@ -902,7 +898,7 @@ impl Broker {
         for b in batches {
             bytes.extend_from_slice(&b.bytes);
         }
-        let key = segment_cache_key(seg);
+        let key = range_key(seg);
         if self.store.is_local() {
             self.cache.insert_in_memory(&key, bytes.freeze());
         } else {
@@ -913,7 +909,7 @@ impl Broker {
     /// Records of a committed segment range as consecutive Kafka batches,
     /// through the cache. Concurrent reads of one range share one load.
     pub async fn read_segment(&self, seg: &SegmentRef) -> Result<Bytes> {
-        let key = segment_cache_key(seg);
+        let key = range_key(seg);
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
         }
@@ -926,12 +922,7 @@ impl Broker {
                     // A task of its own: it finishes (and caches) even when
                     // every reader gave up, and a panic in it reaches the
                     // readers as an error.
-                    let task = tokio::spawn(load_segment(
-                        self.store.clone(),
-                        self.cache.clone(),
-                        key.clone(),
-                        seg.clone(),
-                    ));
+                    let task = tokio::spawn(self.cold.clone().load(seg.clone()));
                     let l = async move {
                         task.await
                             .unwrap_or_else(|e| Err(format!("segment load failed: {e}")))
@@ -962,37 +953,6 @@ impl Broker {
 /// reader that wants it meanwhile.
 type SegmentLoad =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, String>>>;
-
-/// Footer (cached per object), the row group's column chunks, re-encoded
-/// as Kafka batches into the cache under `key`.
-async fn load_segment(
-    store: ObjectStorage,
-    cache: Cache,
-    key: String,
-    seg: SegmentRef,
-) -> Result<Bytes, String> {
-    let loaded = async {
-        let footer_key = format!("footer/{}", seg.object);
-        let footer = match cache.get(&footer_key).await {
-            Some(f) => f,
-            None => {
-                let (f, _size) = shoal_storage::fetch_footer(&store, &seg.object).await?;
-                cache.insert(&footer_key, f.clone());
-                f
-            }
-        };
-        let meta = shoal_storage::decode_footer(&footer)?;
-        let rows = shoal_storage::read_row_group(&store, &seg.object, meta, seg.row_group as usize)
-            .await?;
-        // Batches of about a fetch's partition size, so a fetch takes a
-        // slice of a large row group instead of all of it.
-        let encoded = batch::from_rows_chunked(&rows, COLD_BATCH_BYTES)?;
-        cache.insert(&key, encoded.clone());
-        Ok::<_, Error>(encoded)
-    }
-    .await;
-    loaded.map_err(|e| e.to_string())
-}
 
 /// Follow the WAL's health: after a failed write (a full disk, say), take
 /// the failed batches out of every shard's tail, then let the WAL write

@@ -34,6 +34,7 @@ pub mod mqtt;
 pub mod producer;
 mod quarantine;
 pub mod security;
+mod segment_load;
 pub mod shard;
 pub mod topic_config;
 

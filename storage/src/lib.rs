@@ -9,7 +9,8 @@
 //!   [`ShardRows`] into one Parquet object plus the [`ShardRange`]s that
 //!   say which row group holds which offsets; [`fetch_footer`],
 //!   [`decode_footer`] and [`read_row_group`] read one shard's rows back
-//!   with range requests only. The format is the data-lake contract
+//!   with range requests; [`footer_in`] and [`decode_row_group_in`] do the
+//!   same from a whole object already in memory. The format is the data-lake contract
 //!   documented in `docs/segment-format.md` ([`FORMAT_VERSION`]);
 //! - **object key layouts** ([`segment_key`], [`compacted_key`]);
 //! - **the record model** ([`Record`], [`Header`]).
@@ -32,7 +33,8 @@ pub use latency::{LATENCY_BUCKETS, LatencySnapshot, RequestKind};
 pub use record::{Header, Record};
 pub use segment::{
     EncodedSegment, FORMAT_VERSION, SegmentOptions, SegmentWriter, ShardRange, ShardRows,
-    compacted_key, decode_footer, encode_segment, fetch_footer, read_row_group, segment_key,
+    compacted_key, decode_footer, decode_row_group_in, encode_segment, fetch_footer, footer_in,
+    read_row_group, segment_key,
 };
 pub use store::{ListedObject, ObjectStorage, StoreStats};
 

@@ -51,6 +51,12 @@ struct Args {
     /// headers are read, records are not decoded.
     #[arg(long)]
     consume: bool,
+    /// Instead of producing: follow --topic's --partitions from their high
+    /// watermarks for --seconds and print produce-to-consume latency
+    /// percentiles (records stamped by a producing loadgen on this machine).
+    /// Prints a `ready` line once it is reading.
+    #[arg(long)]
+    follow: bool,
     /// Per-response and per-partition limits of --consume's fetches.
     #[arg(long, default_value_t = 64 << 20)]
     fetch_max_bytes: i32,
@@ -211,11 +217,101 @@ async fn main() {
     }
 }
 
-/// --consume: every partition from 0 to its high watermark.
-async fn consume(args: &Args) -> Result<String> {
+/// A batch's header as a consumer needs it.
+struct BatchSeen {
+    last_offset: i64,
+    records: u64,
+    bytes: u64,
+    /// The batch's first timestamp (ms): loadgen stamps a batch's records
+    /// with the time it was sent.
+    first_timestamp_ms: i64,
+}
+
+const FETCH_VERSION: i16 = 12;
+
+/// One Fetch (v12, sessionless) of every partition from `next`; returns
+/// each answered partition's high watermark and the whole batches it
+/// carried. Batch headers are read, records are not decoded.
+async fn fetch_batches(
+    conn: &mut TcpStream,
+    topic: &str,
+    next: &[i64],
+    args: &Args,
+    max_wait_ms: i32,
+    cid: i32,
+) -> Result<Vec<(usize, i64, Vec<BatchSeen>)>> {
     use kafka_protocol::messages::FetchRequest;
     use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-    const FETCH_VERSION: i16 = 12;
+    let parts = (0..next.len())
+        .map(|p| {
+            FetchPartition::default()
+                .with_partition(p as i32)
+                .with_fetch_offset(next[p])
+                .with_partition_max_bytes(args.partition_max_bytes)
+        })
+        .collect();
+    let req = FetchRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(1)
+        .with_max_bytes(args.fetch_max_bytes)
+        .with_session_epoch(-1)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_owned())))
+                .with_partitions(parts),
+        ]);
+    let mut body = BytesMut::new();
+    req.encode(&mut body, FETCH_VERSION)
+        .map_err(|e| e.to_string())?;
+    call(conn, ApiKey::Fetch, FETCH_VERSION, &body, cid).await?;
+    let ResponseKind::Fetch(resp) = read_response(conn, ApiKey::Fetch, FETCH_VERSION).await? else {
+        return Err("not a fetch response".into());
+    };
+    let short = |_| "short batch header".to_string();
+    let mut out = Vec::new();
+    for t in resp.responses {
+        for pd in t.partitions {
+            if pd.error_code != 0 {
+                return Err(format!(
+                    "partition {}: error {}",
+                    pd.partition_index, pd.error_code
+                ));
+            }
+            let i = usize::try_from(pd.partition_index)
+                .ok()
+                .filter(|i| *i < next.len())
+                .ok_or_else(|| format!("unexpected partition {}", pd.partition_index))?;
+            let mut seen = Vec::new();
+            let data = pd.records.unwrap_or_default();
+            let mut pos = 0usize;
+            while pos + 61 <= data.len() {
+                let at = |from: usize, n: usize| &data[pos + from..pos + from + n];
+                let base = i64::from_be_bytes(at(0, 8).try_into().map_err(short)?);
+                let len = i32::from_be_bytes(at(8, 4).try_into().map_err(short)?);
+                let size = 12 + usize::try_from(len).map_err(|e| e.to_string())?;
+                if pos + size > data.len() {
+                    break;
+                }
+                let delta = i32::from_be_bytes(at(23, 4).try_into().map_err(short)?);
+                let first_ts = i64::from_be_bytes(at(27, 8).try_into().map_err(short)?);
+                let count = i32::from_be_bytes(at(57, 4).try_into().map_err(short)?);
+                seen.push(BatchSeen {
+                    last_offset: base + i64::from(delta),
+                    records: u64::try_from(count).unwrap_or(0),
+                    bytes: size as u64,
+                    first_timestamp_ms: first_ts,
+                });
+                pos += size;
+            }
+            out.push((i, pd.high_watermark, seen));
+        }
+    }
+    Ok(out)
+}
+
+/// --consume: every partition from 0 to its high watermark.
+async fn consume(args: &Args) -> Result<String> {
     let topic = args.topic.clone().ok_or("--consume needs --topic")?;
     let mut conn = TcpStream::connect(&args.bootstrap)
         .await
@@ -226,74 +322,15 @@ async fn consume(args: &Args) -> Result<String> {
     let started = Instant::now();
     let mut cid = 0;
     while end.iter().zip(&next).any(|(e, n)| e.is_none_or(|e| *n < e)) {
-        let parts = (0..args.partitions)
-            .map(|p| {
-                FetchPartition::default()
-                    .with_partition(p)
-                    .with_fetch_offset(next[p as usize])
-                    .with_partition_max_bytes(args.partition_max_bytes)
-            })
-            .collect();
-        let req = FetchRequest::default()
-            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
-            .with_max_wait_ms(500)
-            .with_min_bytes(1)
-            .with_max_bytes(args.fetch_max_bytes)
-            .with_session_epoch(-1)
-            .with_topics(vec![
-                FetchTopic::default()
-                    .with_topic(TopicName(StrBytes::from_string(topic.clone())))
-                    .with_partitions(parts),
-            ]);
-        let mut body = BytesMut::new();
-        req.encode(&mut body, FETCH_VERSION)
-            .map_err(|e| e.to_string())?;
         cid += 1;
-        call(&mut conn, ApiKey::Fetch, FETCH_VERSION, &body, cid).await?;
         requests += 1;
-        let ResponseKind::Fetch(resp) =
-            read_response(&mut conn, ApiKey::Fetch, FETCH_VERSION).await?
-        else {
-            return Err("not a fetch response".into());
-        };
-        for t in resp.responses {
-            for pd in t.partitions {
-                if pd.error_code != 0 {
-                    return Err(format!(
-                        "partition {}: error {}",
-                        pd.partition_index, pd.error_code
-                    ));
-                }
-                let i = usize::try_from(pd.partition_index).map_err(|e| e.to_string())?;
-                let (Some(e), true) = (end.get_mut(i), i < next.len()) else {
-                    return Err(format!("unexpected partition {}", pd.partition_index));
-                };
-                *e = Some(pd.high_watermark);
-                let Some(data) = pd.records else { continue };
-                let mut pos = 0usize;
-                while pos + 61 <= data.len() {
-                    let base =
-                        i64::from_be_bytes(data[pos..pos + 8].try_into().map_err(|_| "short")?);
-                    let len = i32::from_be_bytes(
-                        data[pos + 8..pos + 12].try_into().map_err(|_| "short")?,
-                    );
-                    let size = 12 + usize::try_from(len).map_err(|e| e.to_string())?;
-                    if pos + size > data.len() {
-                        break;
-                    }
-                    let delta = i32::from_be_bytes(
-                        data[pos + 23..pos + 27].try_into().map_err(|_| "short")?,
-                    );
-                    let count = i32::from_be_bytes(
-                        data[pos + 57..pos + 61].try_into().map_err(|_| "short")?,
-                    );
-                    let last = base + i64::from(delta);
-                    if last >= next[i] {
-                        next[i] = last + 1;
-                        bytes += size as u64;
-                        records += u64::try_from(count).unwrap_or(0);
-                    }
-                    pos += size;
+        for (i, hw, seen) in fetch_batches(&mut conn, &topic, &next, args, 500, cid).await? {
+            end[i] = Some(hw);
+            for b in seen {
+                if b.last_offset >= next[i] {
+                    next[i] = b.last_offset + 1;
+                    bytes += b.bytes;
+                    records += b.records;
                 }
             }
         }
@@ -311,9 +348,76 @@ async fn consume(args: &Args) -> Result<String> {
     .to_string())
 }
 
+/// --follow: from the high watermarks on, for --seconds, like a consumer
+/// keeping up (one Fetch in flight, min_bytes 1, max_wait 100 ms); every
+/// record's latency is the time it arrived minus the time its batch was
+/// sent (both this machine's clock, millisecond resolution).
+async fn follow(args: &Args) -> Result<String> {
+    let topic = args.topic.clone().ok_or("--follow needs --topic")?;
+    let mut conn = TcpStream::connect(&args.bootstrap)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut next: Vec<i64> = vec![0; usize::try_from(args.partitions).map_err(|e| e.to_string())?];
+    // A fetch with no wait tells the high watermarks; reading starts there.
+    let mut cid = 1;
+    for (i, hw, _) in fetch_batches(&mut conn, &topic, &next, args, 0, cid).await? {
+        next[i] = hw;
+    }
+    println!("{}", serde_json::json!({"mode": "follow", "ready": true}));
+    let mut lat: Vec<(f32, u64)> = Vec::new();
+    let (mut records, mut requests) = (0u64, 0u64);
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    while Instant::now() < until {
+        cid += 1;
+        requests += 1;
+        let answered = fetch_batches(&mut conn, &topic, &next, args, 100, cid).await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        for (i, _, seen) in answered {
+            for b in seen {
+                if b.last_offset >= next[i] {
+                    next[i] = b.last_offset + 1;
+                    records += b.records;
+                    lat.push(((now_ms - b.first_timestamp_ms as f64) as f32, b.records));
+                }
+            }
+        }
+    }
+    lat.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: u64 = lat.iter().map(|l| l.1).sum();
+    let pct = |q: f64| {
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0u64;
+        for (l, n) in &lat {
+            seen += n;
+            if seen >= want.max(1) {
+                return (f64::from(*l) * 10.0).round() / 10.0;
+            }
+        }
+        f64::NAN
+    };
+    Ok(serde_json::json!({
+        "mode": "follow",
+        "topic": topic,
+        "records": records,
+        "requests": requests,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "p999_ms": pct(0.999),
+        "max_ms": pct(1.0),
+    })
+    .to_string())
+}
+
 async fn run(args: Args) -> Result<String> {
     if args.consume {
         return consume(&args).await;
+    }
+    if args.follow {
+        return follow(&args).await;
     }
     if args.rate == 0 {
         return Err("--rate is required to produce".into());

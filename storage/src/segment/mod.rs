@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::record::Record;
 
 pub use key::{compacted_key, segment_key};
-pub use reader::{decode_footer, fetch_footer, read_row_group};
+pub use reader::{decode_footer, decode_row_group_in, fetch_footer, footer_in, read_row_group};
 pub use writer::{SegmentWriter, encode_segment};
 
 /// Version of the segment schema, stored under the Parquet key-value

@@ -134,37 +134,119 @@ pub async fn read_row_group(
     meta: Arc<ParquetMetaData>,
     row_group: usize,
 ) -> Result<Vec<Record>> {
+    let plan = RowGroupPlan::new(key, &meta, row_group)?;
+    let data = store.get_range(key, plan.span.clone()).await?;
+    plan.decode(key, meta, row_group, data).await
+}
+
+/// The footer of a whole object held in memory: the bytes
+/// [`fetch_footer`] would return for it.
+pub fn footer_in(key: &str, object: &Bytes) -> Result<Bytes> {
     let corrupt = |reason: String| Error::CorruptSegment {
         key: key.to_owned(),
         reason,
     };
-    let rg = meta
-        .row_groups()
-        .get(row_group)
-        .ok_or_else(|| Error::RowGroupOutOfRange {
-            key: key.to_owned(),
-            row_group,
-            count: meta.num_row_groups(),
-        })?;
-    let schema_descr = meta.file_metadata().schema_descr();
-    let roots = record_roots(schema_descr).map_err(corrupt)?;
-    let span = leaf_span(schema_descr, rg, &roots).map_err(corrupt)?;
-    let expected_rows = usize::try_from(rg.num_rows())
-        .map_err(|_| corrupt(format!("row group {row_group} has {} rows", rg.num_rows())))?;
+    let metadata_len = parse_trailer(object).map_err(corrupt)?;
+    let footer_len = metadata_len.saturating_add(TRAILER_LEN);
+    if footer_len.saturating_add(MAGIC.len()) > object.len() {
+        return Err(corrupt(format!(
+            "footer claims {metadata_len} metadata bytes in a {}-byte object",
+            object.len()
+        )));
+    }
+    Ok(object.slice(object.len() - footer_len..))
+}
 
-    let data = store.get_range(key, span.clone()).await?;
-    let owned_key = key.to_owned();
-    let chunk = SpanReader {
-        start: span.start,
-        data,
-    };
-    tokio::task::spawn_blocking(move || {
-        decode_row_group(&owned_key, meta, row_group, roots, chunk, expected_rows)
-    })
-    .await
-    // A panic inside the Parquet decoder means the bytes are bad; report
-    // it as such rather than propagate it into the caller's task.
-    .map_err(|e| corrupt(format!("decoder failed: {e}")))?
+/// Like [`read_row_group`], from the whole object already in memory (no
+/// request).
+pub async fn decode_row_group_in(
+    key: &str,
+    meta: Arc<ParquetMetaData>,
+    row_group: usize,
+    object: &Bytes,
+) -> Result<Vec<Record>> {
+    let plan = RowGroupPlan::new(key, &meta, row_group)?;
+    let span = usize::try_from(plan.span.start)
+        .ok()
+        .zip(usize::try_from(plan.span.end).ok())
+        .filter(|(_, end)| *end <= object.len())
+        .ok_or_else(|| Error::CorruptSegment {
+            key: key.to_owned(),
+            reason: format!(
+                "row group {row_group} spans {:?}, past the {}-byte object",
+                plan.span,
+                object.len()
+            ),
+        })?;
+    let data = object.slice(span.0..span.1);
+    plan.decode(key, meta, row_group, data).await
+}
+
+/// What reading one row group takes: its columns, their byte span in the
+/// object and the rows the metadata promises.
+struct RowGroupPlan {
+    roots: Vec<usize>,
+    span: Range<u64>,
+    expected_rows: usize,
+}
+
+impl RowGroupPlan {
+    fn new(key: &str, meta: &ParquetMetaData, row_group: usize) -> Result<Self> {
+        let corrupt = |reason: String| Error::CorruptSegment {
+            key: key.to_owned(),
+            reason,
+        };
+        let rg = meta
+            .row_groups()
+            .get(row_group)
+            .ok_or_else(|| Error::RowGroupOutOfRange {
+                key: key.to_owned(),
+                row_group,
+                count: meta.num_row_groups(),
+            })?;
+        let schema_descr = meta.file_metadata().schema_descr();
+        let roots = record_roots(schema_descr).map_err(corrupt)?;
+        let span = leaf_span(schema_descr, rg, &roots).map_err(corrupt)?;
+        let expected_rows = usize::try_from(rg.num_rows())
+            .map_err(|_| corrupt(format!("row group {row_group} has {} rows", rg.num_rows())))?;
+        Ok(Self {
+            roots,
+            span,
+            expected_rows,
+        })
+    }
+
+    /// Decode the span's bytes off the async runtime.
+    async fn decode(
+        self,
+        key: &str,
+        meta: Arc<ParquetMetaData>,
+        row_group: usize,
+        data: Bytes,
+    ) -> Result<Vec<Record>> {
+        let owned_key = key.to_owned();
+        let chunk = SpanReader {
+            start: self.span.start,
+            data,
+        };
+        tokio::task::spawn_blocking(move || {
+            decode_row_group(
+                &owned_key,
+                meta,
+                row_group,
+                self.roots,
+                chunk,
+                self.expected_rows,
+            )
+        })
+        .await
+        // A panic inside the Parquet decoder means the bytes are bad; report
+        // it as such rather than propagate it into the caller's task.
+        .map_err(|e| Error::CorruptSegment {
+            key: key.to_owned(),
+            reason: format!("decoder failed: {e}"),
+        })?
+    }
 }
 
 /// Indices of the top-level columns a `Record` is built from.

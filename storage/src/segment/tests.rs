@@ -150,6 +150,38 @@ async fn round_trip_many_shards_with_splitting() {
 }
 
 #[tokio::test]
+async fn a_whole_object_in_memory_decodes_like_range_reads() {
+    let input = vec![
+        shard("a", 0, varied_records(0, 40)),
+        shard("b", 3, varied_records(100, 7)),
+    ];
+    let seg = encode_segment(input, &opts(16)).unwrap();
+    let (store, meta) = stored(seg.bytes.clone()).await;
+    let footer = footer_in("seg.parquet", &seg.bytes).unwrap();
+    let in_memory = decode_footer(&footer).unwrap();
+    assert_eq!(in_memory.num_row_groups(), meta.num_row_groups());
+    for r in &seg.ranges {
+        let rg = r.row_group as usize;
+        let ranged = read_row_group(&store, "seg.parquet", meta.clone(), rg)
+            .await
+            .unwrap();
+        let whole = decode_row_group_in("seg.parquet", in_memory.clone(), rg, &seg.bytes)
+            .await
+            .unwrap();
+        assert_eq!(whole, ranged);
+    }
+    // A cut object is an error, not a panic.
+    let cut = seg.bytes.slice(..seg.bytes.len() / 2);
+    assert!(footer_in("seg.parquet", &cut).is_err());
+    let short = seg.bytes.slice(..8);
+    assert!(
+        decode_row_group_in("seg.parquet", in_memory, 0, &short)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn rows_are_sorted_and_shards_merged() {
     let mut unsorted = varied_records(0, 6);
     unsorted.reverse();
