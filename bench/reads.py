@@ -17,7 +17,8 @@ confluent-kafka too, every partition assigned from offset 0.
 2. cold_s3: --cold-mib MiB into a 16-partition topic on the moto S3
    emulator behind a proxy that delays every request by --delay-ms (30),
    wait until flushed, stop the broker, delete its cache, start it again
-   and read everything once (empty cache). Goal: 200 MB/s.
+   and read everything once with shoal-loadgen --consume (the wire), then
+   the same again with a confluent-kafka consumer. Goal: 200 MB/s.
 3. tail: shoal-loadgen produces at --tail-rate records/s (about half the
    peak) for --seconds while a consumer keeps up: a second shoal-loadgen
    (--follow, Fetch on the wire) in one run, a confluent-kafka consumer in
@@ -75,7 +76,10 @@ def cache_counts(b: Broker) -> dict:
     m = b.metrics()
     return {"cache_hits": m.get("shoal_cache_hits_total", 0.0),
             "cache_misses": m.get("shoal_cache_misses_total", 0.0),
-            "cold_reads": m.get("shoal_cold_reads_total", 0.0)}
+            "cold_reads": m.get("shoal_cold_reads_total", 0.0),
+            "gets": m.get('shoal_object_store_requests_total{kind="get"}', 0.0),
+            "get_seconds": round(m.get('shoal_object_store_request_duration_seconds_sum{kind="get"}',
+                                       0.0), 2)}
 
 
 def read_once(b: Broker, topic: str, hws: dict[int, int], fetch_max_bytes: int, timeout: float,
@@ -165,14 +169,27 @@ class Bench:
             log(f"cold_s3: producing {a.cold_mib} MiB")
             produce_bulk(b.bootstrap, topic, a.partitions, records, a.record_size, 5, 900)
             hws = high_watermarks(b.wait_flushed(topic, records, 600))
-            b.stop()
-            shutil.rmtree(b.data_dir / "cache", ignore_errors=True)
-            b.start()
-            log("cold_s3: reading back with an empty cache")
-            r = read_once(b, topic, hws, a.fetch_max_bytes, 900, a.cold_mib)
-            log(f"cold_s3: {r['mb_s']} MB/s")
+            reads = {}
+            for which in ("wire", "confluent"):
+                b.stop()
+                shutil.rmtree(b.data_dir / "cache", ignore_errors=True)
+                b.start()
+                log(f"cold_s3: reading back with an empty cache ({which})")
+                if which == "wire":
+                    before = cache_counts(b)
+                    r = self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
+                                     str(a.partitions), "--consume", "--fetch-max-bytes",
+                                     str(a.fetch_max_bytes), "--partition-max-bytes",
+                                     str(a.fetch_max_bytes // 4))
+                    after = cache_counts(b)
+                    reads[which] = {"mb_s": round(r["mb_s"], 1), "seconds": round(r["seconds"], 2),
+                                    "records": r["records"], **rss(b.proc.pid),
+                                    **{k: after[k] - before[k] for k in after}}
+                else:
+                    reads[which] = read_once(b, topic, hws, a.fetch_max_bytes, 900, a.cold_mib)
+                log(f"cold_s3: {which} {reads[which]['mb_s']} MB/s")
             return {"measurement": "cold_s3", "mib": a.cold_mib, "delay_ms": a.delay_ms,
-                    "partitions": a.partitions, "read": r, "requests": proxy.counts}
+                    "partitions": a.partitions, **reads, "requests": proxy.counts}
         finally:
             b.stop()
             proxy.stop()
@@ -288,8 +305,11 @@ def markdown(results: list[dict]) -> str:
             rows.append(f"| catch-up, confluent-kafka consumer | the same, third read | "
                         f"{r['confluent_read']['mb_s']} MB/s (Python client) |")
         elif r["measurement"] == "cold_s3":
-            rows.append(f"| cold catch-up from S3 | {r['mib']} MiB, +{r['delay_ms']} ms per request, "
-                        f"empty cache | **{r['read']['mb_s']} MB/s**, RSS {r['read']['rss_mib']} MiB |")
+            for which in ("wire", "confluent"):
+                x = r[which]
+                rows.append(f"| cold catch-up from S3, {which} | {r['mib']} MiB, +{r['delay_ms']} ms "
+                            f"per request, empty cache | **{x['mb_s']} MB/s**, RSS {x['rss_mib']} MiB, "
+                            f"{x.get('gets')} GETs |")
         elif r["measurement"] == "tail":
             for d in ("local", "object"):
                 for c in ("loadgen", "confluent"):

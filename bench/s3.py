@@ -363,7 +363,8 @@ class Broker:
                "--object-store", self.object_store,
                "--flush-interval", self.flush_interval, *self.extra_args]
         # SHOAL_* variables are broker configuration: pass none of ours on.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        # The broker's own settings come from its flags; SHOAL_LOG passes.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == "SHOAL_LOG"}
         env.update({
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",

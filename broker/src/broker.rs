@@ -832,6 +832,7 @@ impl Broker {
                 return;
             };
             let broker = self.clone();
+            tracing::debug!(object = %s.object, row_group = s.row_group, "reading ahead");
             tokio::spawn(async move {
                 if let Err(e) = broker.read_segment(&s).await {
                     tracing::debug!(object = %s.object, "read-ahead failed: {e}");

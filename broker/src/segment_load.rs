@@ -27,10 +27,13 @@ use crate::error::Error;
 /// Size of the batches cold reads are re-encoded into (Kafka's default
 /// max.partition.fetch.bytes).
 pub(crate) const COLD_BATCH_BYTES: usize = 1 << 20;
-/// Objects up to this size are fetched whole by a cold read. Loads in
-/// flight are bounded (`--read-ahead-concurrency`), so this bounds the
-/// memory they hold too.
-const WHOLE_OBJECT_MAX: u64 = 32 << 20;
+/// Objects up to this size are fetched whole by a cold read: flush objects
+/// are at most about four `--flush-bytes` (32 MiB by default), plus a row
+/// group's overshoot.
+const WHOLE_OBJECT_MAX: u64 = 64 << 20;
+/// Whole-object GETs in flight hold at most this many bytes together (and
+/// at most a quarter of the memory tier); the rest wait their turn.
+const WHOLE_OBJECT_BYTES_IN_FLIGHT: u64 = 256 << 20;
 /// ... and up to this share of the memory tier, which must keep an object
 /// while its ranges are decoded (else each range would fetch it again).
 const WHOLE_OBJECT_MEMORY_SHARE: u64 = 8;
@@ -58,16 +61,25 @@ pub(crate) struct ColdReader {
     whole_max: u64,
     /// Whole-object GETs in flight, by object key.
     fetching: parking_lot::Mutex<HashMap<String, ObjectFetch>>,
+    /// The bytes whole-object GETs in flight may hold, in KiB.
+    in_flight_kib: Arc<tokio::sync::Semaphore>,
+    /// All of that budget.
+    budget_kib: u32,
 }
 
 impl ColdReader {
     /// `memory_bytes`: the cache's memory tier.
     pub(crate) fn new(store: ObjectStorage, cache: Cache, memory_bytes: u64) -> Arc<Self> {
+        let budget_kib = u32::try_from(WHOLE_OBJECT_BYTES_IN_FLIGHT.min(memory_bytes / 4) >> 10)
+            .unwrap_or(u32::MAX)
+            .max(1);
         Arc::new(Self {
             store,
             cache,
             whole_max: WHOLE_OBJECT_MAX.min(memory_bytes / WHOLE_OBJECT_MEMORY_SHARE),
             fetching: Default::default(),
+            in_flight_kib: Arc::new(tokio::sync::Semaphore::new(budget_kib as usize)),
+            budget_kib,
         })
     }
 
@@ -76,7 +88,7 @@ impl ColdReader {
     pub(crate) async fn load(self: Arc<Self>, seg: SegmentRef) -> Result<Bytes, String> {
         let loaded = async {
             let rows = if seg.object_size > 0 && seg.object_size <= self.whole_max {
-                let object = self.whole_object(&seg.object).await?;
+                let object = self.whole_object(&seg.object, seg.object_size).await?;
                 let footer = shoal_storage::footer_in(&seg.object, &object)?;
                 let meta = shoal_storage::decode_footer(&footer)?;
                 shoal_storage::decode_row_group_in(
@@ -120,7 +132,7 @@ impl ColdReader {
     /// meanwhile shares. Kept in the memory tier only: re-reading it from
     /// the store costs no more than from the disk tier, and its ranges are
     /// cached on their own once decoded.
-    async fn whole_object(&self, object: &str) -> Result<Bytes, Error> {
+    async fn whole_object(&self, object: &str, size: u64) -> Result<Bytes, Error> {
         let key = object_key(object);
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
@@ -133,10 +145,21 @@ impl ColdReader {
                     let store = self.store.clone();
                     let cache = self.cache.clone();
                     let name = object.to_owned();
+                    let budget = self.in_flight_kib.clone();
+                    // Never more than the whole budget, so any object can go.
+                    let kib = u32::try_from((size >> 10).max(1))
+                        .unwrap_or(u32::MAX)
+                        .min(self.budget_kib);
                     // A task of its own, so it completes (and is cached)
                     // even when the load that started it is dropped.
                     let task = tokio::spawn(async move {
+                        let _held = budget
+                            .acquire_many_owned(kib)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        tracing::debug!(object = %name, "reading a whole object");
                         let bytes = store.get(&name).await.map_err(|e| e.to_string())?;
+                        tracing::debug!(object = %name, bytes = bytes.len(), "read a whole object");
                         cache.insert_in_memory(&object_key(&name), bytes.clone());
                         Ok::<_, String>(bytes)
                     });
