@@ -122,6 +122,30 @@ async fn read_response(
     ResponseKind::decode(key, &mut body, version).map_err(|e| e.to_string())
 }
 
+/// Like [`read_response`], into `buf`, which the caller keeps: a consumer
+/// reading 64 MiB responses would otherwise fault in fresh pages for each.
+async fn read_response_into(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+    key: ApiKey,
+    version: i16,
+) -> Result<ResponseKind> {
+    let len = rd.read_i32().await.map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).map_err(|e| e.to_string())?;
+    buf.clear();
+    buf.reserve(len);
+    let mut body = rd.take(len as u64);
+    while buf.len() < len {
+        if body.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed mid-response".into());
+        }
+    }
+    let mut body = buf.split().freeze();
+    ResponseHeader::decode(&mut body, key.response_header_version(version))
+        .map_err(|e| e.to_string())?;
+    ResponseKind::decode(key, &mut body, version).map_err(|e| e.to_string())
+}
+
 async fn create_topic(addr: &str, topic: &str, partitions: i32) -> Result<()> {
     let mut conn = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let req = CreateTopicsRequest::default()
@@ -239,6 +263,7 @@ async fn fetch_batches(
     args: &Args,
     max_wait_ms: i32,
     cid: i32,
+    buf: &mut BytesMut,
 ) -> Result<Vec<(usize, i64, Vec<BatchSeen>)>> {
     use kafka_protocol::messages::FetchRequest;
     use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -265,7 +290,9 @@ async fn fetch_batches(
     req.encode(&mut body, FETCH_VERSION)
         .map_err(|e| e.to_string())?;
     call(conn, ApiKey::Fetch, FETCH_VERSION, &body, cid).await?;
-    let ResponseKind::Fetch(resp) = read_response(conn, ApiKey::Fetch, FETCH_VERSION).await? else {
+    let ResponseKind::Fetch(resp) =
+        read_response_into(conn, buf, ApiKey::Fetch, FETCH_VERSION).await?
+    else {
         return Err("not a fetch response".into());
     };
     let short = |_| "short batch header".to_string();
@@ -321,10 +348,13 @@ async fn consume(args: &Args) -> Result<String> {
     let (mut bytes, mut records, mut requests) = (0u64, 0u64, 0u64);
     let started = Instant::now();
     let mut cid = 0;
+    let mut buf = BytesMut::new();
     while end.iter().zip(&next).any(|(e, n)| e.is_none_or(|e| *n < e)) {
         cid += 1;
         requests += 1;
-        for (i, hw, seen) in fetch_batches(&mut conn, &topic, &next, args, 500, cid).await? {
+        for (i, hw, seen) in
+            fetch_batches(&mut conn, &topic, &next, args, 500, cid, &mut buf).await?
+        {
             end[i] = Some(hw);
             for b in seen {
                 if b.last_offset >= next[i] {
@@ -361,7 +391,8 @@ async fn follow(args: &Args) -> Result<String> {
     let mut next: Vec<i64> = vec![0; usize::try_from(args.partitions).map_err(|e| e.to_string())?];
     // A fetch with no wait tells the high watermarks; reading starts there.
     let mut cid = 1;
-    for (i, hw, _) in fetch_batches(&mut conn, &topic, &next, args, 0, cid).await? {
+    let mut buf = BytesMut::new();
+    for (i, hw, _) in fetch_batches(&mut conn, &topic, &next, args, 0, cid, &mut buf).await? {
         next[i] = hw;
     }
     println!("{}", serde_json::json!({"mode": "follow", "ready": true}));
@@ -371,7 +402,7 @@ async fn follow(args: &Args) -> Result<String> {
     while Instant::now() < until {
         cid += 1;
         requests += 1;
-        let answered = fetch_batches(&mut conn, &topic, &next, args, 100, cid).await?;
+        let answered = fetch_batches(&mut conn, &topic, &next, args, 100, cid, &mut buf).await?;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64() * 1e3);

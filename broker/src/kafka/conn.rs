@@ -189,33 +189,32 @@ pub(crate) fn decode_frame(mut body: Bytes) -> Result<Frame, (FrameError, Option
 }
 
 /// Sans-io: length-prefixed response bytes.
+/// Encode a length-prefixed response into `buf` (cleared first), which the
+/// connection's writer keeps from one response to the next. (Fetch
+/// responses go out in pieces instead, see `fetch_encode`.)
 fn encode_response(
+    buf: &mut BytesMut,
     api_key: ApiKey,
     version: i16,
     correlation_id: i32,
     response: &ResponseKind,
-) -> Result<Bytes, String> {
-    // A fetch response can be tens of MiB: size the buffer once rather
-    // than let it double (and copy) its way up.
-    let body = match response {
-        ResponseKind::Fetch(r) => {
-            kafka_protocol::protocol::Encodable::compute_size(r, version).unwrap_or(0)
-        }
-        _ => 0,
-    };
-    let mut buf = BytesMut::with_capacity(body + 64);
+) -> Result<(), String> {
+    buf.clear();
     buf.put_i32(0);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
     header
-        .encode(&mut buf, api_key.response_header_version(version))
+        .encode(buf, api_key.response_header_version(version))
         .map_err(|e| e.to_string())?;
-    response
-        .encode(&mut buf, version)
-        .map_err(|e| e.to_string())?;
+    response.encode(buf, version).map_err(|e| e.to_string())?;
     let len = (buf.len() - 4) as i32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
-    Ok(buf.freeze())
+    Ok(())
 }
+
+/// A writer's buffer larger than this is let go after a response that
+/// used less than a quarter of it, so one large response does not pin its
+/// size for the connection's life.
+const KEEP_WRITE_BUFFER: usize = 1 << 20;
 
 /// The TLS handshake where the listener has one, then the connection.
 async fn accept(
@@ -264,12 +263,39 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<(ApiKey, i16, i32, Pending)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::new();
         while let Some((key, version, correlation_id, pending)) = rx.recv().await {
             let Some(response) = pending.await else {
                 continue;
             };
-            match encode_response(key, version, correlation_id, &response) {
-                Ok(bytes) => wr.write_all(&bytes).await?,
+            // A fetch goes out with its batches as they are (not copied
+            // into the buffer first).
+            let response = match response {
+                ResponseKind::Fetch(f) => {
+                    match super::fetch_encode::encode_fetch_response(correlation_id, version, f) {
+                        Ok(pieces) => {
+                            for piece in pieces {
+                                wr.write_all(&piece).await?;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(api = ?key, version, "cannot encode response: {e}");
+                            break;
+                        }
+                    }
+                }
+                other => other,
+            };
+            let encoded = encode_response(&mut buf, key, version, correlation_id, &response);
+            drop(response);
+            match encoded {
+                Ok(()) => {
+                    wr.write_all(&buf).await?;
+                    if buf.capacity() > KEEP_WRITE_BUFFER && buf.len() < buf.capacity() / 4 {
+                        buf = BytesMut::new();
+                    }
+                }
                 Err(e) => {
                     tracing::error!(api = ?key, version, "cannot encode response: {e}");
                     break;
@@ -510,7 +536,8 @@ mod tests {
     #[test]
     fn responses_are_length_prefixed() {
         let resp = ResponseKind::ApiVersions(super::metadata::api_versions_response());
-        let b = encode_response(ApiKey::ApiVersions, 3, 42, &resp).unwrap();
+        let mut b = BytesMut::new();
+        encode_response(&mut b, ApiKey::ApiVersions, 3, 42, &resp).unwrap();
         let mut s = &b[..];
         assert_eq!(s.get_i32() as usize, b.len() - 4);
         assert_eq!(s.get_i32(), 42);

@@ -12,6 +12,7 @@ pub mod auth;
 mod authz;
 pub(crate) mod conn;
 mod fetch;
+mod fetch_encode;
 pub(crate) mod fetch_session;
 mod groups;
 mod metadata;
