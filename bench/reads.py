@@ -23,7 +23,8 @@ confluent-kafka too, every partition assigned from offset 0.
    peak) for --seconds while a consumer keeps up: a second shoal-loadgen
    (--follow, Fetch on the wire) in one run, a confluent-kafka consumer in
    Python in another; produce-to-consume latency of every record (arrival
-   minus its CreateTime, set when loadgen sends it), for a `local` topic
+   minus its CreateTime, set when loadgen sends it; the first --warmup (5)
+   seconds are produced and read but not counted), for a `local` topic
    and an `object` topic. Goals: p99 <= 20 ms (local), <= flush interval +
    150 ms (object).
 
@@ -214,12 +215,13 @@ class Bench:
         return out
 
     def produce_paced(self, b: Broker, topic: str) -> dict:
-        """shoal-loadgen produces at --tail-rate for --seconds (its own
-        process, paced, record timestamps = send time)."""
+        """shoal-loadgen produces at --tail-rate for --warmup + --seconds
+        (its own process, paced, record timestamps = send time; the warm-up
+        is not measured, as in the produce latency benchmark)."""
         a = self.a
         return self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
                             str(a.partitions), "--rate", str(a.tail_rate), "--seconds",
-                            str(int(a.seconds)), "--warmup-seconds", "0",
+                            str(int(a.seconds)), "--warmup-seconds", str(a.warmup),
                             "--record-size", str(a.record_size))
 
     def tail_loadgen(self, b: Broker, topic: str) -> dict:
@@ -229,7 +231,8 @@ class Bench:
         a = self.a
         follower = subprocess.Popen(
             [a.loadgen, "--follow", "--bootstrap", b.bootstrap, "--topic", topic,
-             "--partitions", str(a.partitions), "--seconds", str(int(a.seconds) + 3)],
+             "--partitions", str(a.partitions), "--seconds", str(int(a.seconds) + a.warmup + 3),
+             "--warmup-seconds", str(a.warmup)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             line = follower.stdout.readline()
@@ -257,6 +260,8 @@ class Bench:
         stop = threading.Event()
         ready = threading.Event()
 
+        counted_from_ms = [float("inf")]
+
         def consume():
             c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": f"tail-{topic}",
                           "enable.auto.commit": False, "fetch.wait.max.ms": 100,
@@ -271,7 +276,7 @@ class Bench:
                     ready.set()
                     now_ms = time.time() * 1000
                     for m in msgs:
-                        if m.error() is None:
+                        if m.error() is None and m.timestamp()[1] >= counted_from_ms[0]:
                             lat.append(now_ms - m.timestamp()[1])
             finally:
                 c.close()
@@ -281,6 +286,7 @@ class Bench:
         ready.wait(30)
         time.sleep(1)
         n = int(a.tail_rate * a.seconds)
+        counted_from_ms[0] = time.time() * 1000 + a.warmup * 1000
         produced = self.produce_paced(b, topic)
         deadline = time.monotonic() + 30
         while len(lat) < n and time.monotonic() < deadline:
@@ -337,6 +343,7 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=30)
     ap.add_argument("--tail-rate", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--warmup", type=int, default=5, help="tail: seconds produced before measuring")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="shoal-reads-"))

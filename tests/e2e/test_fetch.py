@@ -1,6 +1,7 @@
 """Fetch: incremental fetch sessions (KIP-227) with kafka-python and on the
-wire, the size limits of a response, and reads that cross from the
-in-memory tail to the cache and to Parquet segments.
+wire, waiting for min_bytes up to max_wait_ms, the size limits of a
+response, and reads that cross from the in-memory tail to the cache and to
+Parquet segments.
 
 librdkafka (confluent-kafka) does not use fetch sessions: it fetches
 sessionless, which the boundary test covers. Filling one answer across
@@ -230,6 +231,50 @@ def test_kafka_python_consumes_through_a_session_while_partitions_come_and_go(sh
         assert shoal.metrics().get("shoal_fetch_session_errors_total", 0) == 0
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------
+# waiting: min_bytes and max_wait_ms
+
+
+def test_a_waiting_fetch_answers_when_min_bytes_arrive_and_at_max_wait_otherwise(shoal):
+    import threading
+
+    topic = unique_name("wait")
+    kp_create_topic(shoal.bootstrap, topic, 1)
+    produce(shoal.bootstrap, topic, {0: 1})
+    with connect(shoal) as c:
+        # Nothing new: the answer comes at max_wait_ms, empty.
+        started = time.monotonic()
+        r = c.fetch([(topic, 0, 1, 1 << 20)], max_wait_ms=400, min_bytes=1)
+        waited = time.monotonic() - started
+        assert r["partitions"][(topic, 0)]["records"] == b""
+        assert waited >= 0.4, waited
+        # Less than min_bytes there: still held until max_wait_ms, then
+        # answered with what there is.
+        started = time.monotonic()
+        r = c.fetch([(topic, 0, 0, 1 << 20)], max_wait_ms=400, min_bytes=1 << 20)
+        assert time.monotonic() - started >= 0.4
+        assert [b[0] for b in batches_in(r["partitions"][(topic, 0)]["records"])] == [0]
+        # A fetch waiting for up to 20 s is answered by the record produced
+        # while it waits, not by the clock.
+        answer: dict = {}
+
+        def wait():
+            t0 = time.monotonic()
+            answer["r"] = c.fetch([(topic, 0, 1, 1 << 20)], max_wait_ms=20_000, min_bytes=1)
+            answer["waited"] = time.monotonic() - t0
+
+        before = shoal.metrics().get("shoal_fetch_requests_total", 0)
+        t = threading.Thread(target=wait)
+        t.start()
+        wait_for(lambda: shoal.metrics().get("shoal_fetch_requests_total", 0) > before,
+                 timeout=10, what="the fetch to reach the broker")
+        assert "r" not in answer, "answered before there was anything to answer with"
+        produce(shoal.bootstrap, topic, {0: 1})
+        t.join(30)
+        assert [b[0] for b in batches_in(answer["r"]["partitions"][(topic, 0)]["records"])] == [1]
+        assert answer["waited"] < 10, answer["waited"]
 
 
 # --------------------------------------------------------------------------

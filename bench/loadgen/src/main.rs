@@ -381,7 +381,8 @@ async fn consume(args: &Args) -> Result<String> {
 /// --follow: from the high watermarks on, for --seconds, like a consumer
 /// keeping up (one Fetch in flight, min_bytes 1, max_wait 100 ms); every
 /// record's latency is the time it arrived minus the time its batch was
-/// sent (both this machine's clock, millisecond resolution).
+/// sent (both this machine's clock, millisecond resolution). Records sent
+/// in the first --warmup-seconds after it is ready are read, not counted.
 async fn follow(args: &Args) -> Result<String> {
     let topic = args.topic.clone().ok_or("--follow needs --topic")?;
     let mut conn = TcpStream::connect(&args.bootstrap)
@@ -396,6 +397,10 @@ async fn follow(args: &Args) -> Result<String> {
         next[i] = hw;
     }
     println!("{}", serde_json::json!({"mode": "follow", "ready": true}));
+    let counted_from_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        + i64::try_from(args.warmup_seconds * 1000).unwrap_or(i64::MAX);
     let mut lat: Vec<(f32, u64)> = Vec::new();
     let (mut records, mut requests) = (0u64, 0u64);
     let until = Instant::now() + Duration::from_secs(args.seconds);
@@ -410,8 +415,10 @@ async fn follow(args: &Args) -> Result<String> {
             for b in seen {
                 if b.last_offset >= next[i] {
                     next[i] = b.last_offset + 1;
-                    records += b.records;
-                    lat.push(((now_ms - b.first_timestamp_ms as f64) as f32, b.records));
+                    if b.first_timestamp_ms >= counted_from_ms {
+                        records += b.records;
+                        lat.push(((now_ms - b.first_timestamp_ms as f64) as f32, b.records));
+                    }
                 }
             }
         }
