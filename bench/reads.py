@@ -113,6 +113,20 @@ class Bench:
             raise RuntimeError(f"shoal-loadgen {' '.join(args)}: {out.stderr.strip()}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def wire_read(self, b: Broker, topic: str) -> dict:
+        """Everything from offset 0 with shoal-loadgen --consume; MB/s, RSS
+        and what the cache and the store did meanwhile."""
+        a = self.a
+        before = cache_counts(b)
+        r = self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
+                         str(a.partitions), "--consume", "--fetch-max-bytes",
+                         str(a.fetch_max_bytes), "--partition-max-bytes",
+                         str(a.fetch_max_bytes // 4))
+        after = cache_counts(b)
+        return {"mb_s": round(r["mb_s"], 1), "seconds": round(r["seconds"], 2),
+                "records": r["records"], **rss(b.proc.pid),
+                **{k: after[k] - before[k] for k in after}}
+
     def catch_up(self) -> dict:
         a = self.a
         name = "catchup"
@@ -135,15 +149,7 @@ class Bench:
             log(f"catch_up: produced {p['records']} records at {p['mb_per_s']} MB/s; reading back")
             reads = {}
             for which in ("first_read", "second_read"):
-                before = cache_counts(b)
-                r = self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
-                                 str(a.partitions), "--consume", "--fetch-max-bytes",
-                                 str(a.fetch_max_bytes), "--partition-max-bytes",
-                                 str(a.fetch_max_bytes // 4))
-                after = cache_counts(b)
-                reads[which] = {"mb_s": round(r["mb_s"], 1), "seconds": round(r["seconds"], 2),
-                                "records": r["records"], **rss(b.proc.pid),
-                                **{k: after[k] - before[k] for k in after}}
+                reads[which] = self.wire_read(b, topic)
                 log(f"catch_up: {which} {reads[which]['mb_s']} MB/s")
             log("catch_up: once more with confluent-kafka (librdkafka, Python)")
             ck = read_once(b, topic, hws, a.fetch_max_bytes, 600, a.mib)
@@ -177,15 +183,7 @@ class Bench:
                 b.start()
                 log(f"cold_s3: reading back with an empty cache ({which})")
                 if which == "wire":
-                    before = cache_counts(b)
-                    r = self.loadgen("--bootstrap", b.bootstrap, "--topic", topic, "--partitions",
-                                     str(a.partitions), "--consume", "--fetch-max-bytes",
-                                     str(a.fetch_max_bytes), "--partition-max-bytes",
-                                     str(a.fetch_max_bytes // 4))
-                    after = cache_counts(b)
-                    reads[which] = {"mb_s": round(r["mb_s"], 1), "seconds": round(r["seconds"], 2),
-                                    "records": r["records"], **rss(b.proc.pid),
-                                    **{k: after[k] - before[k] for k in after}}
+                    reads[which] = self.wire_read(b, topic)
                 else:
                     reads[which] = read_once(b, topic, hws, a.fetch_max_bytes, 900, a.cold_mib)
                 log(f"cold_s3: {which} {reads[which]['mb_s']} MB/s")

@@ -8,7 +8,6 @@ use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::FutureExt;
 use parking_lot::RwLock;
 use shoal_placement::{BrokerId, BrokerInfo, Command, PlacementClient, Reply, SegmentRef, Stream};
 use shoal_storage::ObjectStorage;
@@ -20,7 +19,7 @@ use crate::config::{BrokerConfig, Durability};
 use crate::error::{Error, Result};
 use crate::group::Coordinator;
 use crate::metrics::Metrics;
-use crate::segment_load::{ColdReader, range_key};
+use crate::segment_load::{ColdReader, InFlight, range_key};
 use crate::shard::{Replayed, ShardEnv, ShardInit, ShardLog};
 use shoal_wal_cache::{Damage, WalHealth};
 
@@ -99,7 +98,7 @@ pub struct Broker {
     /// fail; cleared by a successful flush.
     pub(crate) flush_failing: parking_lot::Mutex<Option<(Instant, String)>>,
     /// Segment ranges being loaded from the object store, by cache key.
-    loads: Arc<parking_lot::Mutex<HashMap<String, SegmentLoad>>>,
+    loads: InFlight,
     cold: Arc<ColdReader>,
     /// Bounds the read-ahead loads in flight.
     load_permits: Arc<tokio::sync::Semaphore>,
@@ -786,7 +785,7 @@ impl Broker {
     /// cold reads overlap instead of queueing one behind another.
     pub(crate) fn start_load(self: &Arc<Self>, seg: &SegmentRef) {
         let key = range_key(seg);
-        if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
+        if self.cache.contains(&key) || self.loads.contains(&key) {
             return;
         }
         // Within the same bound as read-ahead; past it the fetch loads the
@@ -824,7 +823,7 @@ impl Broker {
                 crate::segment_load::COLD_BATCH_BYTES as u64
             };
             let key = range_key(&s);
-            if self.cache.contains(&key) || self.loads.lock().contains_key(&key) {
+            if self.cache.contains(&key) || self.loads.contains(&key) {
                 continue;
             }
             let Ok(permit) = self.load_permits.clone().try_acquire_owned() else {
@@ -914,46 +913,24 @@ impl Broker {
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
         }
-        let load = {
-            let mut loads = self.loads.lock();
-            match loads.get(&key) {
-                Some(l) => l.clone(),
-                None => {
+        let cold = self.cold.clone();
+        let range = seg.clone();
+        let loaded = self
+            .loads
+            .run(
+                &key,
+                || {
                     self.metrics.cold_reads.inc();
-                    // A task of its own: it finishes (and caches) even when
-                    // every reader gave up, and a panic in it reaches the
-                    // readers as an error.
-                    let task = tokio::spawn(self.cold.clone().load(seg.clone()));
-                    let l = async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(format!("segment load failed: {e}")))
-                    }
-                    .boxed()
-                    .shared();
-                    loads.insert(key.clone(), l.clone());
-                    l
-                }
-            }
-        };
-        let loaded = load.clone().await;
-        // Done: the next reader goes to the cache (or, after an error, tries
-        // again). A load whose readers all gave up is cleared by the next.
-        let mut loads = self.loads.lock();
-        if loads.get(&key).is_some_and(|l| l.ptr_eq(&load)) {
-            loads.remove(&key);
-        }
-        drop(loads);
+                },
+                move || cold.load(range),
+            )
+            .await;
         loaded.map_err(|reason| Error::ColdRead {
             object: seg.object.clone(),
             reason,
         })
     }
 }
-
-/// A segment range being read from the object store; shared by every
-/// reader that wants it meanwhile.
-type SegmentLoad =
-    futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, String>>>;
 
 /// Follow the WAL's health: after a failed write (a full disk, say), take
 /// the failed batches out of every shard's tail, then let the WAL write

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use std::future::Future;
+
 use futures::future::{BoxFuture, Shared};
 use shoal_placement::SegmentRef;
 use shoal_storage::ObjectStorage;
@@ -51,7 +53,62 @@ fn footer_key(object: &str) -> String {
     format!("footer/{object}")
 }
 
-type ObjectFetch = Shared<BoxFuture<'static, Result<Bytes, String>>>;
+type SharedResult = Shared<BoxFuture<'static, Result<Bytes, String>>>;
+
+/// Work in flight by key, shared by every caller that asks for the same
+/// key meanwhile. Each piece runs as a task of its own: it finishes (and
+/// caches what it got) even when every caller gave up, and a panic in it
+/// reaches the callers as an error.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    running: parking_lot::Mutex<HashMap<String, SharedResult>>,
+}
+
+impl InFlight {
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.running.lock().contains_key(key)
+    }
+
+    /// The result of the work under `key`: joined if running, else
+    /// started with `start` (which `started` is told of first).
+    pub(crate) async fn run<F>(
+        &self,
+        key: &str,
+        started: impl FnOnce(),
+        start: impl FnOnce() -> F,
+    ) -> Result<Bytes, String>
+    where
+        F: Future<Output = Result<Bytes, String>> + Send + 'static,
+    {
+        let work = {
+            let mut running = self.running.lock();
+            match running.get(key) {
+                Some(w) => w.clone(),
+                None => {
+                    started();
+                    let task = tokio::spawn(start());
+                    let w = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(format!("task failed: {e}")))
+                    }
+                    .boxed()
+                    .shared();
+                    running.insert(key.to_owned(), w.clone());
+                    w
+                }
+            }
+        };
+        let done = work.clone().await;
+        // Done: the next caller goes to the cache (or, after an error,
+        // tries again). Work whose callers all gave up is cleared by the
+        // next caller of its key.
+        let mut running = self.running.lock();
+        if running.get(key).is_some_and(|w| w.ptr_eq(&work)) {
+            running.remove(key);
+        }
+        done
+    }
+}
 
 /// Reads segment ranges from the object store into the cache.
 pub(crate) struct ColdReader {
@@ -60,7 +117,7 @@ pub(crate) struct ColdReader {
     /// Objects up to this size are fetched whole.
     whole_max: u64,
     /// Whole-object GETs in flight, by object key.
-    fetching: parking_lot::Mutex<HashMap<String, ObjectFetch>>,
+    fetching: InFlight,
     /// The bytes whole-object GETs in flight may hold, in KiB.
     in_flight_kib: Arc<tokio::sync::Semaphore>,
     /// All of that budget.
@@ -137,49 +194,32 @@ impl ColdReader {
         if let Some(b) = self.cache.get(&key).await {
             return Ok(b);
         }
-        let fetch = {
-            let mut fetching = self.fetching.lock();
-            match fetching.get(object) {
-                Some(f) => f.clone(),
-                None => {
-                    let store = self.store.clone();
-                    let cache = self.cache.clone();
-                    let name = object.to_owned();
-                    let budget = self.in_flight_kib.clone();
-                    // Never more than the whole budget, so any object can go.
-                    let kib = u32::try_from((size >> 10).max(1))
-                        .unwrap_or(u32::MAX)
-                        .min(self.budget_kib);
-                    // A task of its own, so it completes (and is cached)
-                    // even when the load that started it is dropped.
-                    let task = tokio::spawn(async move {
-                        let _held = budget
-                            .acquire_many_owned(kib)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        tracing::debug!(object = %name, "reading a whole object");
-                        let bytes = store.get(&name).await.map_err(|e| e.to_string())?;
-                        tracing::debug!(object = %name, bytes = bytes.len(), "read a whole object");
-                        cache.insert_in_memory(&object_key(&name), bytes.clone());
-                        Ok::<_, String>(bytes)
-                    });
-                    let f = async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(format!("object read failed: {e}")))
-                    }
-                    .boxed()
-                    .shared();
-                    fetching.insert(object.to_owned(), f.clone());
-                    f
-                }
-            }
-        };
-        let fetched = fetch.clone().await;
-        let mut fetching = self.fetching.lock();
-        if fetching.get(object).is_some_and(|f| f.ptr_eq(&fetch)) {
-            fetching.remove(object);
-        }
-        drop(fetching);
+        let store = self.store.clone();
+        let cache = self.cache.clone();
+        let name = object.to_owned();
+        let budget = self.in_flight_kib.clone();
+        // Never more than the whole budget, so any object can go.
+        let kib = u32::try_from((size >> 10).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.budget_kib);
+        let fetched = self
+            .fetching
+            .run(
+                object,
+                || {},
+                move || async move {
+                    let _held = budget
+                        .acquire_many_owned(kib)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::debug!(object = %name, "reading a whole object");
+                    let bytes = store.get(&name).await.map_err(|e| e.to_string())?;
+                    tracing::debug!(object = %name, bytes = bytes.len(), "read a whole object");
+                    cache.insert_in_memory(&object_key(&name), bytes.clone());
+                    Ok(bytes)
+                },
+            )
+            .await;
         fetched.map_err(|reason| Error::ColdRead {
             object: object.to_owned(),
             reason,
